@@ -1,0 +1,45 @@
+"""Target-independent metrics: packed weight bytes, peak activation bytes, and BOPs."""
+
+from __future__ import annotations
+
+from oaq_search.graph import LayerGraph
+from oaq_search.packing import packed_weight_bytes
+from oaq_search.plan import Plan
+
+from .base import CostModel, CostReport
+
+FULL_PRECISION_BITS = 32
+
+
+class MemoryModel(CostModel):
+    """Weight bytes as packed (codes, scales, offsets, biases), activation liveness peak, BOPs."""
+
+    name = "memory"
+    units = {"weight_bytes": "B", "peak_activation_bytes": "B", "bops": "bit-ops"}
+
+    def evaluate(self, graph: LayerGraph, plan: Plan) -> CostReport:
+        plan.check_against(graph)
+        per_layer = {}
+        activation_bits = {}
+        for layer in plan.layers:
+            info = graph.info(layer.name)
+            scale_count = info.weight_shape[0] if layer.per_channel else 1
+            bias_count = info.params - info.weight_count
+            input_bits = layer.activation_bits or FULL_PRECISION_BITS
+            activation_bits[layer.name] = input_bits
+            per_layer[layer.name] = {
+                "weight_bytes": packed_weight_bytes(info.weight_count, layer.weight_bits, scale_count, bias_count),
+                "bops": info.macs * layer.weight_bits * input_bits,
+            }
+        planned = set(per_layer)
+        for info in graph.infos():  # layers left out of the plan stay float32
+            if info.name not in planned:
+                per_layer[info.name] = {
+                    "weight_bytes": info.params * FULL_PRECISION_BITS // 8,
+                    "bops": info.macs * FULL_PRECISION_BITS * FULL_PRECISION_BITS,
+                }
+        totals = {metric: sum(costs[metric] for costs in per_layer.values()) for metric in ("weight_bytes", "bops")}
+        # Tensors no quantized layer reads (add operands, logits) are kept at the widest planned precision.
+        widest = max(activation_bits.values()) if len(activation_bits) == len(graph.names) else FULL_PRECISION_BITS
+        totals["peak_activation_bytes"] = graph.peak_activation_bytes(activation_bits, widest)
+        return CostReport(totals, per_layer)

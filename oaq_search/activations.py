@@ -1,0 +1,90 @@
+"""Activation fake-quantizers: uniform, unsigned after ReLU and signed otherwise, calibrated ranges.
+
+The observer keeps a fixed-size random sample of the values it saw on calibration batches, so the
+range for any bit-width (percentile or MSE-optimal clip) is computed from it without re-running data.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .grids import check_bits
+
+CALIBRATION_METHODS = ("percentile", "mse")
+_SAMPLE_SIZE = 200_000
+
+
+class ActivationQuantizer(nn.Module):
+    """Fake-quantizes a layer's input to `bits`, with a straight-through gradient."""
+
+    def __init__(self, bits: int, method: str = "mse", percentile: float = 99.99):
+        super().__init__()
+        if method not in CALIBRATION_METHODS:
+            raise UserError(f"unknown calibration {method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+        self.bits = check_bits(bits, "activation_bits")
+        self.method = method
+        self.percentile = percentile
+        self.observing = False
+        self.register_buffer("sample", torch.empty(0))
+        self.register_buffer("clip", torch.tensor(0.0))  # learnable later by fine-tuning
+        self.register_buffer("signed_flag", torch.tensor(False))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.sample.numel() > 0
+
+    def set_bits(self, bits: int) -> None:
+        self.bits = check_bits(bits, "activation_bits")
+        if self.calibrated:
+            self.freeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        if not self.calibrated:
+            raise UserError("activation quantizer used before calibration: run calibrate_activations() first")
+        return fake_quantize_activation(x, self.clip, self.bits, bool(self.signed_flag))
+
+    def _observe(self, x: torch.Tensor) -> None:
+        values = x.detach().flatten()
+        if values.numel() > _SAMPLE_SIZE:
+            values = values[torch.randint(values.numel(), (_SAMPLE_SIZE,), generator=_generator(values))]
+        merged = torch.cat([self.sample, values.float()])
+        if merged.numel() > _SAMPLE_SIZE:
+            merged = merged[torch.randperm(merged.numel(), generator=_generator(merged))[:_SAMPLE_SIZE]]
+        self.sample = merged
+        self.signed_flag = torch.tensor(bool((self.sample < 0).any()))
+
+    def freeze(self) -> None:
+        """Fix the clip range from the observed sample for the current bits and method."""
+        magnitude = self.sample.abs()
+        if self.method == "percentile":
+            self.clip = torch.quantile(magnitude, self.percentile / 100)
+        else:
+            self.clip = _mse_clip(self.sample, self.bits, bool(self.signed_flag))
+        self.clip = self.clip.clamp(min=1e-8)
+        self.observing = False
+
+
+def fake_quantize_activation(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Uniform quantization of x to [0, clip] (unsigned) or [-clip, clip] (signed), STE gradient."""
+    levels = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    step = clip / levels
+    low = -levels if signed else 0
+    scaled = torch.clamp(x / step, low, levels)
+    rounded = scaled + (torch.round(scaled) - scaled).detach()
+    return rounded * step
+
+
+def _mse_clip(sample: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    top = sample.abs().max()
+    candidates = top * torch.linspace(0.05, 1.0, 96)
+    errors = torch.stack([((fake_quantize_activation(sample, c, bits, signed) - sample) ** 2).mean() for c in candidates])
+    return candidates[int(errors.argmin())]
+
+
+def _generator(values: torch.Tensor) -> torch.Generator:
+    return torch.Generator().manual_seed(values.numel())

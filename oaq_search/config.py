@@ -1,0 +1,95 @@
+"""Study files: TOML parsed into typed dataclasses, validated key by key, never executed."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from .budget import parse_budget
+from .errors import UserError
+from .grids import GRIDS, check_bits
+from .oaq import METHODS
+from .schema import parse, to_dict
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    checkpoint: str | None = None  # None: random initialisation (only useful for smoke tests)
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # folder holding cifar-10-batches-py/; None: $OAQ_DATA_ROOT
+    search_size: int = 5000  # tail of the training set used by the search objective
+    test_images: int | None = None  # None: the whole test split (what results report); fewer for a quick look
+    download: bool = False
+
+
+@dataclass
+class SearchConfig:
+    n_trials: int = 20
+    weight_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    first_last_bits: int | None = 8  # pin the first and last layer (None: search them too)
+    method: str = "oaq"
+    grid: str = "uniform"
+    per_channel: bool = False
+    eval_images: int = 1000  # images of the search split scored per trial
+    batch_size: int = 500
+    seed: int = 0
+    cost_model: str = "memory"
+
+    def __post_init__(self):
+        if not self.weight_bits:
+            raise UserError("weight_bits must list at least one bit-width")
+        for bits in self.weight_bits:
+            check_bits(bits, "weight_bits")
+        if self.first_last_bits is not None:
+            check_bits(self.first_last_bits, "first_last_bits")
+        if self.method not in METHODS:
+            raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.grid not in GRIDS:
+            raise UserError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        for name in ("n_trials", "eval_images", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    budget: dict[str, str] = field(default_factory=dict)  # e.g. {"memory": "98KiB"}
+    storage: str | None = None  # Optuna storage URL; None: SQLite file in output_dir
+    output_dir: str | None = None  # None: runs/<name>
+
+    def __post_init__(self):
+        parse_budget(self.budget)  # validates names and units now, not mid-run
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.output_path / 'study.db'}"
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"study file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"study file {path} is not valid TOML: {error}") from None
+    return parse(StudyConfig, data, f"study file {path}")
+
+
+def dump_study_config(config: StudyConfig) -> str:
+    return tomli_w.dumps(to_dict(config))

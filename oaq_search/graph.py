@@ -1,0 +1,233 @@
+"""The layer graph: a model traced with torch.fx into networkx, quantizable layers annotated.
+
+Two graphs come out of one trace. `layers` is a DiGraph over the quantizable layers (Conv2d,
+grouped and depthwise included, and Linear), an edge meaning "A's output reaches B's input through
+non-quantizable ops". `tensors` is the full data-flow graph of the trace in execution order; it
+gives peak activation memory by liveness and the tie groups.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import UserError
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+# Ops that make no tensor of their own: views, and the BatchNorm and activations that deployments
+# fuse into the producing layer. They extend a tensor's life, not memory.
+_ALIAS_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "dim", "relu", "relu_"}
+_ALIAS_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, operator.getitem,
+                    torch.relu, F.relu, F.relu6, F.hardtanh, F.silu, F.hardswish}
+_FUSED_MODULES = (nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish,
+                  nn.Identity, nn.Dropout)
+# Ops that merge tensors, so their operands must share a quantization grid in integer pipelines.
+_MERGE_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat}
+_MERGE_METHODS = {"add", "add_"}
+TIE_RULES = ("shared_input", "merge")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the cost models and quantizers need to know about one quantizable layer."""
+
+    name: str
+    op_type: str  # "conv2d" or "linear"
+    weight_shape: tuple[int, ...]
+    weight_count: int
+    params: int  # weights plus bias
+    macs: int  # per image
+    input_shape: tuple[int, ...]  # per image, without the batch dimension
+    output_shape: tuple[int, ...]
+    groups: int
+    input_tensor: str  # node of `tensors` this layer reads (aliases resolved)
+    output_tensor: str
+
+
+class LayerGraph:
+    """A traced model: its quantizable layers, their data flow, activation liveness and tie groups."""
+
+    def __init__(self, layers: nx.DiGraph, tensors: nx.DiGraph, schedule: list[str], total_params: int):
+        self.layers = layers
+        self.tensors = tensors
+        self.schedule = schedule
+        self.total_params = total_params
+
+    @property
+    def names(self) -> list[str]:
+        """Quantizable layer names in execution order."""
+        return list(self.layers.nodes)
+
+    def info(self, name: str) -> LayerInfo:
+        return self.layers.nodes[name]["info"]
+
+    def infos(self) -> list[LayerInfo]:
+        return [self.layers.nodes[name]["info"] for name in self.layers.nodes]
+
+    @property
+    def total_macs(self) -> int:
+        return sum(info.macs for info in self.infos())
+
+    @property
+    def total_weights(self) -> int:
+        return sum(info.weight_count for info in self.infos())
+
+    def peak_activation_bytes(self, activation_bits: Mapping[str, float] | None = None, default_bits: float = 32) -> int:
+        """Peak bytes of live activations over the execution order, one image.
+
+        A tensor is live from the op that makes it to its last reader; BatchNorm and activations are
+        fused into their producer. A tensor read by quantized layers is stored at the widest of
+        their `activation_bits`; any other (add operands, the logits) at `default_bits`.
+        """
+        activation_bits = activation_bits or {}
+        tensor_bits: dict[str, float] = {}
+        for info in self.infos():
+            bits = activation_bits.get(info.name, default_bits)
+            tensor_bits[info.input_tensor] = max(tensor_bits.get(info.input_tensor, 0), bits)
+        numel = nx.get_node_attributes(self.tensors, "numel")
+        return max(
+            math.ceil(sum(numel[n] * tensor_bits.get(n, default_bits) for n in live) / 8) for live in self._live_sets
+        )
+
+    @functools.cached_property
+    def _live_sets(self) -> list[list[str]]:
+        """For each step of the schedule, the tensors alive during it (inputs, output, kept skips)."""
+        position = {node: index for index, node in enumerate(self.schedule)}
+        end = {
+            node: max((position[reader] for reader in self.tensors.successors(node)), default=len(self.schedule))
+            for node in self.schedule
+        }  # a graph output lives to the end
+        return [[n for n in self.schedule[: step + 1] if end[n] >= step] for step in range(len(self.schedule))]
+
+    def tie_groups(self, rules: Iterable[str] = ("shared_input",)) -> list[list[str]]:
+        """Groups of layers that must share a quantizer decision, in execution order.
+
+        `shared_input`: layers reading the same tensor (one activation quantizer serves them).
+        `merge`: layers whose outputs meet at an add or concat (one output grid serves them).
+        """
+        rules = tuple(rules)
+        unknown = set(rules) - set(TIE_RULES)
+        if unknown:
+            raise UserError(f"unknown tie rule {sorted(unknown)}: use {', '.join(TIE_RULES)}")
+        ties = nx.Graph()
+        ties.add_nodes_from(self.names)
+        if "shared_input" in rules:
+            readers: dict[str, list[str]] = {}
+            for info in self.infos():
+                readers.setdefault(info.input_tensor, []).append(info.name)
+            for group in readers.values():
+                nx.add_path(ties, group)
+        if "merge" in rules:
+            for node, data in self.tensors.nodes(data=True):
+                if data["merge"]:
+                    nx.add_path(ties, sorted(self._producing_layers(node, through_merges=True)))
+        order = {name: index for index, name in enumerate(self.names)}
+        groups = [sorted(group, key=order.__getitem__) for group in nx.connected_components(ties)]
+        return sorted(groups, key=lambda group: order[group[0]])
+
+    def _producing_layers(self, node: str, through_merges: bool) -> set[str]:
+        """Layers whose outputs reach `node`'s inputs through non-quantizable ops only."""
+        found: set[str] = set()
+        stack = list(self.tensors.predecessors(node))
+        seen = set(stack)
+        while stack:
+            current = stack.pop()
+            data = self.tensors.nodes[current]
+            if data["layer"] is not None:
+                found.add(data["layer"])
+                continue
+            if data["merge"] and not through_merges:
+                continue
+            for parent in self.tensors.predecessors(current):
+                if parent not in seen:
+                    seen.add(parent)
+                    stack.append(parent)
+        return found
+
+
+def build_layer_graph(model: nn.Module, input_shape: tuple[int, ...]) -> LayerGraph:
+    """Trace `model` on one input of `input_shape` (C, H, W) and build its LayerGraph."""
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as error:
+        raise UserError(f"model {type(model).__name__} cannot be traced by torch.fx: {error}") from error
+    was_training = model.training
+    traced.eval()
+    with torch.no_grad():
+        ShapeProp(traced).propagate(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    modules = dict(traced.named_modules())
+
+    tensors = nx.DiGraph()
+    alias_of: dict[str, str] = {}
+    schedule: list[str] = []
+    layer_infos: list[LayerInfo] = []
+    for node in traced.graph.nodes:
+        if node.op in ("output", "get_attr"):
+            continue
+        sources = [alias_of.get(arg.name, arg.name) for arg in node.all_input_nodes]
+        sources = [source for source in sources if source in tensors]
+        if _is_alias(node, modules) and sources:
+            alias_of[node.name] = sources[0]
+            continue
+        meta = node.meta.get("tensor_meta")
+        shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+        module = modules.get(node.target) if node.op == "call_module" else None
+        layer = node.target if isinstance(module, QUANTIZABLE) else None
+        tensors.add_node(node.name, shape=shape, numel=math.prod(shape[1:]) if shape else 0,
+                         layer=layer, merge=_is_merge(node))
+        for source in sources:
+            tensors.add_edge(source, node.name)
+        schedule.append(node.name)
+        if layer is not None:
+            if any(info.name == layer for info in layer_infos):
+                raise UserError(f"layer {layer} is called more than once; shared layers are not supported")
+            layer_infos.append(_layer_info(layer, module, tensors, sources[0], node.name))
+
+    layers = nx.DiGraph()
+    for info in layer_infos:
+        layers.add_node(info.name, info=info)
+    graph = LayerGraph(layers, tensors, schedule, sum(p.numel() for p in model.parameters()))
+    if not layer_infos:
+        raise UserError(f"model {type(model).__name__} has no Conv2d or Linear layer to quantize")
+    for info in layer_infos:
+        for producer in graph._producing_layers(info.output_tensor, through_merges=True):
+            layers.add_edge(producer, info.name)
+    return graph
+
+
+def _layer_info(name: str, module: nn.Module, tensors: nx.DiGraph, input_node: str, output_node: str) -> LayerInfo:
+    input_shape = tensors.nodes[input_node]["shape"][1:]
+    output_shape = tensors.nodes[output_node]["shape"][1:]
+    weight_count = module.weight.numel()
+    params = weight_count + (module.bias.numel() if module.bias is not None else 0)
+    if isinstance(module, nn.Conv2d):
+        kernel_macs = module.in_channels // module.groups * math.prod(module.kernel_size)
+        macs, op_type, groups = math.prod(output_shape) * kernel_macs, "conv2d", module.groups
+    else:
+        macs, op_type, groups = math.prod(output_shape[:-1]) * module.in_features * module.out_features, "linear", 1
+    return LayerInfo(name, op_type, tuple(module.weight.shape), weight_count, params, macs,
+                     tuple(input_shape), tuple(output_shape), groups, input_node, output_node)
+
+
+def _is_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _FUSED_MODULES)
+    if node.op == "call_method":
+        return node.target in _ALIAS_METHODS
+    return node.op == "call_function" and node.target in _ALIAS_FUNCTIONS
+
+
+def _is_merge(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _MERGE_METHODS
+    return node.op == "call_function" and node.target in _MERGE_FUNCTIONS

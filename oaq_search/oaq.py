@@ -1,0 +1,140 @@
+"""OAQ weight reshaping: normalise, pull outliers toward the bulk, quantize, de-normalise.
+
+Per layer (see shared/docs/oaq-method.md, section 2):
+  z = (w - mu) / sigma;  z~ = z inside +-T, else sign(z) * (T + s * (|z| - T));  R = max|z~|
+  w^ = sigma * R * Q(z~ / R) + mu
+s = 1 is vanilla max-range quantization, s = 0 clips at T. The `literal` method multiplies the
+outliers by s instead (an ablation). Statistics are per tensor or per output channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import grids
+from .errors import UserError
+
+METHODS = ("oaq", "vanilla", "literal")
+# Gaussian-MSE-optimal clipping thresholds (sigma units) of a symmetric uniform grid with 2^b - 1
+# levels (the method note's 1.7/2.2/2.6/4.0 fit 2^b levels); tests/test_oaq.py re-derives them.
+DEFAULT_THRESHOLDS = {2: 1.22, 3: 1.95, 4: 2.47, 5: 2.90, 6: 3.27, 7: 3.61, 8: 3.92}
+
+
+@dataclass(frozen=True)
+class WeightQuantizer:
+    """How one layer's weights are quantized. `scale_factor` is OAQ's s, `threshold` its T."""
+
+    bits: int
+    grid: str = "uniform"
+    method: str = "oaq"
+    scale_factor: float = 1.0
+    threshold: float | None = None  # None: DEFAULT_THRESHOLDS[bits]
+    per_channel: bool = False
+
+    def __post_init__(self):
+        grids.check_bits(self.bits, "weight_bits")
+        grids.check_grid(self.grid)
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not 0.0 <= self.scale_factor <= 1.0:
+            raise UserError(f"scale_factor (OAQ's s) must be in [0, 1], got {self.scale_factor}")
+        if self.threshold is not None and not self.threshold > 0:
+            raise UserError(f"threshold (OAQ's T, in sigma units) must be positive, got {self.threshold}")
+
+    @property
+    def effective_threshold(self) -> float:
+        return self.threshold if self.threshold is not None else DEFAULT_THRESHOLDS[self.bits]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Deployable form: w^ = step * codes + offset, step = sigma * R / levels-denominator folded in."""
+
+    codes: torch.Tensor  # signed integer codes, same shape as the weight
+    scale: torch.Tensor  # sigma * R, per tensor (shape ()) or per output channel (C_out,)
+    offset: torch.Tensor  # mu, same shape as scale
+
+
+def normalize(weight: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, mu, sigma), statistics broadcastable against `weight`; sigma = 0 is replaced by 1."""
+    dims = tuple(range(1, weight.dim())) if per_channel else tuple(range(weight.dim()))
+    mu = weight.mean(dim=dims, keepdim=True)
+    sigma = weight.std(dim=dims, keepdim=True, unbiased=False) if weight.numel() > 1 else torch.zeros_like(mu)
+    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))  # a constant layer has z = 0
+    return (weight - mu) / sigma, mu, sigma
+
+
+def reshape_outliers(z: torch.Tensor, quantizer: WeightQuantizer, scale_factor: torch.Tensor | float | None = None) -> torch.Tensor:
+    """z~: outliers beyond T moved toward the bulk. `scale_factor` overrides s (a learnable tensor)."""
+    s = quantizer.scale_factor if scale_factor is None else scale_factor
+    if quantizer.method == "vanilla":
+        return z
+    threshold = quantizer.effective_threshold
+    magnitude = z.abs()
+    if quantizer.method == "oaq":
+        outside = torch.sign(z) * (threshold + s * (magnitude - threshold))
+    else:  # literal ablation
+        outside = z * s
+    return torch.where(magnitude <= threshold, z, outside)
+
+
+def fake_quantize_weight(weight: torch.Tensor, quantizer: WeightQuantizer, name: str = "weight",
+                         scale_factor: torch.Tensor | None = None) -> torch.Tensor:
+    """w^ in the weight's own units, differentiable w.r.t. `scale_factor` and the weight (STE)."""
+    x, mu, sigma, scale = _normalized_grid_input(weight, quantizer, name, scale_factor)
+    return sigma * scale * grids.quantize(x, quantizer.grid, quantizer.bits) + mu
+
+
+def quantize_weight(weight: torch.Tensor, quantizer: WeightQuantizer, name: str = "weight") -> QuantizedWeight:
+    """Integer codes plus per-tensor or per-channel (scale, offset): what gets packed and deployed."""
+    with torch.no_grad():
+        x, mu, sigma, scale = _normalized_grid_input(weight, quantizer, name)
+        codes = grids.level_index(x, quantizer.grid, quantizer.bits).to(torch.int8)
+    shape = (-1,) if quantizer.per_channel else ()
+    return QuantizedWeight(codes, (sigma * scale).reshape(shape), mu.reshape(shape))
+
+
+def _normalized_grid_input(weight, quantizer, name, scale_factor=None):
+    """(x in [-1, 1], mu, sigma, R): the reshaped, range-normalised weight and its statistics."""
+    if not torch.isfinite(weight).all():
+        raise UserError(f"layer {name} has NaN or inf weights: fix the checkpoint before quantizing")
+    z, mu, sigma = normalize(weight, quantizer.per_channel)
+    reshaped = reshape_outliers(z, quantizer, scale_factor)
+    dims = tuple(range(1, z.dim())) if quantizer.per_channel else tuple(range(z.dim()))
+    scale = reshaped.abs().amax(dim=dims, keepdim=True).clamp(min=torch.finfo(z.dtype).tiny)
+    return reshaped / scale, mu, sigma, scale
+
+
+def dequantize(quantized: QuantizedWeight, quantizer: WeightQuantizer) -> torch.Tensor:
+    """w^ back from codes, scale and offset."""
+    values = grids.codes_to_values(quantized.codes.to(torch.float32), quantizer.grid, quantizer.bits)
+    shape = (-1,) + (1,) * (values.dim() - 1) if quantizer.per_channel else ()
+    return quantized.scale.reshape(shape) * values + quantized.offset.reshape(shape)
+
+
+# Candidates for the data-free choice of (s, T): s from the method note's range plus the two
+# extremes (clipping, vanilla); T as multiples of the Gaussian default for the bit-width.
+SCALE_FACTOR_CANDIDATES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+THRESHOLD_MULTIPLIERS = (0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+def choose_outlier_settings(weight: torch.Tensor, quantizer: WeightQuantizer) -> WeightQuantizer:
+    """OAQ without fine-tuning: the (s, T) that minimises the weight MSE, found by grid search.
+
+    Weight MSE is the criterion because it is what quantization directly distorts, needs no data
+    and is cheap; s = 1 is among the candidates, so the choice is never worse than vanilla.
+    """
+    if quantizer.method == "vanilla":
+        return quantizer
+    best, best_error = quantizer, float("inf")
+    with torch.no_grad():
+        for multiplier in THRESHOLD_MULTIPLIERS:
+            for s in SCALE_FACTOR_CANDIDATES:
+                candidate = replace(quantizer, scale_factor=s,
+                                    threshold=round(DEFAULT_THRESHOLDS[quantizer.bits] * multiplier, 4))
+                error = float(((fake_quantize_weight(weight, candidate) - weight) ** 2).sum())
+                if error < best_error:
+                    best, best_error = candidate, error
+    return best

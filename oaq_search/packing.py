@@ -1,0 +1,70 @@
+"""The deployable form: integer codes bit-packed, plus per-layer scales, offsets and biases.
+
+`packed_weight_bytes` is the single size formula: the memory cost model uses it to predict and
+`pack_model` produces files whose layer payloads have exactly that many bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .fake_quant import quantized_layers
+from .oaq import QuantizedWeight, quantize_weight
+from .plan import Plan
+
+FLOAT_BYTES = 4  # scales, offsets and biases are stored as float32
+
+
+def packed_weight_bytes(weight_count: int, bits: int, scale_count: int = 1, bias_count: int = 0) -> int:
+    """Bytes of one layer's packed codes plus its float32 scales, offsets and bias."""
+    return math.ceil(weight_count * bits / 8) + FLOAT_BYTES * (2 * scale_count + bias_count)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes -> `bits`-bit unsigned fields (code + 2^(b-1) - 1), densely packed into uint8."""
+    unsigned = (codes.flatten().to(torch.int16) + 2 ** (bits - 1) - 1).numpy().astype(np.uint8)
+    bit_matrix = np.unpackbits(unsigned[:, None], axis=1)[:, 8 - bits :]
+    return torch.from_numpy(np.packbits(bit_matrix.flatten()))
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    count = math.prod(shape)
+    bit_matrix = np.unpackbits(packed.numpy())[: count * bits].reshape(count, bits)
+    unsigned = np.packbits(np.pad(bit_matrix, ((0, 0), (8 - bits, 0))), axis=1).flatten()
+    return torch.from_numpy(unsigned.astype(np.int16) - (2 ** (bits - 1) - 1)).to(torch.int8).reshape(shape)
+
+
+def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
+    """Write the quantized model (packed layers + every other tensor) and return its layer bytes.
+
+    The file holds only tensors, strings and numbers, so `torch.load(weights_only=True)` reads it.
+    """
+    layers, payload_bytes = {}, 0
+    for layer in quantized_layers(model):
+        quantized: QuantizedWeight = quantize_weight(layer.layer.weight, layer.weight_quantizer, layer.name)
+        bits = layer.weight_quantizer.bits
+        bias = layer.layer.bias
+        entry = {
+            "codes": pack_codes(quantized.codes, bits),
+            "shape": list(quantized.codes.shape),
+            "bits": bits,
+            "grid": layer.weight_quantizer.grid,
+            "scale": quantized.scale.float(),
+            "offset": quantized.offset.float(),
+        }
+        if bias is not None:
+            entry["bias"] = bias.detach().float()
+        layers[layer.name] = entry
+        payload_bytes += (entry["codes"].numel() + FLOAT_BYTES * (entry["scale"].numel() + entry["offset"].numel()
+                          + (bias.numel() if bias is not None else 0)))
+    quantized_names = {f"{name}.layer.{suffix}" for name in layers for suffix in ("weight", "bias")}
+    rest = {k: v for k, v in model.state_dict().items() if k not in quantized_names}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "oaq-packed-1", "plan": plan.to_json(), "layers": layers, "state": rest}, path)
+    return payload_bytes

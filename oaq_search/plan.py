@@ -1,0 +1,118 @@
+"""The per-layer bit plan: a versioned, JSON round-tripping dataclass, validated on load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .graph import LayerGraph
+from .grids import check_bits
+from .oaq import WeightQuantizer
+from .schema import parse, to_dict
+
+PLAN_SCHEMA_VERSION = 1
+SCALE_FORMATS = ("float32", "pow2")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's quantization: weight bits and OAQ settings, optional input activation bits."""
+
+    name: str
+    weight_bits: int
+    activation_bits: int | None = None  # None: activations stay full precision
+    grid: str = "uniform"
+    method: str = "oaq"
+    scale_factor: float = 1.0  # OAQ's s
+    threshold: float | None = None  # OAQ's T in sigma units; None: the Gaussian default for the bits
+    per_channel: bool = False
+    scale_format: str = "float32"
+    tie_group: int | None = None
+    cost: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.weight_quantizer()  # validates bits, grid, method, s, T
+        if self.activation_bits is not None:
+            check_bits(self.activation_bits, "activation_bits")
+        if self.scale_format not in SCALE_FORMATS:
+            raise UserError(f"scale_format must be one of {', '.join(SCALE_FORMATS)}, got {self.scale_format!r}")
+
+    def weight_quantizer(self) -> WeightQuantizer:
+        return WeightQuantizer(self.weight_bits, self.grid, self.method, self.scale_factor, self.threshold,
+                               self.per_channel)
+
+
+@dataclass
+class Plan:
+    """Every quantized layer of one model, cost totals per metric, and where the plan came from."""
+
+    model: str
+    layers: list[LayerPlan]
+    totals: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = PLAN_SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.schema_version != PLAN_SCHEMA_VERSION:
+            raise UserError(f"plan schema_version {self.schema_version} is not supported (this version reads "
+                            f"{PLAN_SCHEMA_VERSION}): re-export the plan")
+        names = [layer.name for layer in self.layers]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise UserError(f"layer {duplicated[0]} appears more than once in the plan")
+
+    @classmethod
+    def uniform(cls, model: str, graph: LayerGraph, weight_bits: int, **settings: Any) -> "Plan":
+        """The same setting for every quantizable layer of `graph`."""
+        return cls(model, [LayerPlan(name, weight_bits, **settings) for name in graph.names])
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def with_layers(self, changes_by_layer: dict[str, dict[str, Any]]) -> "Plan":
+        """A copy with some layers' fields changed: plan.with_layers({"conv1": {"weight_bits": 8}})."""
+        layers = [replace(layer, **changes_by_layer.get(layer.name, {})) for layer in self.layers]
+        return replace(self, layers=layers)
+
+    def check_against(self, graph: LayerGraph) -> None:
+        """Refuse a plan naming layers the model does not have."""
+        unknown = [layer.name for layer in self.layers if layer.name not in graph.layers]
+        if unknown:
+            raise UserError(f"plan names layer {unknown[0]!r}, which is not a quantizable layer of {self.model} "
+                            f"(its layers: {', '.join(graph.names[:4])}, ...)")
+
+    def key(self) -> str:
+        """A hash of the quantization settings alone (not costs or metadata): equal plans, equal keys."""
+        settings = [{k: v for k, v in to_dict(layer).items() if k not in ("cost", "tie_group")} for layer in self.layers]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "plan") -> "Plan":
+        return parse(cls, data, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"plan file {path} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise UserError(f"plan file {path} is not valid JSON: {error}") from None
+        return cls.from_dict(data, f"plan file {path}")

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny synthetic CIFAR-10 folder, and ../shared (models, real data) when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oaq_search.data import BATCH_FOLDER, TEST_FILE, TRAIN_FILES, write_cifar10_batches
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # two workers on two cores: more threads would make torch 4-5x slower
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s")
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """../shared beside the checkout: skipped locally when absent, a failure under CI."""
+    if not (SHARED / "models").is_dir() or not (SHARED / "data" / "cifar10" / BATCH_FOLDER).is_dir():
+        message = f"{SHARED} with models/ and data/cifar10/ is needed"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set, so this is an error, not a skip)")
+        pytest.skip(message)
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def cifar_root(shared) -> Path:
+    return shared / "data" / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def synthetic_cifar(tmp_path_factory) -> Path:
+    """A CIFAR-10 folder in torchvision layout: 5 x 40 train and 30 test random images."""
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    for name, count in [*((n, 40) for n in TRAIN_FILES), (TEST_FILE, 30)]:
+        images = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+        write_cifar10_batches(root / BATCH_FOLDER, images, rng.integers(0, 10, size=count), name)
+    return root

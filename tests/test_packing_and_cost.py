@@ -1,0 +1,66 @@
+import copy
+
+import pytest
+import torch
+
+from hwmodels import MemoryModel, get_cost_model
+from oaq_search.errors import UserError
+from oaq_search.fake_quant import calibrate_activations, quantize_
+from oaq_search.graph import build_layer_graph
+from oaq_search.models import build_model
+from oaq_search.packing import pack_codes, pack_model, unpack_codes
+from oaq_search.plan import Plan
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_codes_pack_densely_and_unpack_exactly(bits):
+    limit = 2 ** (bits - 1) - 1
+    codes = torch.randint(-limit, limit + 1, (7, 3, 3, 3), dtype=torch.int8)
+    packed = pack_codes(codes, bits)
+    assert packed.numel() == -(-codes.numel() * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits, tuple(codes.shape)), codes)
+
+
+def test_packed_file_matches_the_memory_model_and_loads_safely(tmp_path):
+    model = build_model("resnet20")
+    graph = build_layer_graph(model, (3, 32, 32))
+    plan = Plan.uniform("resnet20", graph, 3).with_layers({"conv1": {"weight_bits": 8, "per_channel": True}})
+    quantized = quantize_(copy.deepcopy(model), plan)
+    payload = pack_model(quantized, plan, tmp_path / "model.pt")
+    report = MemoryModel().evaluate(graph, plan)
+    assert payload == report.totals["weight_bytes"]
+    # reference: 268,336 weights; conv1 (432) at 8 bits, the rest at 3 bits, plus scales and the bias
+    codes = -(-432 * 8 // 8) + sum(-(-graph.info(n).weight_count * 3 // 8) for n in graph.names[1:])
+    assert report.totals["weight_bytes"] == codes + 4 * (2 * 16 + 2 * 19 + 10)
+    loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert loaded["layers"]["layer1.0.conv1"]["bits"] == 3 and Plan.from_dict(__import__("json").loads(loaded["plan"]))
+
+
+def test_memory_model_counts_bops_and_activation_bits():
+    graph = build_layer_graph(build_model("resnet20"), (3, 32, 32))
+    low = MemoryModel().evaluate(graph, Plan.uniform("resnet20", graph, 4, activation_bits=4)).totals
+    high = MemoryModel().evaluate(graph, Plan.uniform("resnet20", graph, 8, activation_bits=8)).totals
+    assert high["bops"] == 4 * low["bops"] == graph.total_macs * 64
+    assert high["peak_activation_bytes"] > low["peak_activation_bytes"]
+
+
+def test_activation_quantizers_calibrate_then_quantize():
+    model = build_model("resnet20")
+    graph = build_layer_graph(model, (3, 32, 32))
+    quantize_(model, Plan.uniform("resnet20", graph, 8, activation_bits=4))
+    with pytest.raises(UserError, match="before calibration"):
+        model(torch.randn(2, 3, 32, 32))
+    calibrate_activations(model, [torch.randn(8, 3, 32, 32)])
+    first = model.layer1[0].conv1.input_quantizer
+    assert float(first.clip) > 0 and not bool(first.signed_flag)  # ReLU outputs: unsigned
+    assert bool(model.conv1.input_quantizer.signed_flag)  # normalised images are signed
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cost_models_load_by_name_or_module_path_only():
+    assert isinstance(get_cost_model("memory"), MemoryModel)
+    assert isinstance(get_cost_model("hwmodels.memory:MemoryModel"), MemoryModel)
+    with pytest.raises(UserError, match="unknown cost model"):
+        get_cost_model("tpu-v9")
+    with pytest.raises(UserError, match="not a hwmodels.CostModel"):
+        get_cost_model("collections:OrderedDict")

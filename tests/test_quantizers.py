@@ -1,0 +1,165 @@
+import numpy as np
+import pytest
+import torch
+
+from oaq_search import grids
+from oaq_search.errors import UserError
+from oaq_search.oaq import (DEFAULT_THRESHOLDS, WeightQuantizer, choose_outlier_settings, dequantize,
+                            fake_quantize_weight, normalize, quantize_weight)
+
+
+def heavy_tailed(shape=(16, 8, 3, 3)):
+    """Trained conv weights look like this: a bulk near zero and a few far outliers."""
+    return torch.distributions.StudentT(3.0).sample(torch.Size(shape)) * 0.05
+
+
+@pytest.mark.parametrize("grid", grids.GRIDS)
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_grids_have_two_to_the_b_minus_one_distinct_levels(grid, bits):
+    levels = grids.positive_levels(grid, bits)
+    signed = torch.cat([-levels[1:], levels]).unique()
+    representable = not (grid == "ipot" and 2 ** (bits - 1) - 2 >= 53)  # 1 - 2^-53 == 1 in float64
+    assert (len(signed) == 2**bits - 1) == representable
+    assert levels[0] == 0 and levels[-1] == 1
+
+
+@pytest.mark.parametrize("grid", grids.GRIDS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantization_is_idempotent_and_lands_on_levels(grid, bits):
+    """Q(Q(w)) = Q(w) with the quantizer's parameters fixed: values on the grid stay put."""
+    torch.manual_seed(bits)
+    x = torch.rand(1000) * 2 - 1
+    once = grids.quantize(x, grid, bits)
+    assert torch.equal(grids.quantize(once, grid, bits), once)
+    quantizer = WeightQuantizer(bits, grid, "oaq", scale_factor=0.3)
+    quantized = quantize_weight(heavy_tailed(), quantizer)
+    rebuilt = dequantize(quantized, quantizer)
+    again = grids.level_index((rebuilt - quantized.offset) / quantized.scale, grid, bits)
+    assert torch.equal(again.to(torch.int8), quantized.codes)
+    assert quantized.codes.unique().numel() <= 2**bits - 1
+
+
+def test_ties_round_away_from_zero():
+    x = torch.tensor([0.5, -0.5, 0.25, -0.25]) / 1.0
+    assert grids.level_index(x, "uniform", 2).tolist() == [1, -1, 0, 0]
+    # PoT 3 bits: levels 0, 0.25, 0.5, 1 -> midpoint 0.375 goes up to 0.5
+    assert grids.codes_to_values(grids.level_index(torch.tensor([0.375, -0.375]), "pot", 3), "pot", 3).tolist() == [0.5, -0.5]
+
+
+def test_scale_factor_one_is_vanilla_max_range():
+    torch.manual_seed(0)
+    weight = heavy_tailed()
+    oaq = fake_quantize_weight(weight, WeightQuantizer(4, method="oaq", scale_factor=1.0, threshold=1.0))
+    vanilla = fake_quantize_weight(weight, WeightQuantizer(4, method="vanilla"))
+    assert torch.allclose(oaq, vanilla, atol=1e-7)
+
+
+def test_scale_factor_zero_clips_at_the_threshold():
+    torch.manual_seed(0)
+    weight = heavy_tailed()
+    z, mu, sigma = normalize(weight, per_channel=False)
+    quantized = fake_quantize_weight(weight, WeightQuantizer(8, method="oaq", scale_factor=0.0, threshold=2.0))
+    assert float(((quantized - mu) / sigma).abs().max()) == pytest.approx(2.0, rel=1e-5)
+    inside = z.abs() < 1.9
+    assert torch.allclose(quantized[inside], weight[inside], atol=float(sigma) * 2 / 127)
+
+
+def test_error_falls_as_bits_rise():
+    torch.manual_seed(0)
+    weight = heavy_tailed((64, 32, 3, 3))
+    errors = [float(((fake_quantize_weight(weight, WeightQuantizer(b, method="vanilla")) - weight) ** 2).mean())
+              for b in range(2, 9)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_per_channel_statistics_follow_each_output_channel():
+    torch.manual_seed(0)
+    weight = heavy_tailed((4, 8, 3, 3)) * torch.tensor([1.0, 10.0, 100.0, 1000.0]).view(4, 1, 1, 1)
+    per_tensor = fake_quantize_weight(weight, WeightQuantizer(4, method="vanilla"))
+    per_channel = fake_quantize_weight(weight, WeightQuantizer(4, method="vanilla", per_channel=True))
+    assert float((per_channel - weight)[0].abs().max()) < float((per_tensor - weight)[0].abs().max())
+    assert quantize_weight(weight, WeightQuantizer(4, per_channel=True)).scale.shape == (4,)
+
+
+def test_uniform_vanilla_matches_torch_fake_quantize():
+    torch.manual_seed(0)
+    weight = torch.randn(8, 4, 3, 3)
+    # Vanilla uniform on z = (w - mu)/sigma with range R is affine fake quantization with
+    # scale sigma*R/m and zero point mu expressed in steps, for integers in [-m, m].
+    quantizer = WeightQuantizer(4, method="vanilla")
+    z, mu, sigma = normalize(weight, per_channel=False)
+    m = 2 ** 3 - 1
+    scale = float(sigma * z.abs().max() / m)
+    shifted = weight - mu  # torch's zero point must be an integer, so compare on the centred weight
+    ours = fake_quantize_weight(weight, quantizer) - mu
+    theirs = torch.fake_quantize_per_tensor_affine(shifted, scale, 0, -m, m)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+    per_channel = WeightQuantizer(4, method="vanilla", per_channel=True)
+    z, mu, sigma = normalize(weight, per_channel=True)
+    scales = (sigma * z.abs().amax(dim=(1, 2, 3), keepdim=True) / m).flatten()
+    ours = fake_quantize_weight(weight, per_channel) - mu
+    theirs = torch.fake_quantize_per_channel_affine(weight - mu, scales, torch.zeros(8, dtype=torch.int32), 0, -m, m)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_codes_scale_and_offset_rebuild_the_fake_quantized_weight():
+    torch.manual_seed(0)
+    weight = heavy_tailed()
+    for quantizer in (WeightQuantizer(3, "pot", scale_factor=0.2), WeightQuantizer(5, "ipot", per_channel=True)):
+        assert torch.allclose(dequantize(quantize_weight(weight, quantizer), quantizer),
+                              fake_quantize_weight(weight, quantizer), atol=1e-6)
+
+
+def test_constant_and_tiny_layers_quantize_exactly():
+    for weight in (torch.full((4, 2, 1, 1), 0.3), torch.tensor([[0.7]])):
+        assert torch.allclose(fake_quantize_weight(weight, WeightQuantizer(2)), weight)
+
+
+def test_non_finite_weights_name_the_layer():
+    weight = torch.ones(3, 3)
+    weight[1, 1] = float("nan")
+    with pytest.raises(UserError, match="layer layer3.0.conv1 has NaN"):
+        fake_quantize_weight(weight, WeightQuantizer(4), "layer3.0.conv1")
+
+
+def test_gradient_reaches_the_scale_factor():
+    torch.manual_seed(0)
+    weight = heavy_tailed()
+    s = torch.tensor(0.3, requires_grad=True)
+    fake_quantize_weight(weight, WeightQuantizer(3, threshold=1.5), scale_factor=s).pow(2).sum().backward()
+    assert s.grad is not None and float(s.grad) != 0
+
+
+def test_invalid_settings_are_rejected():
+    for kwargs, pattern in [({"bits": 9}, "from 2 to 8"), ({"bits": 4, "grid": "log"}, "unknown grid"),
+                            ({"bits": 4, "scale_factor": 1.5}, r"in \[0, 1\]"), ({"bits": 4, "method": "x"}, "unknown method")]:
+        with pytest.raises(UserError, match=pattern):
+            WeightQuantizer(**kwargs)
+
+
+def test_data_free_choice_is_never_worse_than_vanilla():
+    torch.manual_seed(0)
+    weight = heavy_tailed((32, 16, 3, 3))
+    chosen = choose_outlier_settings(weight, WeightQuantizer(3))
+    error = float(((fake_quantize_weight(weight, chosen) - weight) ** 2).sum())
+    vanilla = float(((fake_quantize_weight(weight, WeightQuantizer(3, method="vanilla")) - weight) ** 2).sum())
+    assert error <= vanilla and chosen.scale_factor < 1.0  # heavy tails: pulling outliers in pays
+
+
+def test_default_thresholds_are_gaussian_mse_optimal():
+    """Re-derive DEFAULT_THRESHOLDS: the clip minimising E[(x - Q(x))^2] for x ~ N(0, 1)."""
+    from scipy import optimize, stats
+
+    x = np.linspace(-10, 10, 200_001)
+    density = stats.norm.pdf(x)
+
+    def mse(threshold, bits):
+        m = 2 ** (bits - 1) - 1
+        step = threshold / m
+        q = np.sign(x) * np.minimum(np.floor(np.abs(x) / step + 0.5), m) * step
+        return np.trapezoid((x - q) ** 2 * density, x)
+
+    for bits, threshold in DEFAULT_THRESHOLDS.items():
+        best = optimize.minimize_scalar(lambda t: mse(t, bits), bounds=(0.5, 8), method="bounded").x
+        assert best == pytest.approx(threshold, abs=0.01)

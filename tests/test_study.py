@@ -1,0 +1,56 @@
+"""End to end on the real ResNet-20 and CIFAR-10: search, plan, resume, refusal of a changed study."""
+
+import json
+
+import optuna
+import pytest
+
+from oaq_search.config import load_study_config
+from oaq_search.errors import UserError
+from oaq_search.pipeline import run_study
+from oaq_search.plan import Plan
+
+pytestmark = pytest.mark.shared
+
+
+@pytest.fixture
+def config(shared, tmp_path):
+    config = load_study_config("studies/quickstart.toml")
+    config.model.checkpoint = str(shared / "models" / "resnet20_cifar10jpeg.pt")
+    config.data.root = str(shared / "data" / "cifar10")
+    config.output_dir = str(tmp_path / "run")
+    config.search.n_trials = 3
+    config.search.eval_images = 200
+    config.data.test_images = 1000
+    return config
+
+
+def test_quickstart_writes_a_plan_that_fits_and_resumes(config):
+    result = run_study(config, progress=False)
+    plan = Plan.load(result.plan_path)
+    assert plan.totals["weight_bytes"] <= 104 * 1024
+    assert plan.layer("conv1").weight_bits == 8 and plan.layer("linear").weight_bits == 8
+    assert plan.metadata["test_accuracy"] == pytest.approx(result.test_accuracy)
+    assert 10 < result.test_accuracy <= result.fp_test_accuracy
+    assert json.loads(result.plan_path.read_text())["schema_version"] == 1
+
+    before = optuna.load_study(study_name=config.name, storage=config.storage_url).trials
+    config.search.n_trials = 5
+    resumed = run_study(config, progress=False)
+    after = optuna.load_study(study_name=config.name, storage=config.storage_url).trials
+    assert resumed.finished_trials == 5
+    assert [t.params for t in after[:3]] == [t.params for t in before]
+    assert after[3].params != before[1].params  # the resumed sampler does not replay old samples
+
+
+def test_resume_with_a_changed_budget_is_refused(config):
+    run_study(config, progress=False)
+    config.budget = {"memory": "120KiB"}
+    with pytest.raises(UserError, match="different budget"):
+        run_study(config, progress=False)
+
+
+def test_infeasible_budget_stops_before_searching(config):
+    config.budget = {"memory": "20KiB"}
+    with pytest.raises(UserError, match=r"infeasible: the smallest plan .* needs 6\d\.\d KiB"):
+        run_study(config, progress=False)
