@@ -27,13 +27,18 @@ class ActivationQuantizer(nn.Module):
         self.method = method
         self.percentile = percentile
         self.observing = False
-        self.register_buffer("sample", torch.empty(0))
+        self.register_buffer("sample", torch.empty(0), persistent=False)  # calibration only, never saved
         self.register_buffer("clip", torch.tensor(0.0))  # learnable later by fine-tuning
         self.register_buffer("signed_flag", torch.tensor(False))
 
     @property
     def calibrated(self) -> bool:
         return self.sample.numel() > 0
+
+    def start_observing(self) -> None:
+        """Forget earlier observations; the next forward passes are recorded, not quantized."""
+        self.sample = torch.empty(0)
+        self.observing = True
 
     def set_bits(self, bits: int) -> None:
         self.bits = check_bits(bits, "activation_bits")

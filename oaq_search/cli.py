@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import optuna
+
+from hwmodels import MemoryModel
 
 
 from importlib.metadata import version
@@ -15,7 +18,13 @@ from .config import load_study_config
 from .data import load_cifar10
 from .errors import UserError
 from .evaluate import accuracy
+from .grids import GRIDS
+from .oaq import METHODS
+from .packing import pack_model
 from .pipeline import layer_graph, load_model, run_study
+from .plan import Plan
+from .planning import PlanFactory
+from .ptq import post_training_quantize
 
 EXIT_USER_ERROR = 2
 
@@ -51,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(graph, checkpoint=False)
     graph.add_argument("--json", action="store_true", help="print JSON instead of a table")
     graph.set_defaults(handler=_graph)
+
+    quantize = commands.add_parser("quantize", help="post-training quantization: a plan or a uniform setting")
+    _model_arguments(quantize)
+    _data_arguments(quantize)
+    quantize.add_argument("--plan", help="plan.json to apply (instead of a uniform setting)")
+    quantize.add_argument("--wbits", type=int, default=4, help="uniform weight bits (default 4)")
+    quantize.add_argument("--abits", type=int, help="uniform activation bits (default: full precision)")
+    quantize.add_argument("--method", choices=METHODS, default="oaq")
+    quantize.add_argument("--grid", choices=GRIDS, default="uniform")
+    quantize.add_argument("--per-channel", action="store_true", help="per-output-channel statistics")
+    quantize.add_argument("--first-last-bits", type=int, default=8, help="bits of the first and last layer")
+    quantize.add_argument("--no-bn-correction", action="store_true", help="quantize weights data-free")
+    quantize.add_argument("--out", help="write the packed model here (and the plan beside it)")
+    quantize.set_defaults(handler=_quantize)
 
     evaluate = commands.add_parser("eval", help="top-1 accuracy of a full-precision checkpoint")
     _model_arguments(evaluate)
@@ -107,6 +130,29 @@ def _graph(args: argparse.Namespace) -> int:
           f"{graph.total_macs / 1e6:.2f} M MACs, peak activations (fp32) "
           f"{format_quantity('peak_activation_bytes', graph.peak_activation_bytes())}, "
           f"{len(graph.tie_groups())} tie groups")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.checkpoint)
+    graph = layer_graph(args.model, model)
+    if args.plan:
+        plan = Plan.load(args.plan)
+        plan.check_against(graph)
+    else:
+        factory = PlanFactory(args.model, model, graph, args.method, args.grid, args.per_channel)
+        plan = factory.uniform(args.wbits, args.abits, args.first_last_bits)
+    splits = load_cifar10(args.data_root, args.search_size)
+    quantized = post_training_quantize(model, plan, splits.search, not args.no_bn_correction)
+    split = getattr(splits, args.split)
+    fp, ours = accuracy(model, split, args.batch_size), accuracy(quantized, split, args.batch_size)
+    size = MemoryModel().evaluate(graph, plan).totals["weight_bytes"]
+    print(f"{args.model} on {len(split)} {args.split} images: full precision {fp:.2f} %, quantized {ours:.2f} % "
+          f"(change {ours - fp:+.2f}); weights {format_quantity('weight_bytes', size)} packed")
+    if args.out:
+        payload = pack_model(quantized, plan, args.out)
+        plan_path = plan.save(Path(args.out).with_suffix(".plan.json"))
+        print(f"packed model {args.out} ({payload} bytes of layers), plan {plan_path}")
     return 0
 
 

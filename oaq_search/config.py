@@ -38,6 +38,7 @@ class SearchConfig:
     grid: str = "uniform"
     per_channel: bool = False
     eval_images: int = 1000  # images of the search split scored per trial
+    bn_correction: bool = True  # match BatchNorm statistics to full precision (one search-split batch)
     batch_size: int = 500
     seed: int = 0
     cost_model: str = "memory"

@@ -85,11 +85,15 @@ def quantized_layers(model: nn.Module) -> Iterable[QuantizedLayer]:
     return (m for m in model.modules() if isinstance(m, QuantizedLayer))
 
 
+def activation_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
+    return [layer.input_quantizer for layer in quantized_layers(model) if layer.input_quantizer is not None]
+
+
 def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Observe the inputs of every activation quantizer on `batches`, then fix their ranges."""
-    observers = [layer.input_quantizer for layer in quantized_layers(model) if layer.input_quantizer is not None]
+    """Observe the inputs of every activation quantizer on `batches` afresh, then fix their ranges."""
+    observers = activation_quantizers(model)
     for observer in observers:
-        observer.observing = True
+        observer.start_observing()
     model.eval()
     with torch.no_grad():  # not inference_mode: the observed buffers are later used with autograd
         for images in batches:
@@ -99,8 +103,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
 
 
 def needs_calibration(model: nn.Module) -> bool:
-    return any(layer.input_quantizer is not None and not layer.input_quantizer.calibrated
-               for layer in quantized_layers(model))
+    return any(not quantizer.calibrated for quantizer in activation_quantizers(model))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

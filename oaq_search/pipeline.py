@@ -26,11 +26,13 @@ from .config import StudyConfig
 from .data import CifarSplits, load_cifar10
 from .errors import UserError
 from .evaluate import accuracy
-from .fake_quant import quantize_
 from .graph import LayerGraph, build_layer_graph
 from .models import build_model, model_spec
+from .bn_correction import BatchNormCorrector
 from .plan import Plan
-from .search import Objective, PlanFactory, SearchSpace, best_trial, make_sampler, search
+from .planning import PlanFactory
+from .ptq import CALIBRATION_IMAGES, post_training_quantize
+from .search import Objective, SearchSpace, best_trial, make_sampler, search
 from .storage import open_storage
 
 
@@ -70,7 +72,8 @@ def study_fingerprint(config: StudyConfig, splits: CifarSplits, space: SearchSpa
         "search split": splits.search.subset(config.search.eval_images).fingerprint(),
         "search space": json.dumps({"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
                                     "method": config.search.method, "grid": config.search.grid,
-                                    "per_channel": config.search.per_channel}, sort_keys=True),
+                                    "per_channel": config.search.per_channel,
+                                    "bn_correction": config.search.bn_correction}, sort_keys=True),
         "cost model": cost_model.fingerprint(),
         "budget": json.dumps(parse_budget(config.budget), sort_keys=True),
     }
@@ -105,8 +108,11 @@ def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
     factory = PlanFactory(config.model.name, model, graph, config.search.method, config.search.grid,
                           config.search.per_channel)
     budget = parse_budget(config.budget)
+    corrector = None
+    if config.search.bn_correction:
+        corrector = BatchNormCorrector(model, next(splits.search.batches(CALIBRATION_IMAGES))[0])
     objective = Objective(copy.deepcopy(model), graph, space, factory, cost_model, budget,
-                          splits.search.subset(config.search.eval_images), config.search.batch_size)
+                          splits.search.subset(config.search.eval_images), config.search.batch_size, corrector)
     study = open_study(config, study_fingerprint(config, splits, space, cost_model))
     timings["setup"] = time.perf_counter() - started
 
@@ -123,7 +129,8 @@ def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
     started = time.perf_counter()
     test_split = splits.test.subset(config.data.test_images or len(splits.test))
     fp_test = accuracy(model, test_split, config.search.batch_size)
-    test = accuracy(quantize_(copy.deepcopy(model), plan), test_split, config.search.batch_size)
+    quantized = post_training_quantize(model, plan, splits.search, config.search.bn_correction)
+    test = accuracy(quantized, test_split, config.search.batch_size)
     timings["test"] = time.perf_counter() - started
     plan.totals = report.totals
     plan.metadata = {"study": config.name, "storage": config.storage_url, "trial": best.number,

@@ -1,8 +1,8 @@
 """The search: Optuna over per-group weight bits, plans repaired onto the budget, scored on data.
 
-Pieces, each small: `PlanFactory` turns per-layer bits into a full OAQ plan; `SearchSpace` maps
-tie groups to Optuna parameters; `Objective` scores one trial (cost first, then accuracy, cached
-by plan key); `search` runs a study that resumes from its storage.
+Pieces, each small: `SearchSpace` maps tie groups to Optuna parameters; `Objective` scores one
+trial (cost first, then accuracy, cached by plan key); `search` runs a study that resumes from its
+storage. Bits become full OAQ plans through `planning.PlanFactory`.
 """
 
 from __future__ import annotations
@@ -13,45 +13,17 @@ from typing import Callable, Mapping
 import optuna
 from torch import nn
 
-from hwmodels import CostModel, CostReport
+from hwmodels.base import CostModel, CostReport
 
 from .budget import format_quantity
 from .data import ImageSplit
 from .errors import UserError
 from .evaluate import accuracy
+from .bn_correction import BatchNormCorrector
 from .fake_quant import quantize_
 from .graph import LayerGraph
-from .oaq import WeightQuantizer, choose_outlier_settings
-from .plan import LayerPlan, Plan
-
-
-class PlanFactory:
-    """Per-layer weight bits -> a Plan with data-free OAQ (s, T) chosen per layer and bit-width."""
-
-    def __init__(self, model_name: str, model: nn.Module, graph: LayerGraph, method: str = "oaq",
-                 grid: str = "uniform", per_channel: bool = False):
-        self.model_name, self.graph = model_name, graph
-        self.method, self.grid, self.per_channel = method, grid, per_channel
-        modules = dict(model.named_modules())
-        self._weights = {name: modules[name].weight.detach() for name in graph.names}
-        self._settings: dict[tuple[str, int], WeightQuantizer] = {}
-
-    def settings(self, layer: str, bits: int) -> WeightQuantizer:
-        key = (layer, bits)
-        if key not in self._settings:
-            base = WeightQuantizer(bits, self.grid, self.method, per_channel=self.per_channel)
-            self._settings[key] = choose_outlier_settings(self._weights[layer], base)
-        return self._settings[key]
-
-    def __call__(self, weight_bits: Mapping[str, int], tie_groups: Mapping[str, int] | None = None) -> Plan:
-        layers = []
-        for name in self.graph.names:
-            chosen = self.settings(name, weight_bits[name])
-            layers.append(LayerPlan(name, chosen.bits, grid=chosen.grid, method=chosen.method,
-                                    scale_factor=chosen.scale_factor, threshold=chosen.threshold,
-                                    per_channel=chosen.per_channel,
-                                    tie_group=(tie_groups or {}).get(name)))
-        return Plan(self.model_name, layers)
+from .plan import Plan
+from .planning import PlanFactory
 
 
 @dataclass
@@ -106,10 +78,11 @@ class Objective:
     """Scores one trial: repair the sampled bits onto the budget, then accuracy on the search split."""
 
     def __init__(self, quantized_model: nn.Module, graph: LayerGraph, space: SearchSpace, factory: PlanFactory,
-                 cost_model: CostModel, budget: Mapping[str, float], eval_split: ImageSplit, batch_size: int):
+                 cost_model: CostModel, budget: Mapping[str, float], eval_split: ImageSplit, batch_size: int,
+                 corrector: BatchNormCorrector | None = None):
         self.model, self.graph, self.space, self.factory = quantized_model, graph, space, factory
         self.cost_model, self.budget = cost_model, dict(budget)
-        self.eval_split, self.batch_size = eval_split, batch_size
+        self.eval_split, self.batch_size, self.corrector = eval_split, batch_size, corrector
         self.cache: dict[str, float] = {}
 
     def plan_and_cost(self, layer_bits: Mapping[str, int]) -> tuple[Plan, CostReport]:
@@ -139,6 +112,8 @@ class Objective:
             trial.set_constraint(metric, over)  # TPE models feasibility from these
         if plan.key() not in self.cache:
             quantize_(self.model, plan)
+            if self.corrector is not None:
+                self.corrector.apply(self.model)
             self.cache[plan.key()] = accuracy(self.model, self.eval_split, self.batch_size)
         return self.cache[plan.key()]
 

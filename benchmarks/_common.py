@@ -1,0 +1,42 @@
+"""What every benchmark records beside its numbers: the command, the date, the machine."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_results(name: str, rows: list[dict], markdown: str, extra: dict | None = None) -> Path:
+    """benchmarks/results/<name>.json and .md, each with the command, date and machine."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    header = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "date": datetime.date.today().isoformat(), "machine": machine(), **(extra or {})}
+    (RESULTS / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
+    meta = (f"Command: `{header['command']}`  \nDate: {header['date']}  \n"
+            f"Machine: {header['machine']['cpu']}, {header['machine']['cores']} cores, "
+            f"{header['machine']['torch_threads']} torch threads, torch {header['machine']['torch']}\n\n")
+    path = RESULTS / f"{name}.md"
+    path.write_text(meta + markdown + "\n")
+    return path

@@ -1,0 +1,92 @@
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from oaq_search.bn_correction import BatchNormCorrector
+from oaq_search.cli import main
+from oaq_search.data import load_cifar10
+from oaq_search.evaluate import accuracy
+from oaq_search.fake_quant import quantize_
+from oaq_search.pipeline import layer_graph, load_model
+from oaq_search.plan import Plan
+from oaq_search.planning import PlanFactory
+from oaq_search.ptq import post_training_quantize
+
+
+def trained_like_resnet20():
+    """A ResNet-20 whose BN statistics differ from the batch's, as after real training."""
+    torch.manual_seed(0)
+    model = load_model("resnet20")
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def bn_outputs(model, images):
+    outputs = {}
+    handles = [m.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
+               for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model.eval()(images)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def test_bn_correction_is_the_identity_on_the_full_precision_model():
+    model = trained_like_resnet20()
+    images = torch.randn(64, 3, 32, 32)
+    corrected = BatchNormCorrector(model, images).apply(copy.deepcopy(model))
+    for (name, ours), (_, theirs) in zip(corrected.state_dict().items(), model.state_dict().items()):
+        assert torch.allclose(ours, theirs, atol=1e-5), name
+
+
+def test_bn_correction_restores_full_precision_statistics_after_quantization():
+    model = trained_like_resnet20()
+    images = torch.randn(64, 3, 32, 32)
+    graph = layer_graph("resnet20", model)
+    quantized = quantize_(copy.deepcopy(model), Plan.uniform("resnet20", graph, 2, method="vanilla"))
+    reference = bn_outputs(model, images)
+
+    def mismatch(candidate):
+        outputs = bn_outputs(candidate, images)
+        return sum(float((outputs[n].mean((0, 2, 3)) - reference[n].mean((0, 2, 3))).abs().mean()) for n in reference)
+
+    before = mismatch(quantized)
+    after = mismatch(BatchNormCorrector(model, images).apply(quantized))
+    assert after < before / 20
+
+
+def test_quantize_command_writes_a_safe_packed_model(tmp_path, synthetic_cifar, capsys):
+    torch.save(load_model("resnet20").state_dict(), tmp_path / "r20.pt")
+    argv = ["quantize", "--model", "resnet20", "--checkpoint", str(tmp_path / "r20.pt"), "--data-root",
+            str(synthetic_cifar), "--search-size", "50", "--wbits", "3", "--abits", "4", "--out", str(tmp_path / "q.pt")]
+    assert main(argv) == 0
+    assert "quantized" in capsys.readouterr().out
+    packed = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert packed["layers"]["layer2.0.conv1"]["bits"] == 3 and packed["layers"]["conv1"]["bits"] == 8
+    assert (tmp_path / "q.pt").stat().st_size < 200_000  # calibration samples are not saved
+    assert Plan.load(tmp_path / "q.plan.json").layer("layer1.0.conv1").activation_bits == 4
+
+
+def test_hwmodels_imports_on_its_own():
+    assert subprocess.run([sys.executable, "-c", "import hwmodels"], capture_output=True).returncode == 0
+
+
+@pytest.mark.shared
+def test_oaq_beats_vanilla_at_three_bits_on_resnet20(shared):
+    splits = load_cifar10(shared / "data" / "cifar10")
+    model = load_model("resnet20", shared / "models" / "resnet20_cifar10jpeg.pt")
+    graph = layer_graph("resnet20", model)
+    scored = splits.search.subset(1000)
+    results = {}
+    for method in ("vanilla", "oaq"):
+        plan = PlanFactory("resnet20", model, graph, method).uniform(3)
+        results[method] = accuracy(post_training_quantize(model, plan, splits.search), scored)
+    assert results["oaq"] > results["vanilla"] + 3, results
