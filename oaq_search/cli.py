@@ -21,10 +21,11 @@ from .evaluate import accuracy
 from .grids import GRIDS
 from .oaq import METHODS
 from .packing import pack_model
-from .pipeline import layer_graph, load_model, run_study
+from .pipeline import create_study, export_plans, layer_graph, load_model, run_study, run_worker
 from .plan import Plan
 from .planning import PlanFactory
 from .ptq import post_training_quantize
+from .sensitivity import DEFAULT_METRICS, METRICS, compute_sensitivity, get_metric
 
 EXIT_USER_ERROR = 2
 
@@ -49,22 +50,35 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a study file end to end and write the best plan")
-    run.add_argument("study", help="study file (TOML), e.g. studies/quickstart.toml")
+    _study_arguments(run)
     run.add_argument("--n-trials", type=int, help="finished trials the study should reach (overrides the file)")
-    run.add_argument("--storage", help="Optuna storage URL (default: SQLite file in the output folder)")
-    run.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (default: file, then $OAQ_DATA_ROOT)")
-    run.add_argument("--output-dir", help="where plan.json and the study go (default: runs/<study name>)")
     run.set_defaults(handler=_run)
+
+    create = commands.add_parser("create", help="create a study and enqueue its trials, for workers to run")
+    _study_arguments(create)
+    create.set_defaults(handler=_create)
+
+    worker = commands.add_parser("worker", help="join an existing study and run its waiting trials")
+    _study_arguments(worker)
+    worker.add_argument("--worker-index", type=int, default=0, help="distinct per worker: offsets its sampler seed")
+    worker.set_defaults(handler=_worker)
+
+    export = commands.add_parser("export", help="write plans from a study: the best, one trial, or the Pareto front")
+    _study_arguments(export)
+    choice = export.add_mutually_exclusive_group()
+    choice.add_argument("--trial", type=int, help="export this trial number")
+    choice.add_argument("--pareto", action="store_true", help="export every plan on the accuracy/cost front")
+    export.add_argument("--out", default="plan.json", help="file (or folder with --pareto) to write")
+    export.set_defaults(handler=_export)
 
     graph = commands.add_parser("graph", help="print a model's quantizable layers and totals")
     _model_arguments(graph, checkpoint=False)
     graph.add_argument("--json", action="store_true", help="print JSON instead of a table")
     graph.set_defaults(handler=_graph)
 
-    quantize = commands.add_parser("quantize", help="post-training quantization: a plan or a uniform setting")
+    quantize = commands.add_parser("quantize", help="post-training quantization at a uniform setting")
     _model_arguments(quantize)
     _data_arguments(quantize)
-    quantize.add_argument("--plan", help="plan.json to apply (instead of a uniform setting)")
     quantize.add_argument("--wbits", type=int, default=4, help="uniform weight bits (default 4)")
     quantize.add_argument("--abits", type=int, help="uniform activation bits (default: full precision)")
     quantize.add_argument("--method", choices=METHODS, default="oaq")
@@ -75,11 +89,49 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", help="write the packed model here (and the plan beside it)")
     quantize.set_defaults(handler=_quantize)
 
+    apply = commands.add_parser("apply", help="apply a plan to a checkpoint: quantized model and packed file")
+    _model_arguments(apply)
+    _data_arguments(apply)
+    apply.add_argument("--plan", required=True, help="plan.json from `run` or `export`")
+    apply.add_argument("--no-bn-correction", action="store_true", help="quantize weights data-free")
+    apply.add_argument("--out", help="write the packed model here (and the plan beside it)")
+    apply.set_defaults(handler=_quantize)
+
+    sensitivity = commands.add_parser("sensitivity", help="per-layer sensitivity table, ranked, with a heatmap")
+    _model_arguments(sensitivity)
+    sensitivity.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                             help=f"comma-separated: {', '.join(METRICS)} or module:Class (hessian needs data)")
+    sensitivity.add_argument("--methods", default="vanilla,oaq", help="comma-separated: vanilla, oaq, literal")
+    sensitivity.add_argument("--grid", choices=GRIDS, default="uniform")
+    sensitivity.add_argument("--rank-bits", type=int, default=3, help="bit-width the printed ranking uses")
+    sensitivity.add_argument("--data-root", help="CIFAR-10 root; needed by data-driven metrics (hessian)")
+    sensitivity.add_argument("--out", default="runs/sensitivity", help="folder for sensitivity.json/.csv/.png")
+    sensitivity.set_defaults(handler=_sensitivity)
+
     evaluate = commands.add_parser("eval", help="top-1 accuracy of a full-precision checkpoint")
     _model_arguments(evaluate)
     _data_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
     return parser
+
+
+def _study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", help="study file (TOML)")
+    parser.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user:pass@host/db")
+    parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/")
+    parser.add_argument("--output-dir", help="where plan.json and the study go (default: runs/<study name>)")
+
+
+def _study_config(args: argparse.Namespace):
+    config = load_study_config(args.study)
+    if getattr(args, "n_trials", None) is not None:
+        config.search.n_trials = args.n_trials
+    for option in ("storage", "output_dir"):
+        if getattr(args, option, None):
+            setattr(config, option, getattr(args, option))
+    if getattr(args, "data_root", None):
+        config.data.root = args.data_root
+    return config
 
 
 def _model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -96,23 +148,45 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load_study_config(args.study)
-    if args.n_trials is not None:
-        config.search.n_trials = args.n_trials
-    for option in ("storage", "output_dir"):
-        if getattr(args, option):
-            setattr(config, option, getattr(args, option))
-    if args.data_root:
-        config.data.root = args.data_root
-    result = run_study(config)
-    totals = result.plan.totals
-    bits = ", ".join(f"{layer.name}={layer.weight_bits}" for layer in result.plan.layers)
-    print(f"study {result.study_name}: {result.finished_trials} trials in {result.storage_url}")
-    print(f"best plan: {bits}")
-    print(f"weights {format_quantity('weight_bytes', totals['weight_bytes'])}, "
-          f"search-split accuracy {result.search_accuracy:.2f} %, test accuracy {result.test_accuracy:.2f} % "
+    result = run_study(_study_config(args))
+    plan, totals = result.plan, result.plan.totals
+    budget = ", ".join(f"{metric} <= {format_quantity(metric, limit)}" for metric, limit in plan.metadata["budget"].items())
+    print(f"study {result.study_name}: {result.finished_trials} trials over {result.parameters} Optuna parameters "
+          f"in {result.storage_url}")
+    print(f"budget: {budget}; best plan (trial {plan.metadata['trial']}, seed: {plan.metadata['seed'] or 'sampled'}) "
+          f"uses {format_quantity('weight_bytes', totals['weight_bytes'])} of weights")
+    print("weight bits: " + " ".join(f"{layer.name}={layer.weight_bits}" for layer in plan.layers))
+    print(f"accuracy: search split {result.search_accuracy:.2f} %, test {result.test_accuracy:.2f} % "
           f"(full precision {result.fp_test_accuracy:.2f} %, change {result.test_accuracy - result.fp_test_accuracy:+.2f})")
+    print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.seconds.items()))
     print(f"plan written to {result.plan_path}")
+    print(f"browse the study: optuna-dashboard {result.storage_url}")
+    return 0
+
+
+def _create(args: argparse.Namespace) -> int:
+    config = _study_config(args)
+    queued = create_study(config)
+    print(f"study {config.name} in {config.storage_url}: {queued} trials queued; start workers with "
+          f"`oaq-search worker {args.study} --storage URL --worker-index N`")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    ran = run_worker(_study_config(args), args.worker_index)
+    print(f"worker {args.worker_index}: ran {ran} trials; the queue is empty")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    plans = export_plans(_study_config(args), args.trial, args.pareto)
+    if args.pareto:
+        folder = Path(args.out if args.out != "plan.json" else "pareto")
+        for plan in plans:
+            plan.save(folder / f"trial{plan.metadata['trial']}.json")
+        print(f"{len(plans)} Pareto plans written to {folder}/")
+    else:
+        print(f"plan of trial {plans[0].metadata['trial']} written to {plans[0].save(args.out)}")
     return 0
 
 
@@ -136,7 +210,7 @@ def _graph(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.checkpoint)
     graph = layer_graph(args.model, model)
-    if args.plan:
+    if getattr(args, "plan", None):
         plan = Plan.load(args.plan)
         plan.check_against(graph)
     else:
@@ -153,6 +227,30 @@ def _quantize(args: argparse.Namespace) -> int:
         payload = pack_model(quantized, plan, args.out)
         plan_path = plan.save(Path(args.out).with_suffix(".plan.json"))
         print(f"packed model {args.out} ({payload} bytes of layers), plan {plan_path}")
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.checkpoint)
+    graph = layer_graph(args.model, model)
+    metrics = [get_metric(name.strip()) for name in args.metrics.split(",") if name.strip()]
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    data = load_cifar10(args.data_root).search if any(m.needs_data for m in metrics) else None
+    table = compute_sensitivity(model, graph, metrics, methods=methods, grid=args.grid, data=data)
+    if args.rank_bits not in table.bits:
+        raise UserError(f"--rank-bits must be one of {table.bits}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.save(out / "sensitivity.json")
+    table.write_csv(out / "sensitivity.csv")
+    first_metric, first_method = metrics[0].name, methods[-1]
+    table.write_heatmap(out / "sensitivity.png", first_metric, first_method)
+    print(f"layers by {first_metric} sensitivity at {args.rank_bits} bits ({first_method}), most sensitive first:")
+    for rank, layer in enumerate(table.ranking(first_metric, first_method, args.rank_bits), start=1):
+        scores = "  ".join(f"{m.name}={table.score(m.name, first_method, layer, args.rank_bits):.4g}" for m in metrics)
+        print(f"{rank:3}. {layer:32} {scores}")
+    timing = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in table.seconds.items())
+    print(f"compute time: {timing}; written to {out}/sensitivity.json, .csv, .png")
     return 0
 
 

@@ -14,6 +14,8 @@ from .grids import GRIDS, check_bits
 from .oaq import METHODS
 from .schema import parse, to_dict
 
+SEEDS = ("integer_program", "greedy", "uniform")
+
 
 @dataclass
 class ModelConfig:
@@ -38,10 +40,17 @@ class SearchConfig:
     grid: str = "uniform"
     per_channel: bool = False
     eval_images: int = 1000  # images of the search split scored per trial
+    screen_images: int = 0  # >0: score this many first, and let Optuna prune hopeless trials there
     bn_correction: bool = True  # match BatchNorm statistics to full precision (one search-split batch)
     batch_size: int = 500
     seed: int = 0
     cost_model: str = "memory"
+    sensitivity_metric: str = "ssim_weight"  # ranks layers for the seeds and the repair
+    prune_sensitivity: float | None = None  # drop a group's bit-widths whose sensitivity is above this
+    seeds: list[str] = field(default_factory=lambda: ["integer_program", "greedy", "uniform"])
+    pareto_metric: str | None = None  # set (e.g. "weight_bytes") for accuracy-vs-cost multi-objective
+    heartbeat_seconds: int = 30  # a worker silent for grace_seconds has its trial retried
+    grace_seconds: int = 90
 
     def __post_init__(self):
         if not self.weight_bits:
@@ -54,9 +63,12 @@ class SearchConfig:
             raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.grid not in GRIDS:
             raise UserError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
-        for name in ("n_trials", "eval_images", "batch_size"):
+        for name in ("n_trials", "eval_images", "batch_size", "heartbeat_seconds", "grace_seconds"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        unknown = sorted(set(self.seeds) - set(SEEDS))
+        if unknown:
+            raise UserError(f"unknown seed {unknown[0]!r}: choose from {', '.join(SEEDS)}")
 
 
 @dataclass

@@ -124,17 +124,36 @@ def choose_outlier_settings(weight: torch.Tensor, quantizer: WeightQuantizer) ->
     """OAQ without fine-tuning: the (s, T) that minimises the weight MSE, found by grid search.
 
     Weight MSE is the criterion because it is what quantization directly distorts, needs no data
-    and is cheap; s = 1 is among the candidates, so the choice is never worse than vanilla.
+    and is cheap; s = 1 is among the candidates, so the choice is never worse than vanilla. The
+    error of a symmetric quantizer depends on |z| alone, so all candidates are scored at once on
+    magnitudes: reshaped = min(|z|, T) + s * relu(|z| - T), range R = its maximum (closed form).
+    Errors are compared in normalised units (sigma^2 times the weight MSE, per channel).
     """
     if quantizer.method == "vanilla":
         return quantizer
-    best, best_error = quantizer, float("inf")
+    if not torch.isfinite(weight).all():
+        raise UserError("weights have NaN or inf values: fix the checkpoint before quantizing")
+    thresholds = [round(DEFAULT_THRESHOLDS[quantizer.bits] * m, 4) for m in THRESHOLD_MULTIPLIERS]
     with torch.no_grad():
-        for multiplier in THRESHOLD_MULTIPLIERS:
-            for s in SCALE_FACTOR_CANDIDATES:
-                candidate = replace(quantizer, scale_factor=s,
-                                    threshold=round(DEFAULT_THRESHOLDS[quantizer.bits] * multiplier, 4))
-                error = float(((fake_quantize_weight(weight, candidate) - weight) ** 2).sum())
-                if error < best_error:
-                    best, best_error = candidate, error
-    return best
+        z, _, sigma = normalize(weight, quantizer.per_channel)
+        rows = z.shape[0] if quantizer.per_channel else 1
+        magnitude = z.abs().reshape(rows, -1)
+        row_weight = sigma.reshape(-1, 1) ** 2  # back to weight units, per channel when per channel
+        peak = magnitude.amax(dim=1, keepdim=True)
+        candidates, errors = [], []
+        for threshold in thresholds:
+            bulk, excess = magnitude.clamp(max=threshold), (magnitude - threshold).clamp(min=0)
+            for factor in SCALE_FACTOR_CANDIDATES:
+                if quantizer.method == "oaq":
+                    reshaped = bulk + factor * excess
+                    scale = torch.where(peak > threshold, threshold + factor * (peak - threshold), peak)
+                else:  # literal ablation: outliers multiplied by s
+                    reshaped = torch.where(magnitude <= threshold, magnitude, factor * magnitude)
+                    scale = reshaped.amax(dim=1, keepdim=True)
+                scale = scale.clamp(min=torch.finfo(z.dtype).tiny)
+                values = grids.codes_to_values(grids.level_index(reshaped / scale, quantizer.grid, quantizer.bits),
+                                               quantizer.grid, quantizer.bits)
+                errors.append((((values * scale - magnitude) ** 2).sum(dim=1, keepdim=True) * row_weight).sum())
+                candidates.append((threshold, factor))
+    best_threshold, best_factor = candidates[int(torch.stack(errors).argmin())]
+    return replace(quantizer, scale_factor=best_factor, threshold=best_threshold)

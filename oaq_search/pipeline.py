@@ -1,7 +1,8 @@
-"""One call per user task: load a model, run a study file end to end, quantize uniformly (PTQ).
+"""One call per user task: run a study file end to end, join it as a worker, export its plans.
 
-The CLI is a thin layer over these functions; Python users with their own model and data call
-`search` and the pieces in `oaq_search.search` directly.
+The CLI is a thin layer over these functions. `prepare` builds everything a study needs from its
+config (model, data, graph, sensitivity, search space, seeds, objective); `run_study` creates or
+resumes the study, works through its trial queue and reports the best plan on the test split.
 """
 
 from __future__ import annotations
@@ -14,26 +15,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 import hwmodels
 
+from .bn_correction import BatchNormCorrector
 from .budget import parse_budget
 from .checkpoints import load_checkpoint
 from .config import StudyConfig
-from .data import CifarSplits, load_cifar10
+from .data import CifarSplits, ImageSplit, load_cifar10
 from .errors import UserError
 from .evaluate import accuracy
 from .graph import LayerGraph, build_layer_graph
 from .models import build_model, model_spec
-from .bn_correction import BatchNormCorrector
 from .plan import Plan
 from .planning import PlanFactory
 from .ptq import CALIBRATION_IMAGES, post_training_quantize
-from .search import Objective, SearchSpace, best_trial, make_sampler, search
+from .queue import fill_queue, work
+from .search import (Objective, SearchSpace, allocation_problem, best_trial, check_feasible, make_sampler,
+                     pareto_trials)
+from .seeds import greedy_seed, integer_program_seed, uniform_seed
+from .sensitivity import SensitivityTable, compute_sensitivity
 from .storage import open_storage
+
+SEED_BUILDERS = {"integer_program": integer_program_seed, "greedy": greedy_seed, "uniform": uniform_seed}
 
 
 def load_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
@@ -48,6 +54,103 @@ def layer_graph(name: str, model: nn.Module) -> LayerGraph:
     return build_layer_graph(model, model_spec(name).input_shape)
 
 
+def split_scorer(split: ImageSplit, batch_size: int):
+    return lambda model: accuracy(model, split, batch_size, progress=False)
+
+
+@dataclass
+class Prepared:
+    """Everything a study needs, built once from its config."""
+
+    config: StudyConfig
+    model: nn.Module
+    splits: CifarSplits
+    graph: LayerGraph
+    space: SearchSpace
+    objective: Objective
+    sensitivity: SensitivityTable
+    seeds: list[tuple[dict[str, int], str]]
+    fingerprint: dict[str, str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(config: StudyConfig) -> Prepared:
+    """Model, data, graph, sensitivity, space, seeds and objective for `config`; checks the budget."""
+    started = time.perf_counter()
+    search = config.search
+    model = load_model(config.model.name, config.model.checkpoint)
+    splits = load_cifar10(config.data.root, config.data.search_size, config.data.download)
+    graph = layer_graph(config.model.name, model)
+    cost_model = hwmodels.get_cost_model(search.cost_model)
+    budget = parse_budget(config.budget)
+    loaded = time.perf_counter()
+    sensitivity = compute_sensitivity(model, graph, [search.sensitivity_metric], methods=[search.method],
+                                      grid=search.grid, data=splits.search)
+    sensitivity_s = time.perf_counter() - loaded
+    space = SearchSpace.from_graph(graph, search.weight_bits, search.first_last_bits, sensitivity,
+                                   search.sensitivity_metric, search.method, search.prune_sensitivity)
+    factory = PlanFactory(config.model.name, model, graph, search.method, search.grid, search.per_channel)
+    problem = allocation_problem(space, factory, cost_model, graph, budget, sensitivity, search.sensitivity_metric,
+                                 search.method)
+    check_feasible(problem)
+    seeds = []
+    for name in search.seeds:
+        choice = SEED_BUILDERS[name](problem)
+        if choice is not None:
+            seeds.append((space.params(choice), name))
+    corrector = BatchNormCorrector(model, next(splits.search.batches(CALIBRATION_IMAGES))[0]) \
+        if search.bn_correction else None
+    scored = splits.search.subset(search.eval_images)
+    scorers = [split_scorer(scored, search.batch_size)]
+    if 0 < search.screen_images < search.eval_images:
+        scorers.insert(0, split_scorer(splits.search.subset(search.screen_images), search.batch_size))
+    objective = Objective(copy.deepcopy(model), graph, space, factory, cost_model, budget, problem, scorers,
+                          corrector, search.pareto_metric)
+    fingerprint = {
+        "model": config.model.name,
+        "checkpoint": _file_digest(config.model.checkpoint) if config.model.checkpoint else "none",
+        "search split": scored.fingerprint(),
+        "search space": json.dumps({"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
+                                    "method": search.method, "grid": search.grid, "per_channel": search.per_channel,
+                                    "bn_correction": search.bn_correction, "screen_images": search.screen_images,
+                                    "pareto_metric": search.pareto_metric}, sort_keys=True),
+        "cost model": cost_model.fingerprint(),
+        "budget": json.dumps(budget, sort_keys=True),
+    }
+    seconds = {"setup": loaded - started, "sensitivity": sensitivity_s,
+               "seeds": time.perf_counter() - loaded - sensitivity_s}
+    return Prepared(config, model, splits, graph, space, objective, sensitivity, seeds, fingerprint, seconds)
+
+
+def open_study(prepared: Prepared, create: bool, worker_index: int = 0) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+    """Create the study (`create`) or join it, after checking nothing it depends on has changed."""
+    config = prepared.config
+    storage = open_storage(config.storage_url, config.search.heartbeat_seconds, config.search.grace_seconds)
+    directions = ["maximize", "minimize"] if config.search.pareto_metric else ["maximize"]
+    try:
+        study = optuna.load_study(study_name=config.name, storage=storage)
+    except KeyError:
+        if not create:
+            raise UserError(f"study {config.name!r} does not exist in {config.storage_url}: create it first with "
+                            f"`oaq-search create` (workers must not race to create it)") from None
+        study = optuna.create_study(study_name=config.name, storage=storage, directions=directions,
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
+        study.set_user_attr("fingerprint", prepared.fingerprint)
+    stored = study.user_attrs.get("fingerprint", {})
+    changed = [part for part in prepared.fingerprint if stored.get(part) != prepared.fingerprint[part]]
+    if changed:
+        raise UserError(f"study {config.name!r} in {config.storage_url} was started with a different "
+                        f"{', '.join(changed)}: use a new study name or the original settings")
+    # Offset the sampler seed by the trials already stored and by worker, so no run replays another's samples.
+    study.sampler = make_sampler(config.search.seed + len(study.get_trials(deepcopy=False)) + 1000 * worker_index,
+                                 bool(config.search.pareto_metric))
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=5)
+    if create:
+        fill_queue(study, config.search.n_trials, prepared.seeds)
+    prepared.objective.remember(study)
+    return study, storage
+
+
 @dataclass
 class StudyResult:
     """What `run_study` produced: the best plan, its accuracies, and where things were written."""
@@ -60,86 +163,90 @@ class StudyResult:
     fp_test_accuracy: float
     test_accuracy: float
     finished_trials: int
-    timings_s: dict[str, float] = field(default_factory=dict)
-
-
-def study_fingerprint(config: StudyConfig, splits: CifarSplits, space: SearchSpace, cost_model: hwmodels.CostModel) -> dict[str, str]:
-    """What a resumed study must share with the one that started it, part by part."""
-    checkpoint = config.model.checkpoint
-    return {
-        "model": config.model.name,
-        "checkpoint": _file_digest(checkpoint) if checkpoint else "none",
-        "search split": splits.search.subset(config.search.eval_images).fingerprint(),
-        "search space": json.dumps({"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
-                                    "method": config.search.method, "grid": config.search.grid,
-                                    "per_channel": config.search.per_channel,
-                                    "bn_correction": config.search.bn_correction}, sort_keys=True),
-        "cost model": cost_model.fingerprint(),
-        "budget": json.dumps(parse_budget(config.budget), sort_keys=True),
-    }
-
-
-def open_study(config: StudyConfig, fingerprint: dict[str, str]) -> optuna.Study:
-    """Create the study, or resume it after checking that nothing it depends on has changed."""
-    storage = open_storage(config.storage_url)
-    study = optuna.create_study(study_name=config.name, storage=storage, direction="maximize", load_if_exists=True)
-    # Offset the seed by the trials already stored, so a resumed run does not replay earlier samples.
-    study.sampler = make_sampler(config.search.seed + len(study.get_trials(deepcopy=False)))
-    stored = study.user_attrs.get("fingerprint")
-    if stored is None:
-        study.set_user_attr("fingerprint", fingerprint)
-    else:
-        changed = [part for part in fingerprint if stored.get(part) != fingerprint[part]]
-        if changed:
-            raise UserError(f"study {config.name!r} in {config.storage_url} was started with a different "
-                            f"{', '.join(changed)}: use a new study name or the original settings")
-    return study
+    parameters: int
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
-    """Load model and data, search under the budget, write the best plan, report test accuracy."""
-    timings = {}
+    """Create or resume the study, run its queue, write the best plan, report test accuracy."""
+    prepared = prepare(config)
+    study, storage = open_study(prepared, create=True)
     started = time.perf_counter()
-    model = load_model(config.model.name, config.model.checkpoint)
-    splits = load_cifar10(config.data.root, config.data.search_size, config.data.download)
-    graph = layer_graph(config.model.name, model)
-    cost_model = hwmodels.get_cost_model(config.search.cost_model)
-    space = SearchSpace.from_graph(graph, config.search.weight_bits, config.search.first_last_bits)
-    factory = PlanFactory(config.model.name, model, graph, config.search.method, config.search.grid,
-                          config.search.per_channel)
-    budget = parse_budget(config.budget)
-    corrector = None
-    if config.search.bn_correction:
-        corrector = BatchNormCorrector(model, next(splits.search.batches(CALIBRATION_IMAGES))[0])
-    objective = Objective(copy.deepcopy(model), graph, space, factory, cost_model, budget,
-                          splits.search.subset(config.search.eval_images), config.search.batch_size, corrector)
-    study = open_study(config, study_fingerprint(config, splits, space, cost_model))
-    timings["setup"] = time.perf_counter() - started
+    _work_with_progress(study, storage, prepared, progress)
+    prepared.seconds["search"] = time.perf_counter() - started
+    return finish(prepared, study)
 
-    started = time.perf_counter()
-    bar = tqdm(total=config.search.n_trials, desc="search", disable=None if progress is None else not progress)
-    bar.update(len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))))
-    search(objective, study, config.search.n_trials, callbacks=[lambda _study, _trial: bar.update(1)])
-    bar.close()
-    timings["search"] = time.perf_counter() - started
 
+def run_worker(config: StudyConfig, worker_index: int, progress: bool | None = None) -> int:
+    """Join an existing study and run waiting trials until the queue is empty; returns trials run."""
+    prepared = prepare(config)
+    study, storage = open_study(prepared, create=False, worker_index=worker_index)
+    return _work_with_progress(study, storage, prepared, progress)
+
+
+def create_study(config: StudyConfig) -> int:
+    """Create the study and enqueue its trials (seeds first) without running any; returns the queue size."""
+    prepared = prepare(config)
+    study, _ = open_study(prepared, create=True)
+    return len(study.get_trials(deepcopy=False))
+
+
+def _work_with_progress(study, storage, prepared: Prepared, progress: bool | None) -> int:
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    bar = tqdm(total=prepared.config.search.n_trials, desc="search", disable=None if progress is None else not progress,
+               initial=len(study.get_trials(deepcopy=False, states=finished)))
+    try:
+        return work(study, storage, prepared.objective, on_finished=lambda _trial: bar.update(1))
+    finally:
+        bar.close()
+
+
+def finish(prepared: Prepared, study: optuna.Study) -> StudyResult:
+    """The best feasible plan, re-applied with calibration, scored once on the test split, written out."""
+    config = prepared.config
     best = best_trial(study)
-    layer_bits = dict(zip(graph.names, best.user_attrs["weight_bits"]))
-    plan, report = objective.plan_and_cost(layer_bits)
+    plan = Plan.from_dict(best.user_attrs["plan"])
     started = time.perf_counter()
-    test_split = splits.test.subset(config.data.test_images or len(splits.test))
-    fp_test = accuracy(model, test_split, config.search.batch_size)
-    quantized = post_training_quantize(model, plan, splits.search, config.search.bn_correction)
+    test_split = prepared.splits.test.subset(config.data.test_images or len(prepared.splits.test))
+    fp_test = accuracy(prepared.model, test_split, config.search.batch_size)
+    quantized = post_training_quantize(prepared.model, plan, prepared.splits.search, config.search.bn_correction)
     test = accuracy(quantized, test_split, config.search.batch_size)
-    timings["test"] = time.perf_counter() - started
-    plan.totals = report.totals
+    prepared.seconds["test"] = time.perf_counter() - started
+    plan.totals = best.user_attrs["costs"]
     plan.metadata = {"study": config.name, "storage": config.storage_url, "trial": best.number,
-                     "search_accuracy": best.value, "fp_test_accuracy": fp_test, "test_accuracy": test,
-                     "budget": parse_budget(config.budget), "cost_model": cost_model.name}
-    plan = plan.with_layers({name: {"cost": costs} for name, costs in report.per_layer.items()})
+                     "seed": best.user_attrs.get("seed"), "search_accuracy": best.values[0],
+                     "fp_test_accuracy": fp_test, "test_accuracy": test, "test_images": len(test_split),
+                     "budget": parse_budget(config.budget), "cost_model": config.search.cost_model,
+                     "seconds": prepared.seconds}
     plan_path = plan.save(config.output_path / "plan.json")
-    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    return StudyResult(plan, plan_path, config.name, config.storage_url, best.value, fp_test, test, finished, timings)
+    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                             optuna.trial.TrialState.PRUNED)))
+    return StudyResult(plan, plan_path, config.name, config.storage_url, best.values[0], fp_test, test, finished,
+                       len(prepared.space.parameter_names), prepared.seconds)
+
+
+def export_plans(config: StudyConfig, trial_number: int | None = None, pareto: bool = False) -> list[Plan]:
+    """Plans stored in a study: its best feasible trial, a given trial, or the whole Pareto front."""
+    storage = open_storage(config.storage_url, config.search.heartbeat_seconds, config.search.grace_seconds)
+    try:
+        study = optuna.load_study(study_name=config.name, storage=storage)
+    except KeyError:
+        raise UserError(f"study {config.name!r} does not exist in {config.storage_url}") from None
+    if pareto:
+        trials = pareto_trials(study)
+    elif trial_number is not None:
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
+        if not trials or trials[0].state != optuna.trial.TrialState.COMPLETE:
+            raise UserError(f"study {config.name!r} has no finished trial number {trial_number}")
+    else:
+        trials = [best_trial(study)]
+    plans = []
+    for trial in trials:
+        plan = Plan.from_dict(trial.user_attrs["plan"])
+        plan.totals = trial.user_attrs["costs"]
+        plan.metadata = {"study": config.name, "trial": trial.number, "search_accuracy": trial.values[0]}
+        plans.append(plan)
+    return plans
 
 
 def _file_digest(path: str | Path) -> str:

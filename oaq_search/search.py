@@ -1,175 +1,207 @@
 """The search: Optuna over per-group weight bits, plans repaired onto the budget, scored on data.
 
-Pieces, each small: `SearchSpace` maps tie groups to Optuna parameters; `Objective` scores one
-trial (cost first, then accuracy, cached by plan key); `search` runs a study that resumes from its
-storage. Bits become full OAQ plans through `planning.PlanFactory`.
+Pieces, each small: `SearchSpace` maps tie groups to Optuna parameters (hopeless bit-widths pruned
+by sensitivity); `Objective` scores one trial: repair onto the budget, then accuracy, cheap subset
+first (multi-fidelity, Optuna pruning) and cached by plan key. Seeds come from `seeds`, the trial
+queue from `queue`; `pipeline` wires them to study files.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import optuna
 from torch import nn
 
 from hwmodels.base import CostModel, CostReport
 
-from .budget import format_quantity
-from .data import ImageSplit
-from .errors import UserError
-from .evaluate import accuracy
 from .bn_correction import BatchNormCorrector
+from .budget import format_quantity
+from .errors import UserError
 from .fake_quant import quantize_
 from .graph import LayerGraph
 from .plan import Plan
 from .planning import PlanFactory
+from .schema import to_dict
+from .seeds import AllocationProblem
+from .sensitivity import SensitivityTable
+
+Scorer = Callable[[nn.Module], float]  # a quantized model -> accuracy in percent
 
 
 @dataclass
 class SearchSpace:
-    """One ordinal weight-bits parameter per tie group; pinned layers are not searched."""
+    """One ordinal weight-bits parameter per tie group over that group's candidates; pinned layers fixed."""
 
     groups: list[list[str]]
-    candidate_bits: list[int]
+    candidate_bits: list[list[int]]  # per group, ascending
     pinned: dict[str, int]
 
     @classmethod
-    def from_graph(cls, graph: LayerGraph, candidate_bits: list[int], first_last_bits: int | None) -> "SearchSpace":
-        pinned = {}
-        if first_last_bits is not None:
-            pinned = {graph.names[0]: first_last_bits, graph.names[-1]: first_last_bits}
-        groups = [[n for n in group if n not in pinned] for group in graph.tie_groups()]
-        return cls([g for g in groups if g], sorted(set(candidate_bits)), pinned)
+    def from_graph(cls, graph: LayerGraph, candidate_bits: Sequence[int], first_last_bits: int | None,
+                   sensitivity: SensitivityTable | None = None, metric: str = "", method: str = "oaq",
+                   prune_above: float | None = None) -> "SearchSpace":
+        """Tie groups of `graph`; a group's bit-width is dropped when its sensitivity exceeds `prune_above`."""
+        pinned = {graph.names[0]: first_last_bits, graph.names[-1]: first_last_bits} if first_last_bits else {}
+        groups = [g for g in ([n for n in group if n not in pinned] for group in graph.tie_groups()) if g]
+        bits = sorted(set(candidate_bits))
+        per_group = []
+        for group in groups:
+            keep = bits
+            if prune_above is not None and sensitivity is not None:
+                keep = [b for b in bits if max(sensitivity.score(metric, method, n, b) for n in group) <= prune_above]
+                keep = keep or bits[-1:]  # never empty: the widest candidate always stays
+            per_group.append(keep)
+        return cls(groups, per_group, pinned)
 
     @property
     def parameter_names(self) -> list[str]:
         return [f"weight_bits/{group[0]}" for group in self.groups]
 
+    def layer_bits(self, choice: Sequence[int]) -> dict[str, int]:
+        """Per-layer bits from one candidate index per group."""
+        bits = dict(self.pinned)
+        for group, candidates, index in zip(self.groups, self.candidate_bits, choice):
+            bits.update({layer: candidates[index] for layer in group})
+        return bits
+
+    def suggest(self, trial: optuna.Trial) -> list[int]:
+        """A candidate index per group; indices into the ascending candidates keep bits ordinal."""
+        return [trial.suggest_int(name, 0, len(candidates) - 1)
+                for name, candidates in zip(self.parameter_names, self.candidate_bits)]
+
+    def params(self, choice: Sequence[int]) -> dict[str, int]:
+        return dict(zip(self.parameter_names, choice))
+
     def tie_group_of(self) -> dict[str, int]:
         return {name: index for index, group in enumerate(self.groups) for name in group}
 
-    def suggest(self, trial: optuna.Trial) -> dict[str, int]:
-        """Per-layer bits from the trial: an index into the sorted candidates keeps bits ordinal."""
-        bits = dict(self.pinned)
-        for name, group in zip(self.parameter_names, self.groups):
-            choice = self.candidate_bits[trial.suggest_int(name, 0, len(self.candidate_bits) - 1)]
-            bits.update({layer: choice for layer in group})
-        return bits
 
-    def params_for(self, layer_bits: Mapping[str, int]) -> dict[str, int]:
-        """The trial parameters that reproduce `layer_bits` (for enqueuing seeds)."""
-        return {name: self.candidate_bits.index(layer_bits[group[0]])
-                for name, group in zip(self.parameter_names, self.groups)}
+def allocation_problem(space: SearchSpace, factory: PlanFactory, cost_model: CostModel, graph: LayerGraph,
+                       budget: Mapping[str, float], sensitivity: SensitivityTable | None, metric: str,
+                       method: str) -> AllocationProblem:
+    """Per group and candidate: summed layer sensitivity and additive costs, from the cost model."""
+    widest = max(len(c) for c in space.candidate_bits)
+    base = cost_model.evaluate(graph, factory(space.layer_bits([0] * len(space.groups)))).per_layer
+    metrics = [m for m in budget if m in base[graph.names[0]]]  # additive per-layer metrics only
+    costs = {m: np.full((len(space.groups), widest), np.inf) for m in metrics}
+    scores = np.full((len(space.groups), widest), np.inf)
+    fixed = {m: sum(base[n][m] for n in graph.names if n in space.pinned) for m in metrics}
+    for k in range(widest):
+        choice = [min(k, len(c) - 1) for c in space.candidate_bits]
+        per_layer = cost_model.evaluate(graph, factory(space.layer_bits(choice))).per_layer
+        for g, group in enumerate(space.groups):
+            if k >= len(space.candidate_bits[g]):
+                continue
+            for m in metrics:
+                costs[m][g][k] = sum(per_layer[n][m] for n in group)
+            bits = space.candidate_bits[g][k]
+            scores[g][k] = sum(sensitivity.score(metric, method, n, bits) for n in group) if sensitivity else -bits
+    return AllocationProblem(space.candidate_bits, scores, costs, fixed, {m: budget[m] for m in metrics})
 
-    def uniform(self, bits: int) -> dict[str, int]:
-        return {**{layer: bits for group in self.groups for layer in group}, **self.pinned}
 
-
-def violations(report: CostReport, budget: Mapping[str, float]) -> list[float]:
-    """Per budget, how far over it the plan is as a fraction of the limit (<= 0 means it fits)."""
+def violations(report: CostReport, budget: Mapping[str, float]) -> dict[str, float]:
+    """Per budgeted metric, how far over its limit the plan is, as a fraction (<= 0: it fits)."""
     missing = [metric for metric in budget if metric not in report.totals]
     if missing:
         raise UserError(f"the cost model reports no {missing[0]!r}: choose a cost model that does, or drop that budget")
-    return [report.totals[metric] / limit - 1.0 for metric, limit in budget.items()]
+    return {metric: report.totals[metric] / limit - 1.0 for metric, limit in budget.items()}
 
 
 class Objective:
-    """Scores one trial: repair the sampled bits onto the budget, then accuracy on the search split."""
+    """Scores one trial: repair the sampled bits onto the budget, then accuracy, cheapest scorer first.
+
+    With several scorers (e.g. 500 then 2,000 search-split images), each result is reported to
+    Optuna as a step, and a trial the pruner finds hopeless stops there. `pareto_metric` turns
+    the objective into (accuracy, that cost) for multi-objective studies.
+    """
 
     def __init__(self, quantized_model: nn.Module, graph: LayerGraph, space: SearchSpace, factory: PlanFactory,
-                 cost_model: CostModel, budget: Mapping[str, float], eval_split: ImageSplit, batch_size: int,
-                 corrector: BatchNormCorrector | None = None):
+                 cost_model: CostModel, budget: Mapping[str, float], problem: AllocationProblem,
+                 scorers: Sequence[Scorer], corrector: BatchNormCorrector | None = None,
+                 pareto_metric: str | None = None):
         self.model, self.graph, self.space, self.factory = quantized_model, graph, space, factory
-        self.cost_model, self.budget = cost_model, dict(budget)
-        self.eval_split, self.batch_size, self.corrector = eval_split, batch_size, corrector
+        self.cost_model, self.budget, self.problem = cost_model, dict(budget), problem
+        self.scorers, self.corrector, self.pareto_metric = list(scorers), corrector, pareto_metric
         self.cache: dict[str, float] = {}
 
-    def plan_and_cost(self, layer_bits: Mapping[str, int]) -> tuple[Plan, CostReport]:
-        plan = self.factory(layer_bits, self.space.tie_group_of())
+    def plan_and_cost(self, choice: Sequence[int]) -> tuple[Plan, CostReport]:
+        plan = self.factory(self.space.layer_bits(choice), tie_groups=self.space.tie_group_of())
         return plan, self.cost_model.evaluate(self.graph, plan)
 
-    def repair(self, layer_bits: dict[str, int]) -> dict[str, int]:
-        """Lower bits, largest group first, until every budget holds (or nothing can go lower)."""
-        bits = dict(layer_bits)
-        size = {index: sum(self.graph.info(n).weight_count for n in group) for index, group in enumerate(self.space.groups)}
-        while max(violations(self.plan_and_cost(bits)[1], self.budget), default=0) > 0:
-            lowerable = [i for i, group in enumerate(self.space.groups) if bits[group[0]] > self.space.candidate_bits[0]]
-            if not lowerable:
-                break
-            index = max(lowerable, key=lambda i: size[i] * bits[self.space.groups[i][0]])
-            lower = max(b for b in self.space.candidate_bits if b < bits[self.space.groups[index][0]])
-            bits.update({layer: lower for layer in self.space.groups[index]})
-        return bits
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        layer_bits = self.repair(self.space.suggest(trial))
-        plan, report = self.plan_and_cost(layer_bits)
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        sampled = self.space.suggest(trial)
+        choice = self.problem.lower_until_fits(sampled)
+        plan, report = self.plan_and_cost(choice)
+        if choice != sampled:
+            trial.set_user_attr("repaired_from", self.space.layer_bits(sampled))
+        trial.set_user_attr("plan", to_dict(plan))
         trial.set_user_attr("plan_key", plan.key())
-        trial.set_user_attr("weight_bits", [layer_bits[name] for name in self.graph.names])
         trial.set_user_attr("costs", report.totals)
-        for metric, over in zip(self.budget, violations(report, self.budget)):
+        for metric, over in violations(report, self.budget).items():
             trial.set_constraint(metric, over)  # TPE models feasibility from these
-        if plan.key() not in self.cache:
-            quantize_(self.model, plan)
-            if self.corrector is not None:
-                self.corrector.apply(self.model)
-            self.cache[plan.key()] = accuracy(self.model, self.eval_split, self.batch_size)
-        return self.cache[plan.key()]
+        accuracy = self._accuracy(plan, trial)
+        if self.pareto_metric:
+            return accuracy, report.totals[self.pareto_metric]
+        return accuracy
+
+    def _accuracy(self, plan: Plan, trial: optuna.Trial) -> float:
+        key = plan.key()
+        if key in self.cache:
+            trial.set_user_attr("cached", True)
+            return self.cache[key]
+        quantize_(self.model, plan)
+        if self.corrector is not None:
+            self.corrector.apply(self.model)
+        for step, scorer in enumerate(self.scorers[:-1]):
+            trial.report(scorer(self.model), step)
+            if not self.pareto_metric and trial.should_prune():
+                raise optuna.TrialPruned()
+        self.cache[key] = self.scorers[-1](self.model)
+        return self.cache[key]
 
     def remember(self, study: optuna.Study) -> None:
         """Seed the cache from finished trials, so a resumed study never re-evaluates a plan."""
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if "plan_key" in trial.user_attrs:
-                self.cache[trial.user_attrs["plan_key"]] = trial.value
+                self.cache[trial.user_attrs["plan_key"]] = trial.values[0]
 
 
-def best_fitting_uniform(objective: Objective) -> dict[str, int] | None:
-    """The highest uniform bit-width (pinned layers aside) whose plan fits the budget."""
-    for bits in sorted(objective.space.candidate_bits, reverse=True):
-        layer_bits = objective.space.uniform(bits)
-        if max(violations(objective.plan_and_cost(layer_bits)[1], objective.budget), default=0) <= 0:
-            return layer_bits
-    return None
+def check_feasible(problem: AllocationProblem) -> None:
+    """Stop before searching when even the smallest plan breaks a budget, saying what is reachable."""
+    smallest = [0] * len(problem.candidate_bits)
+    for metric, limit in problem.budget.items():
+        needed = problem.total(smallest, metric)
+        if needed > limit:
+            raise UserError(f"budget {metric} <= {format_quantity(metric, limit)} is infeasible: the smallest plan in "
+                            f"the search space needs {format_quantity(metric, needed)} (raise the budget or allow "
+                            f"fewer bits)")
 
 
-def check_feasible(objective: Objective) -> None:
-    """Stop before searching when even the smallest plan breaks the budget, saying what is reachable."""
-    smallest = objective.space.uniform(objective.space.candidate_bits[0])
-    _, report = objective.plan_and_cost(smallest)
-    for (metric, limit), over in zip(objective.budget.items(), violations(report, objective.budget)):
-        if over > 0:
-            raise UserError(
-                f"budget {metric} <= {format_quantity(metric, limit)} is infeasible: the smallest plan in the search "
-                f"space needs {format_quantity(metric, report.totals[metric])} (raise the budget or allow fewer bits)"
-            )
-
-
-def search(objective: Objective, study: optuna.Study, n_trials: int,
-           callbacks: list[Callable] | None = None) -> optuna.Study:
-    """Run until the study holds `n_trials` finished trials, seeding a fresh study with a uniform plan."""
-    check_feasible(objective)
-    objective.remember(study)
-    if not study.trials:
-        seed = best_fitting_uniform(objective)
-        if seed is not None:
-            study.enqueue_trial(objective.space.params_for(seed), user_attrs={"seed": "uniform"})
-    finished = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
-    stop = optuna.study.MaxTrialsCallback(n_trials, states=finished)
-    if len(study.get_trials(deepcopy=False, states=finished)) < n_trials:
-        study.optimize(objective, n_trials=n_trials, callbacks=[stop, *(callbacks or [])])
-    return study
-
-
-def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(seed: int, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
     """TPE, seeded; it reads budget violations from each trial's constraints."""
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=not multi_objective)
+
+
+def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if all(value <= 0 for value in t.constraints.values())]
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     """The most accurate finished trial whose plan fits every budget."""
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if all(value <= 0 for value in t.constraints.values())]
+    feasible = feasible_trials(study)
     if not feasible:
         raise UserError(f"study {study.study_name} has no finished trial that fits the budget yet: run more trials")
-    return max(feasible, key=lambda t: (t.value, -t.number))
+    return max(feasible, key=lambda t: (t.values[0], -t.number))
+
+
+def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Feasible trials no other feasible trial beats on both accuracy and the first cost."""
+    feasible = feasible_trials(study)
+    cost = lambda t: t.values[1] if len(t.values) > 1 else t.user_attrs["costs"].get("weight_bytes", 0)  # noqa: E731
+    return sorted((t for t in feasible if not any(
+        o.values[0] >= t.values[0] and cost(o) <= cost(t) and (o.values[0] > t.values[0] or cost(o) < cost(t))
+        for o in feasible)), key=cost)

@@ -20,7 +20,8 @@ GRACE_SECONDS = 90
 MAX_RETRIES = 2
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS,
+                 grace_seconds: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:
     """An Optuna storage for `url` (sqlite:///path.db, postgresql://..., or any SQLAlchemy URL)."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -29,8 +30,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             warnings.simplefilter("ignore", ExperimentalWarning)
             return RDBStorage(
                 url,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=grace_seconds,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
             )

@@ -18,8 +18,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on two cores: more threads would make torch 4-5x slower
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s")
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Sensitivity tables go to a throwaway cache, never the user's ~/.cache."""
+    os.environ["OAQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,115 @@
+"""Exactly N trials, shared by any number of workers: the study is a queue of enqueued trials.
+
+`fill_queue` enqueues trials (seed plans first, then empty ones the sampler fills) until the study
+holds N that are waiting or done. `work` pops waiting trials one at a time, with a heartbeat, and
+never creates new ones, so two workers on PostgreSQL finish exactly N. A worker killed mid-trial
+stops beating; its trial goes stale, is marked failed and re-enqueued by the storage's
+`RetryHeartbeatStaleTrialCallback`, and another (or the resumed) worker runs it. Ctrl-C puts the
+running trial back at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from typing import Callable, Mapping
+
+import optuna
+from optuna.exceptions import ExperimentalWarning, TrialPruned, UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+COUNTED = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_POLL_SECONDS = 1.0
+
+
+def fill_queue(study: optuna.Study, n_trials: int, seeds: list[tuple[Mapping[str, int], str]] = ()) -> int:
+    """Enqueue trials until `n_trials` are waiting, running or finished; seeds go first. Returns how many."""
+    present = len(study.get_trials(deepcopy=False, states=COUNTED))
+    added = 0
+    seeded = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)}
+    for params, label in seeds:
+        if present + added >= n_trials:
+            break
+        if label not in seeded:
+            study.enqueue_trial(dict(params), user_attrs={"seed": label})
+            added += 1
+    while present + added < n_trials:
+        study.enqueue_trial({})
+        added += 1
+    return added
+
+
+def work(study: optuna.Study, storage: optuna.storages.BaseStorage,
+         objective: Callable[[optuna.Trial], float | tuple[float, ...]],
+         on_finished: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> int:
+    """Run waiting trials until none is waiting or running elsewhere; returns how many this worker ran.
+
+    `storage` is the one `study` was opened with (Optuna keeps it private on the study).
+    """
+    study_id = storage.get_study_id_from_name(study.study_name)
+    ran = 0
+    while True:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and relied on here
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # re-enqueues trials of dead workers
+        trial_id = _pop_waiting(storage, study_id)
+        if trial_id is None:
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                return ran
+            time.sleep(_POLL_SECONDS)  # another worker's trial may still go stale and come back
+            continue
+        trial = optuna.Trial(study, trial_id)
+        with _Heartbeat(storage, trial_id):
+            try:
+                values = objective(trial)
+            except TrialPruned:
+                frozen = study.tell(trial, state=TrialState.PRUNED)
+            except KeyboardInterrupt:
+                study.tell(trial, state=TrialState.FAIL)
+                study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "retry_of": trial.number})
+                raise
+            except Exception:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            else:
+                frozen = study.tell(trial, values)
+        ran += 1
+        if on_finished is not None:
+            on_finished(frozen)
+
+
+def _pop_waiting(storage: optuna.storages.BaseStorage, study_id: int) -> int | None:
+    for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                return trial._trial_id
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat in a background thread while the objective runs."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
+        self.storage, self.trial_id = storage, trial_id
+        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self):
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread.start()
+        return self
+
+    def _beat(self):
+        while not self.stopped.wait(self.interval):
+            self.storage.record_heartbeat(self.trial_id)
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()

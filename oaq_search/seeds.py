@@ -1,0 +1,83 @@
+"""Plans that already fit the budget, to start the search from: integer program, greedy, uniform.
+
+All three read one `AllocationProblem`: per tie group and candidate bit-width, a sensitivity (to
+minimise) and a cost per budgeted metric (additive over layers). The integer program is exact
+(scipy's `milp`, HiGHS); the greedy lowers, step by step, whichever group gives the most budget
+per unit of sensitivity; the same step repairs sampled plans that break the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+
+@dataclass
+class AllocationProblem:
+    """sensitivity[g][k] and costs[metric][g][k] for group g at candidate_bits[k]; fixed costs aside."""
+
+    candidate_bits: list[list[int]]  # per group, ascending
+    sensitivity: np.ndarray  # (groups, widest candidate list); inf where a group has fewer candidates
+    costs: dict[str, np.ndarray]  # metric -> (groups, candidates)
+    fixed: dict[str, float]  # metric -> cost of everything not searched (pinned layers)
+    budget: dict[str, float]  # metric -> limit
+
+    def total(self, choice: list[int], metric: str) -> float:
+        return self.fixed[metric] + float(sum(self.costs[metric][g][k] for g, k in enumerate(choice)))
+
+    def fits(self, choice: list[int]) -> bool:
+        return all(self.total(choice, metric) <= limit for metric, limit in self.budget.items())
+
+    def lower_until_fits(self, choice: list[int]) -> list[int]:
+        """Greedy repair: lower the group whose next step saves the most budget per sensitivity."""
+        choice = list(choice)
+        while not self.fits(choice):
+            best, best_ratio = None, -np.inf
+            for group, index in enumerate(choice):
+                if index == 0:
+                    continue
+                saved = sum((self.costs[m][group][index] - self.costs[m][group][index - 1]) / limit
+                            for m, limit in self.budget.items())
+                added = self.sensitivity[group][index - 1] - self.sensitivity[group][index]
+                ratio = saved / max(added, 1e-12)
+                if saved > 0 and ratio > best_ratio:
+                    best, best_ratio = group, ratio
+            if best is None:
+                return choice  # nothing left to lower: the caller reports infeasibility
+            choice[best] -= 1
+        return choice
+
+
+def greedy_seed(problem: AllocationProblem) -> list[int] | None:
+    choice = problem.lower_until_fits([len(c) - 1 for c in problem.candidate_bits])
+    return choice if problem.fits(choice) else None
+
+
+def uniform_seed(problem: AllocationProblem) -> list[int] | None:
+    """The highest single bit-width, for every group that has it (others: their nearest below), that fits."""
+    for bits in sorted({b for c in problem.candidate_bits for b in c}, reverse=True):
+        choice = [max((i for i, b in enumerate(c) if b <= bits), default=0) for c in problem.candidate_bits]
+        if problem.fits(choice):
+            return choice
+    return None
+
+
+def integer_program_seed(problem: AllocationProblem) -> list[int] | None:
+    """Minimise total sensitivity subject to every budget, one bit-width per group (exact)."""
+    groups, candidates = problem.sensitivity.shape
+    missing = ~np.isfinite(problem.sensitivity)  # groups with fewer candidates: forbid the padding
+    objective = np.where(missing, 0.0, problem.sensitivity).flatten()
+    one_choice = np.zeros((groups, groups * candidates))
+    for group in range(groups):
+        one_choice[group, group * candidates:(group + 1) * candidates] = 1
+    constraints = [LinearConstraint(one_choice, 1, 1)]
+    for metric, limit in problem.budget.items():
+        costs = np.where(missing, 0.0, problem.costs[metric]).flatten()
+        constraints.append(LinearConstraint(costs[None, :], -np.inf, limit - problem.fixed[metric]))
+    upper = np.where(missing, 0, 1).flatten()
+    result = milp(objective, constraints=constraints, integrality=np.ones_like(objective), bounds=Bounds(0, upper))
+    if not result.success:
+        return None
+    return [int(np.argmax(row)) for row in result.x.reshape(groups, candidates)]

@@ -1,0 +1,121 @@
+import itertools
+import json
+
+import numpy as np
+import optuna
+import pytest
+
+from oaq_search.cli import main
+from oaq_search.config import dump_study_config, load_study_config
+from oaq_search.errors import UserError
+from oaq_search.pipeline import export_plans, run_study
+from oaq_search.plan import Plan
+from oaq_search.seeds import AllocationProblem, greedy_seed, integer_program_seed, uniform_seed
+
+
+def toy_problem(budget=20.0):
+    rng = np.random.default_rng(3)
+    candidate_bits = [[2, 4, 8]] * 5
+    sizes = rng.integers(1, 5, size=5)
+    costs = np.array([[s * b / 2 for b in (2, 4, 8)] for s in sizes], dtype=float)
+    sensitivity = np.array([[w * 4.0, w * 1.0, 0.0] for w in rng.random(5)])
+    return AllocationProblem(candidate_bits, sensitivity, {"weight_bytes": costs}, {"weight_bytes": 2.0},
+                             {"weight_bytes": budget})
+
+
+def test_integer_program_is_optimal_against_brute_force():
+    problem = toy_problem()
+    best = min((c for c in itertools.product(range(3), repeat=5) if problem.fits(list(c))),
+               key=lambda c: sum(problem.sensitivity[g][k] for g, k in enumerate(c)))
+    found = integer_program_seed(problem)
+    total = lambda c: sum(problem.sensitivity[g][k] for g, k in enumerate(c))  # noqa: E731
+    assert problem.fits(found) and total(found) == pytest.approx(total(best))
+    for seed in (greedy_seed(problem), uniform_seed(problem)):
+        assert problem.fits(seed) and total(seed) >= total(found) - 1e-9
+
+
+def test_repair_lowers_least_sensitive_groups_first():
+    problem = toy_problem()
+    repaired = problem.lower_until_fits([2] * 5)
+    assert problem.fits(repaired)
+    lowered = [g for g in range(5) if repaired[g] < 2]
+    untouched = [g for g in range(5) if repaired[g] == 2]
+    if lowered and untouched:  # something lowered has a smaller cost of lowering than some kept group
+        cost = lambda g: problem.sensitivity[g][1] / (problem.costs["weight_bytes"][g][2] - problem.costs["weight_bytes"][g][1])  # noqa: E731
+        assert min(cost(g) for g in lowered) <= max(cost(g) for g in untouched)
+
+
+def test_infeasible_problem_gives_no_seed():
+    problem = toy_problem(budget=1.0)
+    assert integer_program_seed(problem) is None and greedy_seed(problem) is None and uniform_seed(problem) is None
+
+
+@pytest.fixture
+def config(shared, tmp_path):
+    config = load_study_config("studies/quickstart.toml")
+    config.model.checkpoint = str(shared / "models" / "resnet20_cifar10jpeg.pt")
+    config.data.root = str(shared / "data" / "cifar10")
+    config.output_dir = str(tmp_path / "run")
+    config.search.n_trials = 4
+    config.search.eval_images = 200
+    config.data.test_images = 500
+    return config
+
+
+@pytest.mark.shared
+def test_pareto_mode_exports_a_front_and_apply_packs_a_plan(config, tmp_path, capsys):
+    config.search.pareto_metric = "weight_bytes"
+    config.search.seeds = ["uniform"]
+    run_study(config, progress=False)
+    front = export_plans(config, pareto=True)
+    assert front and all(p.totals["weight_bytes"] <= 104 * 1024 for p in front)
+    sizes = [p.totals["weight_bytes"] for p in front]
+    accuracies = [p.metadata["search_accuracy"] for p in front]
+    assert sizes == sorted(sizes) and accuracies == sorted(accuracies)  # a front: more bytes, more accuracy
+
+    study_path = tmp_path / "s.toml"
+    study_path.write_text(dump_study_config(config))
+    assert main(["export", str(study_path), "--trial", "0", "--out", str(tmp_path / "t0.json")]) == 0
+    plan = Plan.load(tmp_path / "t0.json")
+    assert plan.metadata["trial"] == 0
+    assert main(["apply", "--model", "resnet20", "--checkpoint", config.model.checkpoint, "--data-root",
+                 config.data.root, "--plan", str(tmp_path / "t0.json"), "--split", "search",
+                 "--out", str(tmp_path / "packed.pt")]) == 0
+    assert "quantized" in capsys.readouterr().out and (tmp_path / "packed.pt").stat().st_size < 300_000
+
+
+@pytest.mark.shared
+def test_screening_prunes_and_pruned_trials_count(config):
+    config.search.n_trials = 10
+    config.search.eval_images, config.search.screen_images = 400, 100
+    config.search.seeds = []
+    config.search.weight_bits = [2, 3, 8]  # wide spread: some plans are clearly worse
+    result = run_study(config, progress=False)
+    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    states = [t.state for t in study.trials]
+    assert len(states) == 10 and result.finished_trials == 10
+    assert all(0 in t.intermediate_values for t in study.trials)
+
+
+def test_unknown_layer_in_applied_plan_is_refused(tmp_path, capsys):
+    (tmp_path / "p.json").write_text(json.dumps({"model": "resnet20", "layers": [{"name": "layer9", "weight_bits": 4}]}))
+    assert main(["apply", "--model", "resnet20", "--plan", str(tmp_path / "p.json")]) == 2
+    assert "'layer9', which is not a quantizable layer" in capsys.readouterr().err
+
+
+@pytest.mark.shared
+def test_prune_sensitivity_drops_hopeless_bit_widths(config):
+    from oaq_search.pipeline import prepare
+
+    config.search.prune_sensitivity = 0.2
+    prepared = prepare(config)
+    assert any(len(c) < len(config.search.weight_bits) for c in prepared.space.candidate_bits)
+    assert all(c for c in prepared.space.candidate_bits)
+
+
+def test_missing_study_for_worker_says_create_first(tmp_path, synthetic_cifar, capsys):
+    (tmp_path / "s.toml").write_text(f'name = "w"\nstorage = "sqlite:///{tmp_path}/db.sqlite"\n[model]\nname = "resnet20"\n'
+                                     f'[data]\nroot = "{synthetic_cifar}"\nsearch_size = 50\n[search]\neval_images = 20\n'
+                                     '[budget]\nmemory = "200KiB"\n')
+    assert main(["worker", str(tmp_path / "s.toml")]) == 2
+    assert "create it first" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from oaq_search.cli import main
+from oaq_search.errors import UserError
+from oaq_search.pipeline import layer_graph, load_model
+from oaq_search.sensitivity import SensitivityMetric, SensitivityTable, compute_sensitivity, get_metric, register_metric
+from oaq_search.sensitivity.metrics import _global_ssim, ssim
+
+
+@pytest.fixture(scope="module")
+def heavy_tailed_resnet20() -> tuple:
+    """ResNet-20 with Student-t weights: a bulk and far outliers, like trained layers."""
+    torch.manual_seed(0)
+    model = load_model("resnet20")
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.weight.data = torch.distributions.StudentT(3.0).sample(module.weight.shape) * 0.05
+    return model, layer_graph("resnet20", model)
+
+
+def test_ssim_matches_scikit_image_and_the_global_formula():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(16, 27))
+    b = a + rng.normal(scale=0.1, size=a.shape)
+    assert ssim(a, b, 6.0) == pytest.approx(structural_similarity(a, b, data_range=6.0, win_size=7), abs=1e-12)
+    # a window as large as the signal is the global formula
+    x, y = rng.normal(size=(7,)), rng.normal(size=(7,))
+    sk = structural_similarity(x, y, data_range=4.0, win_size=7, use_sample_covariance=False)
+    assert _global_ssim(x, y, 4.0) == pytest.approx(sk, abs=1e-6)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+def test_sensitivity_falls_monotonically_as_bits_rise(shared, name):
+    """On every layer of the real checkpoints, for every metric and both methods."""
+    model = load_model(name, shared / "models" / f"{name}_cifar10jpeg.pt")
+    table = compute_sensitivity(model, layer_graph(name, model), cache_dir=None)
+    for metric, methods in table.scores.items():
+        for method, rows in methods.items():
+            for layer, row in zip(table.layers, rows):
+                assert all(row[i] >= row[i + 1] - 1e-9 for i in range(len(row) - 1)), (metric, method, layer, row)
+                assert row[-1] < row[0]
+
+
+def test_table_is_cached_by_weights_and_reloads(heavy_tailed_resnet20, tmp_path):
+    model, graph = heavy_tailed_resnet20
+    first = compute_sensitivity(model, graph, ["mse"], bits=[2, 4], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    assert compute_sensitivity(model, graph, ["mse"], bits=[2, 4], cache_dir=tmp_path) == first
+    ranking = first.ranking("mse", "oaq", 2)
+    assert sorted(ranking) == sorted(graph.names)
+    assert SensitivityTable.load(first.save(tmp_path / "t.json")) == first
+
+
+def test_hessian_metric_needs_data_and_scores_with_it(synthetic_cifar):
+    from oaq_search.data import load_cifar10
+
+    model = load_model("resnet20")
+    graph = layer_graph("resnet20", model)
+    with pytest.raises(UserError, match="needs data"):
+        compute_sensitivity(model, graph, ["hessian"], bits=[2], cache_dir=None)
+    table = compute_sensitivity(model, graph, [get_metric("hessian")], bits=[2, 8],
+                                data=load_cifar10(synthetic_cifar, search_size=64).search, cache_dir=None)
+    rows = np.array(table.scores["hessian"]["oaq"])
+    assert np.isfinite(rows).all() and (rows >= 0).all() and (rows[:, 0] > rows[:, 1]).all()
+
+
+def test_user_metrics_register_and_load_by_path():
+    @register_metric
+    class MaxError(SensitivityMetric):
+        name = "max_error_test"
+
+        def score(self, layer, weight, quantized):
+            return float((weight - quantized).abs().max())
+
+    assert isinstance(get_metric("max_error_test"), MaxError)
+    assert get_metric("oaq_search.sensitivity.metrics:WeightMSE").name == "mse"
+    with pytest.raises(UserError, match="unknown sensitivity metric"):
+        get_metric("psnr")
+
+
+def test_sensitivity_command_writes_table_csv_and_heatmap(tmp_path, capsys):
+    assert main(["sensitivity", "--model", "resnet20", "--metrics", "ssim_weight,mse", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "most sensitive first" in out and out.count("\n") > 20
+    assert (tmp_path / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "layer1.0.conv1" in (tmp_path / "sensitivity.csv").read_text()
+    table = SensitivityTable.load(tmp_path / "sensitivity.json")
+    assert set(table.scores) == {"ssim_weight", "mse"} and set(table.scores["mse"]) == {"vanilla", "oaq"}
+    assert np.array(table.scores["mse"]["oaq"]).shape == (20, 7)
