@@ -7,40 +7,45 @@ instance that the user points at explicitly. Nothing else is imported.
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
-
 from oaq_search.errors import UserError
+from oaq_search.plugins import entry_point_names, entry_point_object, import_named
 
 from .base import CostModel, CostReport
 from .memory import MemoryModel
+from .shift import ShiftModel
+from .target import TARGETS_DIR, TargetModel, load_target
 
 ENTRY_POINT_GROUP = "oaq_search.hwmodels"
-BUILTIN = {MemoryModel.name: MemoryModel}
+BUILTIN = {MemoryModel.name: MemoryModel, ShiftModel.name: ShiftModel}
+TARGET_PREFIX = "target:"  # "target:path/to/table.toml" loads a table file the user names
 
-__all__ = ["CostModel", "CostReport", "MemoryModel", "available", "get_cost_model"]
+__all__ = ["CostModel", "CostReport", "MemoryModel", "ShiftModel", "TargetModel", "available", "get_cost_model",
+           "load_target"]
 
 
 def available() -> list[str]:
-    """Names a study file or --hw option can use: built-ins, then installed plugins."""
-    return list(BUILTIN) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in BUILTIN)
+    """Names a study file can use: built-ins, shipped target tables, then installed plugins."""
+    targets = sorted(path.stem for path in TARGETS_DIR.glob("*.toml"))
+    plugins = entry_point_names(ENTRY_POINT_GROUP)
+    return list(BUILTIN) + targets + [name for name in plugins if name not in BUILTIN and name not in targets]
 
 
 def get_cost_model(spec: str | CostModel) -> CostModel:
-    """A cost model from a name, an entry point, a `module:attribute` path, or an instance."""
+    """A cost model from a name, a shipped target, `target:FILE`, an entry point, `module:attribute`,
+    or an instance."""
     if isinstance(spec, CostModel):
         return spec
     if spec in BUILTIN:
         return BUILTIN[spec]()
+    if spec.startswith(TARGET_PREFIX):
+        return TargetModel(spec.removeprefix(TARGET_PREFIX))
+    if (TARGETS_DIR / f"{spec}.toml").is_file():
+        return TargetModel(spec)
     if ":" in spec:
-        module_name, _, attribute = spec.partition(":")
-        try:
-            target = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise UserError(f"cost model {spec!r} cannot be loaded: {error}") from None
-        return _instantiate(target, spec)
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP, name=spec):
-        return _instantiate(entry_point.load(), spec)
+        return _instantiate(import_named(spec, "cost model"), spec)
+    plugin = entry_point_object(ENTRY_POINT_GROUP, spec)
+    if plugin is not None:
+        return _instantiate(plugin, spec)
     raise UserError(f"unknown cost model {spec!r}: use one of {', '.join(available())} or module:attribute")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from oaq_search.graph import LayerGraph
 from oaq_search.packing import packed_weight_bytes
 from oaq_search.plan import Plan
@@ -43,3 +45,15 @@ class MemoryModel(CostModel):
         widest = max(activation_bits.values()) if len(activation_bits) == len(graph.names) else FULL_PRECISION_BITS
         totals["peak_activation_bytes"] = graph.peak_activation_bytes(activation_bits, widest)
         return CostReport(totals, per_layer)
+
+    def evaluate_many(self, graph: LayerGraph, weight_bits: np.ndarray,
+                      activation_bits: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """weight_bytes and bops for plans x layers arrays of bits (per-tensor scales), vectorized."""
+        infos = graph.infos()
+        counts = np.array([info.weight_count for info in infos], dtype=np.int64)
+        macs = np.array([info.macs for info in infos], dtype=np.float64)
+        extras = sum(packed_weight_bytes(0, 8, 1, info.params - info.weight_count) for info in infos)
+        bits = np.asarray(weight_bits, dtype=np.int64)
+        acts = np.full(bits.shape, FULL_PRECISION_BITS) if activation_bits is None else np.asarray(activation_bits)
+        weight_bytes = (-(-(counts * bits) // 8)).sum(axis=1) + extras
+        return {"weight_bytes": weight_bytes.astype(np.float64), "bops": (macs * bits * acts).sum(axis=1)}

@@ -16,9 +16,11 @@ from .graph import LayerGraph, build_layer_graph  # noqa: E402
 from .oaq import WeightQuantizer  # noqa: E402
 from .pipeline import layer_graph, load_model, run_study  # noqa: E402
 from .plan import LayerPlan, Plan  # noqa: E402
+from .planning import PlanFactory  # noqa: E402
+from .ptq import post_training_quantize  # noqa: E402
 
 __all__ = [
-    "LayerGraph", "LayerPlan", "Plan", "StudyConfig", "UserError", "WeightQuantizer", "accuracy",
+    "LayerGraph", "LayerPlan", "Plan", "PlanFactory", "StudyConfig", "UserError", "WeightQuantizer", "accuracy",
     "build_layer_graph", "calibrate_activations", "layer_graph", "load_checkpoint", "load_cifar10",
-    "load_model", "load_study_config", "quantize_", "run_study",
+    "load_model", "load_study_config", "post_training_quantize", "quantize_", "run_study",
 ]

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import optuna
 
+import tomli_w
+
+import hwmodels
 from hwmodels import MemoryModel
 
 
@@ -19,6 +22,7 @@ from .data import load_cifar10
 from .errors import UserError
 from .evaluate import accuracy
 from .grids import GRIDS
+from .models import model_spec
 from .oaq import METHODS
 from .packing import pack_model
 from .pipeline import create_study, export_plans, layer_graph, load_model, run_study, run_worker
@@ -107,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--data-root", help="CIFAR-10 root; needed by data-driven metrics (hessian)")
     sensitivity.add_argument("--out", default="runs/sensitivity", help="folder for sensitivity.json/.csv/.png")
     sensitivity.set_defaults(handler=_sensitivity)
+
+    hardware = commands.add_parser("hw", help="hardware targets: list them, or measure this machine's")
+    hardware_commands = hardware.add_subparsers(dest="hw_command", required=True)
+    hardware_commands.add_parser("list", help="cost models and targets a study can name").set_defaults(handler=_hw_list)
+    measure = hardware_commands.add_parser("measure", help="time this CPU's int8 and fp32 kernels for a model's layers")
+    _model_arguments(measure)
+    measure.add_argument("--out", default="local-cpu.toml", help="target table to write (use as cost_model = "
+                                                                  "\"target:local-cpu.toml\")")
+    measure.add_argument("--repeats", type=int, default=50, help="timed runs per kernel (median is kept)")
+    measure.set_defaults(handler=_hw_measure)
 
     evaluate = commands.add_parser("eval", help="top-1 accuracy of a full-precision checkpoint")
     _model_arguments(evaluate)
@@ -251,6 +265,27 @@ def _sensitivity(args: argparse.Namespace) -> int:
         print(f"{rank:3}. {layer:32} {scores}")
     timing = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in table.seconds.items())
     print(f"compute time: {timing}; written to {out}/sensitivity.json, .csv, .png")
+    return 0
+
+
+def _hw_list(args: argparse.Namespace) -> int:
+    for name in hwmodels.available():
+        model = hwmodels.get_cost_model(name)
+        description = model.table.description if isinstance(model, hwmodels.TargetModel) else type(model).__doc__
+        print(f"{name:12} {description.strip().splitlines()[0]}")
+    return 0
+
+
+def _hw_measure(args: argparse.Namespace) -> int:
+    from hwmodels.measure import measure_local_cpu
+
+    model = load_model(args.model, args.checkpoint)
+    graph = layer_graph(args.model, model)
+    table = measure_local_cpu(model, graph, model_spec(args.model).input_shape, args.repeats)
+    Path(args.out).write_text(tomli_w.dumps(table))
+    hwmodels.load_target(args.out)  # the file we wrote must read back
+    print(f"measured {len(graph.names)} layers of {args.model} ({table['target']['description']}); "
+          f"written to {args.out}; select it with cost_model = \"target:{args.out}\"")
     return 0
 
 

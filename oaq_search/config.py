@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +11,10 @@ from .budget import parse_budget
 from .errors import UserError
 from .grids import GRIDS, check_bits
 from .oaq import METHODS
-from .schema import parse, to_dict
+from .schema import parse, read_document, to_dict
 
 SEEDS = ("integer_program", "greedy", "uniform")
+SAMPLERS = ("tpe", "random")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class SearchConfig:
     bn_correction: bool = True  # match BatchNorm statistics to full precision (one search-split batch)
     batch_size: int = 500
     seed: int = 0
+    sampler: str = "tpe"  # tpe | random (a baseline)
     cost_model: str = "memory"
     sensitivity_metric: str = "ssim_weight"  # ranks layers for the seeds and the repair
     prune_sensitivity: float | None = None  # drop a group's bit-widths whose sensitivity is above this
@@ -66,6 +67,8 @@ class SearchConfig:
         for name in ("n_trials", "eval_images", "batch_size", "heartbeat_seconds", "grace_seconds"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         unknown = sorted(set(self.seeds) - set(SEEDS))
         if unknown:
             raise UserError(f"unknown seed {unknown[0]!r}: choose from {', '.join(SEEDS)}")
@@ -94,14 +97,7 @@ class StudyConfig:
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"study file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(f"study file {path} is not valid TOML: {error}") from None
-    return parse(StudyConfig, data, f"study file {path}")
+    return parse(StudyConfig, read_document(path, "study file"), f"study file {path}")
 
 
 def dump_study_config(config: StudyConfig) -> str:

@@ -88,7 +88,7 @@ def prepare(config: StudyConfig) -> Prepared:
                                       grid=search.grid, data=splits.search)
     sensitivity_s = time.perf_counter() - loaded
     space = SearchSpace.from_graph(graph, search.weight_bits, search.first_last_bits, sensitivity,
-                                   search.sensitivity_metric, search.method, search.prune_sensitivity)
+                                   search.sensitivity_metric, search.method, search.prune_sensitivity, cost_model)
     factory = PlanFactory(config.model.name, model, graph, search.method, search.grid, search.per_channel)
     problem = allocation_problem(space, factory, cost_model, graph, budget, sensitivity, search.sensitivity_metric,
                                  search.method)
@@ -113,7 +113,8 @@ def prepare(config: StudyConfig) -> Prepared:
         "search space": json.dumps({"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
                                     "method": search.method, "grid": search.grid, "per_channel": search.per_channel,
                                     "bn_correction": search.bn_correction, "screen_images": search.screen_images,
-                                    "pareto_metric": search.pareto_metric}, sort_keys=True),
+                                    "pareto_metric": search.pareto_metric, "sampler": search.sampler},
+                                   sort_keys=True),
         "cost model": cost_model.fingerprint(),
         "budget": json.dumps(budget, sort_keys=True),
     }
@@ -142,7 +143,8 @@ def open_study(prepared: Prepared, create: bool, worker_index: int = 0) -> tuple
         raise UserError(f"study {config.name!r} in {config.storage_url} was started with a different "
                         f"{', '.join(changed)}: use a new study name or the original settings")
     # Offset the sampler seed by the trials already stored and by worker, so no run replays another's samples.
-    study.sampler = make_sampler(config.search.seed + len(study.get_trials(deepcopy=False)) + 1000 * worker_index,
+    study.sampler = make_sampler(config.search.sampler,
+                                 config.search.seed + len(study.get_trials(deepcopy=False)) + 1000 * worker_index,
                                  bool(config.search.pareto_metric))
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=5)
     if create:

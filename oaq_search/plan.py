@@ -12,7 +12,7 @@ from .errors import UserError
 from .graph import LayerGraph
 from .grids import check_bits
 from .oaq import WeightQuantizer
-from .schema import parse, to_dict
+from .schema import parse, read_document, to_dict
 
 PLAN_SCHEMA_VERSION = 1
 SCALE_FORMATS = ("float32", "pow2")
@@ -108,11 +108,4 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"plan file {path} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise UserError(f"plan file {path} is not valid JSON: {error}") from None
-        return cls.from_dict(data, f"plan file {path}")
+        return cls.from_dict(read_document(path, "plan file", format="json"), f"plan file {path}")

@@ -7,8 +7,11 @@ one-line error everywhere: which file, which key, what was expected, what was fo
 from __future__ import annotations
 
 import dataclasses
+import json
+import tomllib
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import UserError
@@ -34,6 +37,21 @@ def parse(cls: type[T], data: Any, source: str, path: str = "") -> T:
         return cls(**values)
     except UserError as error:
         raise UserError(f"{source}: {_key(path) + ' ' if path else ''}{error}") from None
+
+
+def read_document(path: str | Path, what: str, format: str | None = None) -> Any:
+    """Parsed JSON or TOML from `path` (`format`, else by suffix: .json is JSON, the rest TOML);
+    `what` names the file in errors."""
+    path = Path(path)
+    is_json = format == "json" or (format is None and path.suffix == ".json")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    try:
+        return json.loads(text) if is_json else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        raise UserError(f"{what} {path} is not valid {'JSON' if is_json else 'TOML'}: {error}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

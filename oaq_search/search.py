@@ -42,14 +42,22 @@ class SearchSpace:
     @classmethod
     def from_graph(cls, graph: LayerGraph, candidate_bits: Sequence[int], first_last_bits: int | None,
                    sensitivity: SensitivityTable | None = None, metric: str = "", method: str = "oaq",
-                   prune_above: float | None = None) -> "SearchSpace":
-        """Tie groups of `graph`; a group's bit-width is dropped when its sensitivity exceeds `prune_above`."""
+                   prune_above: float | None = None, cost_model: CostModel | None = None) -> "SearchSpace":
+        """Tie groups of `graph`, each with the candidates its target runs; a bit-width is dropped
+        when the group's sensitivity exceeds `prune_above`."""
         pinned = {graph.names[0]: first_last_bits, graph.names[-1]: first_last_bits} if first_last_bits else {}
         groups = [g for g in ([n for n in group if n not in pinned] for group in graph.tie_groups()) if g]
         bits = sorted(set(candidate_bits))
         per_group = []
         for group in groups:
             keep = bits
+            if cost_model is not None:
+                for name in group:
+                    legal = cost_model.legal_bits(graph.info(name).op_type, "weight_bits")
+                    keep = [b for b in keep if legal is None or b in legal]
+                if not keep:
+                    raise UserError(f"none of weight_bits {bits} runs on cost model {cost_model.name} for layer "
+                                    f"{group[0]}: allowed {cost_model.legal_bits(graph.info(group[0]).op_type, 'weight_bits')}")
             if prune_above is not None and sensitivity is not None:
                 keep = [b for b in bits if max(sensitivity.score(metric, method, n, b) for n in group) <= prune_above]
                 keep = keep or bits[-1:]  # never empty: the widest candidate always stays
@@ -180,8 +188,10 @@ def check_feasible(problem: AllocationProblem) -> None:
                             f"fewer bits)")
 
 
-def make_sampler(seed: int, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
-    """TPE, seeded; it reads budget violations from each trial's constraints."""
+def make_sampler(kind: str, seed: int, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
+    """TPE (reads budget violations from each trial's constraints) or, as a baseline, random."""
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=not multi_objective)
 
 

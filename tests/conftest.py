@@ -49,3 +49,18 @@ def synthetic_cifar(tmp_path_factory) -> Path:
         images = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
         write_cifar10_batches(root / BATCH_FOLDER, images, rng.integers(0, 10, size=count), name)
     return root
+
+
+@pytest.fixture
+def quick_study(shared, tmp_path):
+    """The quickstart study on the real ResNet-20 and CIFAR-10, shrunk to seconds, in tmp_path."""
+    from oaq_search.config import load_study_config
+
+    config = load_study_config(REPO / "studies" / "quickstart.toml")
+    config.model.checkpoint = str(shared / "models" / "resnet20_cifar10jpeg.pt")
+    config.data.root = str(shared / "data" / "cifar10")
+    config.output_dir = str(tmp_path / "run")
+    config.search.n_trials = 3
+    config.search.eval_images = 200
+    config.data.test_images = 1000
+    return config

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from oaq_search.cli import main
-from oaq_search.config import dump_study_config, load_study_config
+from oaq_search.config import dump_study_config
 from oaq_search.errors import UserError
 from oaq_search.pipeline import export_plans, run_study
 from oaq_search.plan import Plan
@@ -51,15 +51,9 @@ def test_infeasible_problem_gives_no_seed():
 
 
 @pytest.fixture
-def config(shared, tmp_path):
-    config = load_study_config("studies/quickstart.toml")
-    config.model.checkpoint = str(shared / "models" / "resnet20_cifar10jpeg.pt")
-    config.data.root = str(shared / "data" / "cifar10")
-    config.output_dir = str(tmp_path / "run")
-    config.search.n_trials = 4
-    config.search.eval_images = 200
-    config.data.test_images = 500
-    return config
+def config(quick_study):
+    quick_study.search.n_trials = 4
+    return quick_study
 
 
 @pytest.mark.shared

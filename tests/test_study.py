@@ -5,7 +5,6 @@ import json
 import optuna
 import pytest
 
-from oaq_search.config import load_study_config
 from oaq_search.errors import UserError
 from oaq_search.pipeline import run_study
 from oaq_search.plan import Plan
@@ -14,15 +13,8 @@ pytestmark = pytest.mark.shared
 
 
 @pytest.fixture
-def config(shared, tmp_path):
-    config = load_study_config("studies/quickstart.toml")
-    config.model.checkpoint = str(shared / "models" / "resnet20_cifar10jpeg.pt")
-    config.data.root = str(shared / "data" / "cifar10")
-    config.output_dir = str(tmp_path / "run")
-    config.search.n_trials = 3
-    config.search.eval_images = 200
-    config.data.test_images = 1000
-    return config
+def config(quick_study):
+    return quick_study
 
 
 def test_quickstart_writes_a_plan_that_fits_and_resumes(config):

@@ -7,7 +7,6 @@ Every metric has the same small interface: `prepare` once per model (most need n
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -19,6 +18,7 @@ from torch import nn
 from ..data import ImageSplit
 from ..errors import UserError
 from ..graph import LayerGraph
+from ..plugins import import_named
 
 HISTOGRAM_BINS = 256
 SSIM_WINDOW = 7
@@ -49,11 +49,7 @@ def get_metric(spec: str) -> SensitivityMetric:
     if spec in METRICS:
         return METRICS[spec]()
     if ":" in spec:
-        module_name, _, attribute = spec.partition(":")
-        try:
-            target = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise UserError(f"sensitivity metric {spec!r} cannot be loaded: {error}") from None
+        target = import_named(spec, "sensitivity metric")
         if isinstance(target, type) and issubclass(target, SensitivityMetric):
             return target()
         raise UserError(f"sensitivity metric {spec!r} is not a SensitivityMetric subclass")

@@ -1,0 +1,151 @@
+"""Does the seeded search beat uniform OAQ and its own integer-program seed, and how fast does it get there?
+
+Part A (--part quality): budgets at 3 and 2.5 average weight bits (first and last layer at 8 bits,
+counted): the best plan of a 100-trial seeded search vs uniform OAQ and the integer-program seed,
+each scored once on the test split with the same BN correction.
+Part B (--part efficiency): trials the seeded search needs to match the best search-split accuracy
+unseeded TPE reaches in 100 trials, median over 3 sampler seeds; random search beside both.
+
+    python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 2.5
+    python benchmarks/search_quality.py --part efficiency --model resnet20 --bits 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from _common import SHARED, write_results
+
+from oaq_search.config import StudyConfig, load_study_config
+from oaq_search.evaluate import accuracy
+from oaq_search.pipeline import finish, layer_graph, load_model, open_study, prepare
+from oaq_search.plan import Plan
+from oaq_search.ptq import post_training_quantize
+from oaq_search.queue import work
+
+
+def study_config(label: str, model: str, bits: float, n_trials: int, folder: Path, **search) -> StudyConfig:
+    config = load_study_config(Path(__file__).resolve().parents[1] / "studies/quickstart.toml")
+    config.name = f"{model}-{bits}-{label}-{search.get('seed', 0)}"
+    config.model.name, config.model.checkpoint = model, str(SHARED / f"models/{model}_cifar10jpeg.pt")
+    config.data.root = str(SHARED / "data/cifar10")
+    config.output_dir = str(folder / config.name)
+    config.search.n_trials, config.search.weight_bits = n_trials, [2, 3, 4, 5, 6, 8]
+    for key, value in search.items():
+        setattr(config.search, key, value)
+    return config
+
+
+def budget_bytes(model: str, bits: float) -> float:
+    """Bytes of every layer at `bits` on average, first and last at 8, plus every scale and bias."""
+    graph = layer_graph(model, load_model(model))
+    pinned = {graph.names[0]: 8, graph.names[-1]: 8}
+    codes = sum(graph.info(n).weight_count * pinned.get(n, bits) / 8 for n in graph.names)
+    extras = sum(4 * 2 + 4 * (graph.info(n).params - graph.info(n).weight_count) for n in graph.names)
+    return codes + extras
+
+
+def run(config: StudyConfig):
+    prepared = prepare(config)
+    study, storage = open_study(prepared, create=True)
+    started = time.perf_counter()
+    work(study, storage, prepared.objective)
+    prepared.seconds["search"] = time.perf_counter() - started
+    return prepared, study
+
+
+def with_budget(label: str, model: str, bits: float, n_trials: int, folder: Path, **search) -> StudyConfig:
+    config = study_config(label, model, bits, n_trials, folder, **search)
+    config.budget = {"memory": f"{budget_bytes(model, bits):.0f}B"}
+    return config
+
+
+def quality(model: str, bits_list: list[float], n_trials: int, folder: Path) -> list[dict]:
+    rows = []
+    for bits in bits_list:
+        config = with_budget("seeded", model, bits, n_trials, folder)
+        prepared, study = run(config)
+        result = finish(prepared, study)
+        test_split = prepared.splits.test
+        fp = result.fp_test_accuracy
+
+        def test_accuracy(plan: Plan) -> float:
+            return accuracy(post_training_quantize(prepared.model, plan, prepared.splits.search), test_split)
+
+        seed_trial = next(t for t in study.trials if t.user_attrs.get("seed") == "integer_program")
+        uniform_bits = max(b for b in config.search.weight_bits if b <= bits)
+        uniform = prepared.objective.factory.uniform(uniform_bits)
+        rows.append({
+            "model": model, "average_bits": bits, "budget_kib": budget_bytes(model, bits) / 1024,
+            "trials": len(study.trials), "fp_test": fp,
+            "search_test": result.test_accuracy, "search_kib": result.plan.totals["weight_bytes"] / 1024,
+            "search_trial": result.plan.metadata["trial"], "search_seed": result.plan.metadata["seed"],
+            "integer_program_test": test_accuracy(Plan.from_dict(seed_trial.user_attrs["plan"])),
+            "integer_program_search": seed_trial.value,
+            "uniform_test": test_accuracy(uniform), "uniform_bits": uniform_bits,
+            "uniform_kib": prepared.objective.cost_model.evaluate(prepared.graph, uniform).totals["weight_bytes"] / 1024,
+            "seconds": prepared.seconds,
+        })
+        print(rows[-1], flush=True)
+    return rows
+
+
+def efficiency(model: str, bits: float, n_trials: int, folder: Path, seeds: int) -> list[dict]:
+    rows = []
+    for seed in range(seeds):
+        curves = {}
+        for label, search in (("tpe", {"seeds": [], "sampler": "tpe"}), ("random", {"seeds": [], "sampler": "random"}),
+                              ("seeded", {"sampler": "tpe"})):
+            _, study = run(with_budget(label, model, bits, n_trials, folder, seed=seed, **search))
+            values = [t.value if t.state == optuna.trial.TrialState.COMPLETE else float("-inf")
+                      for t in sorted(study.trials, key=lambda t: t.number)]
+            curves[label] = [max(values[: i + 1]) for i in range(len(values))]
+        target = curves["tpe"][-1]
+        to_match = {label: next((i + 1 for i, v in enumerate(curve) if v >= target), None)
+                    for label, curve in curves.items()}
+        rows.append({"model": model, "average_bits": bits, "seed": seed, "tpe_best_in_100": target,
+                     "random_best_in_100": curves["random"][-1], "seeded_best_in_100": curves["seeded"][-1],
+                     "trials_to_match": to_match, "curves": curves})
+        print({k: v for k, v in rows[-1].items() if k != "curves"}, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("quality", "efficiency"), required=True)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--bits", type=float, nargs="+", default=[3.0, 2.5])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="oaq-bench-"))
+    if args.part == "quality":
+        rows = quality(args.model, args.bits, args.trials, folder)
+        lines = ["| model | avg bits | budget KiB | uniform OAQ (bits, KiB) test | integer program test | search test "
+                 "(KiB, trial) | FP test |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['average_bits']} | {r['budget_kib']:.1f} | {r['uniform_test']:.2f} "
+                  f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f}) | {r['integer_program_test']:.2f} | "
+                  f"{r['search_test']:.2f} ({r['search_kib']:.1f}, #{r['search_trial']}) | {r['fp_test']:.2f} |" for r in rows]
+        write_results(f"search_quality_{args.model}", rows, "\n".join(lines))
+    else:
+        rows = efficiency(args.model, args.bits[0], args.trials, folder, args.seeds)
+        matched = [r["trials_to_match"]["seeded"] or args.trials + 1 for r in rows]
+        random_matched = [r["trials_to_match"]["random"] or args.trials + 1 for r in rows]
+        lines = ["| seed | unseeded TPE best of 100 | random best of 100 | seeded best of 100 | seeded trials to match "
+                 "| random trials to match |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['seed']} | {r['tpe_best_in_100']:.2f} | {r['random_best_in_100']:.2f} | "
+                  f"{r['seeded_best_in_100']:.2f} | {r['trials_to_match']['seeded']} | {r['trials_to_match']['random']} |"
+                  for r in rows]
+        lines += ["", f"Median trials for the seeded search to match unseeded TPE's 100-trial best: "
+                      f"{statistics.median(matched)} (random: {statistics.median(random_matched)}; "
+                      f"{args.trials + 1} means not matched)."]
+        write_results(f"search_efficiency_{args.model}", rows, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Cost models checked against hand-computed values on small graphs, target tables, and plugins."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hwmodels
+from hwmodels import MemoryModel, ShiftModel, TargetModel, get_cost_model
+from oaq_search.errors import UserError
+from oaq_search.graph import build_layer_graph
+from oaq_search.plan import LayerPlan, Plan
+
+
+class ConvChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1, bias=False)  # 108 weights, 4*64*27 = 6912 MACs at 8x8
+        self.b = nn.Conv2d(4, 2, 1)  # 8 weights + 2 biases, 2*64*4 = 512 MACs
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+@pytest.fixture
+def chain():
+    return build_layer_graph(ConvChain(), (3, 8, 8))
+
+
+def plan(*layers):
+    return Plan("chain", list(layers))
+
+
+def test_memory_and_bops_by_hand(chain):
+    report = MemoryModel().evaluate(chain, plan(LayerPlan("a", 3, 8), LayerPlan("b", 5, 4, per_channel=True)))
+    # a: ceil(108*3/8)=41 B + scale+offset 8 B; b: ceil(8*5/8)=5 B + 2 channels x 8 B + bias 2 x 4 B
+    assert report.per_layer["a"]["weight_bytes"] == 41 + 8
+    assert report.per_layer["b"]["weight_bytes"] == 5 + 16 + 8
+    assert report.totals["bops"] == 6912 * 3 * 8 + 512 * 5 * 4
+    # activations: x (192 at 8 bits) + a's output (256 at 4 bits) = 1536 + 1024 bits, then
+    # a's output + b's output (128, read by nobody, at the widest planned precision: 8) = 1024 + 1024 bits
+    assert report.totals["peak_activation_bytes"] == (1536 + 1024) // 8
+
+
+def test_vectorized_path_matches_the_per_plan_path(chain):
+    bits = np.array([[2, 8], [3, 5], [8, 8]])
+    acts = np.array([[8, 8], [4, 4], [8, 2]])
+    many = MemoryModel().evaluate_many(chain, bits, acts)
+    for row in range(3):
+        single = MemoryModel().evaluate(chain, plan(LayerPlan("a", int(bits[row, 0]), int(acts[row, 0])),
+                                                    LayerPlan("b", int(bits[row, 1]), int(acts[row, 1])))).totals
+        assert many["weight_bytes"][row] == single["weight_bytes"] and many["bops"][row] == single["bops"]
+
+
+def test_shift_friendliness(chain):
+    totals = ShiftModel().evaluate(chain, plan(LayerPlan("a", 4, grid="pot"), LayerPlan("b", 4))).totals
+    assert totals["shift_mac_share"] == pytest.approx(6912 / (6912 + 512))
+    assert totals["multiply_layers"] == 1 and totals["multiply_penalty"] == 1.0
+    pow2 = ShiftModel().evaluate(chain, plan(LayerPlan("a", 4), LayerPlan("b", 4, scale_format="pow2"))).totals
+    assert pow2["shift_mac_share"] == pytest.approx(512 / 7424)
+
+
+def test_bitfusion_latency_grows_with_bricks(chain):
+    bitfusion = TargetModel("bitfusion")
+    cheap = bitfusion.evaluate(chain, plan(LayerPlan("a", 2, 2), LayerPlan("b", 2, 2))).totals
+    dear = bitfusion.evaluate(chain, plan(LayerPlan("a", 8, 8), LayerPlan("b", 8, 8))).totals
+    # by hand: (6912 + 512) MACs at 4.096e12 vs 0.256e12 MAC/s, plus 1 us per layer
+    assert cheap["latency_s"] == pytest.approx(7424 / 4.096e12 + 2e-6)
+    assert dear["latency_s"] == pytest.approx(7424 / 0.256e12 + 2e-6)
+    assert dear["energy_j"] == pytest.approx(16 * cheap["energy_j"])
+
+
+def test_uncovered_bit_pair_uses_the_next_wider_kernel(chain):
+    gpu = TargetModel("gpu")
+    mixed = gpu.evaluate(chain, plan(LayerPlan("a", 4, 8), LayerPlan("b", 4, 8))).totals
+    eight = gpu.evaluate(chain, plan(LayerPlan("a", 8, 8), LayerPlan("b", 8, 8))).totals
+    assert mixed["latency_s"] == pytest.approx(eight["latency_s"])  # w4a8 runs on the INT8 path
+
+
+def test_illegal_plan_names_layer_and_allowed_bits(chain):
+    with pytest.raises(UserError, match=r"layer a \(conv2d\) uses weight_bits 3.*allowed \[4, 8\]"):
+        TargetModel("gpu").evaluate(chain, plan(LayerPlan("a", 3, 8), LayerPlan("b", 4, 8)))
+    with pytest.raises(UserError, match=r"activation_bits 4.*allowed \[8\]"):
+        TargetModel("mcu").evaluate(chain, plan(LayerPlan("a", 4, 4), LayerPlan("b", 4, 8)))
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("[target]\nname='x'\n", r"missing key 'capabilities'"),
+    ("[target]\nname='x'\n[capabilities]\nweight_bits = 4\n[rates]\n", r"'capabilities\.weight_bits' must be a table"),
+    ("[target]\nname='x'\n[capabilities]\nweight_bits={conv2d=[4],linear=[4]}\nactivation_bits={conv2d=[8],linear=[99]}\n[rates]\n",
+     r"'capabilities\.activation_bits\.linear' must list bit-widths"),
+    ("[target]\nname='x'\n[capabilities]\nweight_bits={conv2d=[4],linear=[4]}\nactivation_bits={conv2d=[8],linear=[8]}\n"
+     "[rates]\nconv2d={ eight = { macs_per_s = 1 } }\nlinear={}\n", r"'rates\.conv2d\.eight' must be named w<bits>a<bits>"),
+    ("[target]\nname='x'\n[capabilities]\nweight_bits={conv2d=[4],linear=[4]}\nactivation_bits={conv2d=[8],linear=[8]}\n"
+     "[rates]\nconv2d={ w4a8 = { speed = 1 } }\nlinear={}\n", r"missing key 'rates\.conv2d\.w4a8\.macs_per_s'"),
+    ("not toml [", "is not valid TOML"),
+])
+def test_malformed_target_table_names_file_key_and_expectation(tmp_path, text, pattern):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=pattern) as error:
+        hwmodels.load_target(path)
+    assert "bad.toml" in str(error.value)
+
+
+def test_local_cpu_table_from_real_kernels(tmp_path, chain):
+    from hwmodels.measure import measure_local_cpu
+
+    table = measure_local_cpu(ConvChain().eval(), chain, (3, 8, 8), repeats=5)
+    import tomli_w
+
+    (tmp_path / "local.toml").write_text(tomli_w.dumps(table))
+    model = get_cost_model(f"target:{tmp_path / 'local.toml'}")
+    int8 = model.evaluate(chain, plan(LayerPlan("a", 4, 8), LayerPlan("b", 4, 8))).totals["latency_s"]
+    floats = model.evaluate(chain, plan(LayerPlan("a", 4), LayerPlan("b", 4))).totals["latency_s"]
+    assert int8 > 0 and floats > 0 and int8 != floats  # two different real kernels were timed
+
+
+def test_example_plugin_installs_and_is_found_by_name(tmp_path):
+    source, target = tmp_path / "npu_plugin", tmp_path / "site"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "npu_plugin", source)  # builds stay out of the repo
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True)
+    code = ("import sys; sys.path.insert(0, %r); import hwmodels; m = hwmodels.get_cost_model('example-npu'); "
+            "print(type(m).__name__, 'example-npu' in hwmodels.available())" % str(target))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(target), **__import__("os").environ})
+    assert out.stdout.split() == ["ExampleNPU", "True"], out.stderr
