@@ -7,7 +7,7 @@ Part B (--part efficiency): trials the seeded search needs to match the best sea
 unseeded TPE reaches in 100 trials, median over 3 sampler seeds; random search beside both.
 
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 2.5
-    python benchmarks/search_quality.py --part efficiency --model resnet20 --bits 3
+    python benchmarks/search_quality.py --part efficiency --model resnet20 --bits 3 --eval-images 500
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def with_budget(label: str, model: str, bits: float, n_trials: int, folder: Path
     return config
 
 
-def quality(model: str, bits_list: list[float], n_trials: int, folder: Path) -> list[dict]:
+def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eval_images: int) -> list[dict]:
     rows = []
     for bits in bits_list:
-        config = with_budget("seeded", model, bits, n_trials, folder)
+        config = with_budget("seeded", model, bits, n_trials, folder, eval_images=eval_images)
         prepared, study = run(config)
         result = finish(prepared, study)
         test_split = prepared.splits.test
@@ -95,13 +95,13 @@ def quality(model: str, bits_list: list[float], n_trials: int, folder: Path) -> 
     return rows
 
 
-def efficiency(model: str, bits: float, n_trials: int, folder: Path, seeds: int) -> list[dict]:
+def efficiency(model: str, bits: float, n_trials: int, folder: Path, seeds: int, eval_images: int) -> list[dict]:
     rows = []
     for seed in range(seeds):
         curves = {}
         for label, search in (("tpe", {"seeds": [], "sampler": "tpe"}), ("random", {"seeds": [], "sampler": "random"}),
                               ("seeded", {"sampler": "tpe"})):
-            _, study = run(with_budget(label, model, bits, n_trials, folder, seed=seed, **search))
+            _, study = run(with_budget(label, model, bits, n_trials, folder, seed=seed, eval_images=eval_images, **search))
             values = [t.value if t.state == optuna.trial.TrialState.COMPLETE else float("-inf")
                       for t in sorted(study.trials, key=lambda t: t.number)]
             curves[label] = [max(values[: i + 1]) for i in range(len(values))]
@@ -122,10 +122,11 @@ def main() -> None:
     parser.add_argument("--bits", type=float, nargs="+", default=[3.0, 2.5])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--eval-images", type=int, default=1000, help="search-split images scored per trial")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="oaq-bench-"))
     if args.part == "quality":
-        rows = quality(args.model, args.bits, args.trials, folder)
+        rows = quality(args.model, args.bits, args.trials, folder, args.eval_images)
         lines = ["| model | avg bits | budget KiB | uniform OAQ (bits, KiB) test | integer program test | search test "
                  "(KiB, trial) | FP test |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['average_bits']} | {r['budget_kib']:.1f} | {r['uniform_test']:.2f} "
@@ -133,7 +134,7 @@ def main() -> None:
                   f"{r['search_test']:.2f} ({r['search_kib']:.1f}, #{r['search_trial']}) | {r['fp_test']:.2f} |" for r in rows]
         write_results(f"search_quality_{args.model}", rows, "\n".join(lines))
     else:
-        rows = efficiency(args.model, args.bits[0], args.trials, folder, args.seeds)
+        rows = efficiency(args.model, args.bits[0], args.trials, folder, args.seeds, args.eval_images)
         matched = [r["trials_to_match"]["seeded"] or args.trials + 1 for r in rows]
         random_matched = [r["trials_to_match"]["random"] or args.trials + 1 for r in rows]
         lines = ["| seed | unseeded TPE best of 100 | random best of 100 | seeded best of 100 | seeded trials to match "

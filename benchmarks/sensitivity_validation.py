@@ -4,7 +4,8 @@ Ground truth: each quantizable layer quantized alone (data-free OAQ or vanilla, 
 precision) to 2 and 3 bits; accuracy drop and cross-entropy increase on the search split. For
 every metric: Kendall tau and Spearman rho against both, and its compute time.
 
-    python benchmarks/sensitivity_validation.py [--models resnet20 resnet56] [--images 3000]
+    python benchmarks/sensitivity_validation.py --models resnet20 --images 3000
+    python benchmarks/sensitivity_validation.py --models resnet56 --methods oaq --images 1000
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main() -> None:
                         "metric_seconds": table.seconds[metric] + (table.seconds["quantize"] if metric != "hessian" else 0),
                         "ground_truth_seconds": truth_s, "images": args.images,
                     })
-    write_results("sensitivity_validation", rows, markdown(rows))
+    write_results(f"sensitivity_validation_{'_'.join(args.models)}", rows, markdown(rows))
 
 
 def markdown(rows: list[dict]) -> str:

@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--out", default="runs/sensitivity", help="folder for sensitivity.json/.csv/.png")
     sensitivity.set_defaults(handler=_sensitivity)
 
+    report = commands.add_parser("report", help="write an HTML page with figures for a study")
+    _study_arguments(report)
+    report.add_argument("--out", help="folder for index.html and the PNGs (default: <output_dir>/report)")
+    report.set_defaults(handler=_report)
+
     hardware = commands.add_parser("hw", help="hardware targets: list them, or measure this machine's")
     hardware_commands = hardware.add_subparsers(dest="hw_command", required=True)
     hardware_commands.add_parser("list", help="cost models and targets a study can name").set_defaults(handler=_hw_list)
@@ -265,6 +270,18 @@ def _sensitivity(args: argparse.Namespace) -> int:
         print(f"{rank:3}. {layer:32} {scores}")
     timing = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in table.seconds.items())
     print(f"compute time: {timing}; written to {out}/sensitivity.json, .csv, .png")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .pipeline import open_study, prepare
+    from .report import write_report
+
+    config = _study_config(args)
+    prepared = prepare(config)
+    study, _ = open_study(prepared, create=False)
+    page = write_report(prepared, study, args.out or config.output_path / "report")
+    print(f"report written to {page}")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Applying a plan configures wrappers in place: the model is wrapped once, and every later plan
 (a search trial) only re-quantizes weights, once per plan, never per batch. While training with
-gradients the weight is re-quantized each step so gradients reach OAQ's scaling factor.
+gradients the weight is re-quantized each step, the straight-through estimator passing gradients on.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ class QuantizedLayer(nn.Module):
         self.name = name
         self.weight_quantizer: WeightQuantizer | None = None
         self.input_quantizer: ActivationQuantizer | None = None
-        self.scale_factor: nn.Parameter | None = None  # set by fine-tuning to learn OAQ's s
         self.register_buffer("cached_weight", None, persistent=False)
 
     def configure(self, layer_plan: LayerPlan, calibration: str = "mse") -> None:
@@ -48,7 +47,7 @@ class QuantizedLayer(nn.Module):
             self.cached_weight = self.quantized_weight()
 
     def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize_weight(self.layer.weight, self.weight_quantizer, self.name, self.scale_factor)
+        return fake_quantize_weight(self.layer.weight, self.weight_quantizer, self.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:

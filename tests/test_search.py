@@ -113,3 +113,30 @@ def test_missing_study_for_worker_says_create_first(tmp_path, synthetic_cifar, c
                                      '[budget]\nmemory = "200KiB"\n')
     assert main(["worker", str(tmp_path / "s.toml")]) == 2
     assert "create it first" in capsys.readouterr().err
+
+
+@pytest.mark.shared
+def test_report_page_references_only_valid_images(config, tmp_path):
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    config.search.n_trials = 5
+    run_study(config, progress=False)
+    study_path = tmp_path / "s.toml"
+    study_path.write_text(dump_study_config(config))
+    assert main(["report", str(study_path), "--out", str(tmp_path / "report")]) == 0
+
+    class Sources(HTMLParser):
+        found: list = []
+
+        def handle_starttag(self, tag, attrs):
+            self.found += [value for key, value in attrs if key in ("src", "href")]
+
+    parser = Sources()
+    parser.feed((tmp_path / "report" / "index.html").read_text())
+    assert len(parser.found) == 3 and not any("://" in source for source in parser.found)  # nothing from the network
+    for source in parser.found:
+        with Image.open(tmp_path / "report" / source) as image:
+            image.verify()
+    assert "layer1.0.conv1:" in (tmp_path / "report" / "index.html").read_text()

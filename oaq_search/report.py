@@ -1,0 +1,137 @@
+"""A study as one self-contained HTML page with PNG figures, for people who would rather look.
+
+Figures: accuracy vs weight memory for every trial (front, seeds and the uniform plan marked),
+the chosen plan's bits per layer against sensitivity and cost share, and the search history.
+A table shows budget use per metric, and one sentence per layer says why it got its bits.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+
+from .budget import format_quantity  # noqa: E402
+from .pipeline import Prepared  # noqa: E402
+from .plan import Plan  # noqa: E402
+from .search import best_trial, feasible_trials, pareto_trials  # noqa: E402
+
+KIB = 1024
+
+
+def write_report(prepared: Prepared, study: optuna.Study, folder: str | Path) -> Path:
+    """index.html plus pareto.png, layers.png and history.png in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    best = best_trial(study)
+    plan = Plan.from_dict(best.user_attrs["plan"])
+    _pareto_figure(study, best, folder / "pareto.png")
+    _layers_figure(prepared, plan, best, folder / "layers.png")
+    _history_figure(study, folder / "history.png")
+    budget_rows = "".join(
+        f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
+        f"<td>{format_quantity(metric, limit)}</td><td>{100 * best.user_attrs['costs'][metric] / limit:.1f} %</td></tr>"
+        for metric, limit in prepared.objective.budget.items())
+    reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(prepared, plan, best))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>oaq-search: {html.escape(study.study_name)}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}img{{max-width:100%}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2em .6em}}</style></head><body>
+<h1>Study {html.escape(study.study_name)}</h1>
+<p>Model {html.escape(prepared.config.model.name)}; {len(study.trials)} trials; best trial #{best.number}
+({html.escape(str(best.user_attrs.get('seed') or 'sampled'))}) with {best.values[0]:.2f} % on the search split.</p>
+<h2>Budget use</h2><table><tr><th>metric</th><th>used</th><th>limit</th><th>share</th></tr>{budget_rows}</table>
+<h2>Accuracy against weight memory</h2><img src="pareto.png" alt="accuracy vs weight memory">
+<h2>The chosen plan, layer by layer</h2><img src="layers.png" alt="bits per layer">
+<ul>{reasons}</ul>
+<h2>Search history</h2><img src="history.png" alt="search history">
+</body></html>
+"""
+    path = folder / "index.html"
+    path.write_text(page)
+    return path
+
+
+def layer_reasons(prepared: Prepared, plan: Plan, best: optuna.trial.FrozenTrial) -> list[str]:
+    """One sentence per layer: its bits, its share of the weight bytes, how sensitive it is."""
+    metric, method = prepared.config.search.sensitivity_metric, prepared.config.search.method
+    table = prepared.sensitivity
+    costs = best.user_attrs["costs"]
+    per_layer = prepared.objective.cost_model.evaluate(prepared.graph, plan).per_layer
+    probe_bits = min(table.bits)
+    ranking = table.ranking(metric, method, probe_bits)
+    sentences = []
+    for layer in plan.layers:
+        share = 100 * per_layer[layer.name]["weight_bytes"] / costs["weight_bytes"]
+        if layer.name in prepared.space.pinned:
+            why = "pinned (first or last layer)"
+        else:
+            rank = ranking.index(layer.name) + 1
+            level = "among the most" if rank <= len(ranking) / 3 else "among the least" if rank > 2 * len(ranking) / 3 else "moderately"
+            why = f"{level} sensitive ({metric} rank {rank} of {len(ranking)} at {probe_bits} bits)"
+        sentences.append(f"{layer.name}: {layer.weight_bits} bits; {share:.1f} % of the weight bytes; {why}.")
+    return sentences
+
+
+def _pareto_figure(study: optuna.Study, best, path: Path) -> None:
+    trials = feasible_trials(study)
+    front = {t.number for t in pareto_trials(study)}
+    figure, axis = plt.subplots(figsize=(8.5, 4.2))
+    kib = lambda t: t.user_attrs["costs"]["weight_bytes"] / KIB  # noqa: E731
+    axis.scatter([kib(t) for t in trials], [t.values[0] for t in trials], s=14, c="#bbb", label="trials")
+    on_front = sorted((t for t in trials if t.number in front), key=kib)
+    axis.plot([kib(t) for t in on_front], [t.values[0] for t in on_front], "o-", c="#1f77b4", label="Pareto front")
+    for t in trials:
+        if t.user_attrs.get("seed"):
+            axis.scatter(kib(t), t.values[0], marker="s" if t.user_attrs["seed"] == "uniform" else "^", s=60,
+                         label=f"seed: {t.user_attrs['seed']}", zorder=3)
+    axis.scatter(kib(best), best.values[0], marker="*", s=200, c="#d62728", label="chosen", zorder=4)
+    axis.set_xlabel("weight memory (KiB, packed)")
+    axis.set_ylabel("search-split accuracy (%)")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    _save(figure, path)
+
+
+def _layers_figure(prepared: Prepared, plan: Plan, best, path: Path) -> None:
+    metric, method = prepared.config.search.sensitivity_metric, prepared.config.search.method
+    names = [layer.name for layer in plan.layers]
+    per_layer = prepared.objective.cost_model.evaluate(prepared.graph, plan).per_layer
+    figure, axis = plt.subplots(figsize=(max(7, 0.32 * len(names)), 4.2))
+    axis.bar(range(len(names)), [layer.weight_bits for layer in plan.layers], color="#9ecae1", label="weight bits")
+    axis.set_ylabel("weight bits")
+    axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    other = axis.twinx()
+    other.plot(range(len(names)), [prepared.sensitivity.score(metric, method, n, min(prepared.sensitivity.bits))
+                                   for n in names], "o-", c="#d62728", ms=3, label=f"{metric} at 2 bits")
+    total = best.user_attrs["costs"]["weight_bytes"]
+    other.plot(range(len(names)), [per_layer[n]["weight_bytes"] / total for n in names], "s--", c="#2ca02c", ms=3,
+               label="share of weight bytes")
+    other.set_ylabel("sensitivity / cost share")
+    figure.legend(fontsize=7, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))
+    figure.subplots_adjust(bottom=0.3)
+    _save(figure, path)
+
+
+def _history_figure(study: optuna.Study, path: Path) -> None:
+    finished = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.number)
+    running, best = [], float("-inf")
+    for t in finished:
+        best = max(best, t.values[0])
+        running.append(best)
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    axis.scatter([t.number for t in finished], [t.values[0] for t in finished], s=10, c="#999", label="trial")
+    axis.plot([t.number for t in finished], running, c="#1f77b4", label="best so far")
+    axis.set_xlabel("trial")
+    axis.set_ylabel("search-split accuracy (%)")
+    axis.legend(fontsize=7)
+    _save(figure, path)
+
+
+def _save(figure, path: Path) -> None:
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
