@@ -5,7 +5,9 @@ accuracy on the same (JPEG-rebuilt) data. Two settings per cell: data-free (fixe
 the weight-MSE rule, as the paper's "w/o FT") and with BatchNorm correction from 500 search-split
 images. First and last layers stay at 8 bits (counted in the size).
 
-    python benchmarks/ptq_table2.py [--models resnet20 resnet56] [--densenet-checkpoint PATH]
+    python benchmarks/ptq_table2.py --models resnet20                  # all three grids
+    python benchmarks/ptq_table2.py --models resnet56 --grids uniform
+    python benchmarks/ptq_table2.py --models --densenet-checkpoint PATH  # DenseNet-BC-100, given a checkpoint
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ PAPER_FP = {"resnet20": 92.60}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    parser.add_argument("--models", nargs="*", default=["resnet20", "resnet56"])
     parser.add_argument("--densenet-checkpoint", help="add DenseNet-BC-100 from this checkpoint")
     parser.add_argument("--grids", nargs="+", default=["uniform", "pot", "ipot"])
     parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
@@ -69,7 +71,8 @@ def main() -> None:
                         rows.append(row)
                         print(f"  {grid:7} {method:7} W{weight_bits}A8 bn_correction={bn_correction!s:5} "
                               f"{top1:.2f} % ({top1 - fp:+.2f}) in {quantize_s:.1f} s", flush=True)
-    write_results("ptq_table2", rows, markdown(rows))
+        # after every model, so a stopped run keeps its results
+        write_results(f"ptq_table2_{'_'.join(checkpoints)}", rows, markdown(rows))
 
 
 def markdown(rows: list[dict]) -> str:

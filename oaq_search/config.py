@@ -46,7 +46,7 @@ class SearchConfig:
     seed: int = 0
     sampler: str = "tpe"  # tpe | random (a baseline)
     cost_model: str = "memory"
-    sensitivity_metric: str = "ssim_weight"  # ranks layers for the seeds and the repair
+    sensitivity_metric: str = "hessian"  # ranks layers for seeds and repair; best tau in benchmarks/results
     prune_sensitivity: float | None = None  # drop a group's bit-widths whose sensitivity is above this
     seeds: list[str] = field(default_factory=lambda: ["integer_program", "greedy", "uniform"])
     pareto_metric: str | None = None  # set (e.g. "weight_bytes") for accuracy-vs-cost multi-objective

@@ -134,8 +134,7 @@ def open_study(prepared: Prepared, create: bool, worker_index: int = 0) -> tuple
         if not create:
             raise UserError(f"study {config.name!r} does not exist in {config.storage_url}: create it first with "
                             f"`oaq-search create` (workers must not race to create it)") from None
-        study = optuna.create_study(study_name=config.name, storage=storage, directions=directions,
-                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=5))
+        study = optuna.create_study(study_name=config.name, storage=storage, directions=directions)
         study.set_user_attr("fingerprint", prepared.fingerprint)
     stored = study.user_attrs.get("fingerprint", {})
     changed = [part for part in prepared.fingerprint if stored.get(part) != prepared.fingerprint[part]]
@@ -146,7 +145,7 @@ def open_study(prepared: Prepared, create: bool, worker_index: int = 0) -> tuple
     study.sampler = make_sampler(config.search.sampler,
                                  config.search.seed + len(study.get_trials(deepcopy=False)) + 1000 * worker_index,
                                  bool(config.search.pareto_metric))
-    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=5)
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=5)  # only acts when screen_images is set
     if create:
         fill_queue(study, config.search.n_trials, prepared.seeds)
     prepared.objective.remember(study)
