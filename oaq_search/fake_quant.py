@@ -30,6 +30,11 @@ class QuantizedLayer(nn.Module):
         self.input_quantizer: ActivationQuantizer | None = None
         self.register_buffer("cached_weight", None, persistent=False)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full-precision weight, so code reading `module.weight` works on wrapped models too."""
+        return self.layer.weight
+
     def configure(self, layer_plan: LayerPlan, calibration: str = "mse") -> None:
         self.weight_quantizer = layer_plan.weight_quantizer()
         bits = layer_plan.activation_bits

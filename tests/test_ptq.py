@@ -90,3 +90,12 @@ def test_oaq_beats_vanilla_at_three_bits_on_resnet20(shared):
         plan = PlanFactory("resnet20", model, graph, method).uniform(3)
         results[method] = accuracy(post_training_quantize(model, plan, splits.search), scored)
     assert results["oaq"] > results["vanilla"] + 3, results
+
+
+def test_plans_can_be_built_from_an_already_quantized_model():
+    model = load_model("resnet20")
+    graph = layer_graph("resnet20", model)
+    quantize_(model, Plan.uniform("resnet20", graph, 3))
+    plan = PlanFactory("resnet20", model, graph).uniform(4)
+    assert torch.equal(model.layer1[0].conv1.weight, model.layer1[0].conv1.layer.weight)
+    assert plan.layer("layer1.0.conv1").weight_bits == 4
