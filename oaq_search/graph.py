@@ -191,7 +191,8 @@ def build_layer_graph(model: nn.Module, input_shape: tuple[int, ...]) -> LayerGr
         if layer is not None:
             if any(info.name == layer for info in layer_infos):
                 raise UserError(f"layer {layer} is called more than once; shared layers are not supported")
-            layer_infos.append(_layer_info(layer, module, tensors, sources[0], node.name))
+            input_shape = tuple(node.all_input_nodes[0].meta["tensor_meta"].shape[1:])  # as the layer sees it
+            layer_infos.append(_layer_info(layer, module, tensors, sources[0], node.name, input_shape))
 
     layers = nx.DiGraph()
     for info in layer_infos:
@@ -205,8 +206,8 @@ def build_layer_graph(model: nn.Module, input_shape: tuple[int, ...]) -> LayerGr
     return graph
 
 
-def _layer_info(name: str, module: nn.Module, tensors: nx.DiGraph, input_node: str, output_node: str) -> LayerInfo:
-    input_shape = tensors.nodes[input_node]["shape"][1:]
+def _layer_info(name: str, module: nn.Module, tensors: nx.DiGraph, input_node: str, output_node: str,
+                input_shape: tuple[int, ...]) -> LayerInfo:
     output_shape = tensors.nodes[output_node]["shape"][1:]
     weight_count = module.weight.numel()
     params = weight_count + (module.bias.numel() if module.bias is not None else 0)

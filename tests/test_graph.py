@@ -23,6 +23,8 @@ def test_known_parameter_and_mac_counts(name, params, macs, weights):
     assert graph.total_macs == pytest.approx(macs, rel=0.02)
     if weights is not None:  # benchmark-protocol.md reference counts
         assert graph.total_weights == weights
+    last = graph.info(graph.names[-1])
+    assert last.op_type == "linear" and len(last.input_shape) == 1  # after flatten, as the layer sees it
 
 
 @pytest.mark.parametrize("name", ["resnet32", "resnet44", "resnet110", "densenet100", "tv_resnet50", "tv_mobilenet_v2"])

@@ -77,7 +77,7 @@ class _RunsCode:
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as handle:
-        pickle.dump({"conv1.weight": _RunsCode()}, handle)
+        pickle.dump({"conv1.weight": _RunsCode()}, handle, protocol=2)
     with pytest.raises(UserError, match="refused|cannot be read"):
         read_state_dict(path)
 
