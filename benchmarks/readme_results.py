@@ -90,6 +90,12 @@ def search_section() -> list[str]:
 def systems_section() -> list[str]:
     lines = ["### Speed and cost models", ""]
     speed, cost, latency = load("quantize_speed"), load("cost_model_speed"), load("local_cpu_latency")
+    sensitivity = load("sensitivity_speed")
+    if sensitivity:
+        r56 = {r["metrics"]: r["seconds"] for r in sensitivity["rows"] if r["model"] == "resnet56"}
+        lines.append(f"- Full sensitivity table for ResNet-56 (bits 2..8, vanilla and OAQ): SSIM metrics "
+                     f"{r56['ssim_weight+ssim_distribution']:.2f} s, Hessian trace {r56['hessian']:.0f} s "
+                     f"({source(sensitivity)}, 2 threads).")
     if speed:
         r20 = [r for r in speed["rows"] if r["model"] == "resnet20"]
         lines.append(f"- Re-quantizing all ResNet-20 weights for one trial: "
