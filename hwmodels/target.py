@@ -14,6 +14,7 @@ A plan using bits outside the capabilities fails, naming the layer and the allow
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,8 @@ class TargetModel(CostModel):
                       "multiply_layers": "layers", "multiply_penalty": "penalty", **({"energy_j": "J"} if energy else {})}
 
     def fingerprint(self) -> str:
-        return f"{super().fingerprint()}:{hash(repr(self.table)) & 0xFFFFFFFF:08x}"
+        digest = hashlib.sha256(repr(self.table).encode()).hexdigest()[:16]  # hash() differs per process
+        return f"{super().fingerprint()}:{digest}"
 
     def legal_bits(self, op_type: str, kind: str) -> list[int]:
         return getattr(self.table, kind)[op_type]

@@ -132,3 +132,11 @@ def test_example_plugin_installs_and_is_found_by_name(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PYTHONPATH": str(target), **__import__("os").environ})
     assert out.stdout.split() == ["ExampleNPU", "True"], out.stderr
+
+
+def test_target_fingerprint_is_the_same_in_every_process():
+    """A resumed study compares fingerprints across processes; hash() would differ run to run."""
+    code = "import hwmodels; print(hwmodels.TargetModel('bitfusion').fingerprint())"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(runs) == 1 and TargetModel("bitfusion").fingerprint() in runs.pop()
