@@ -105,7 +105,7 @@ def systems_section() -> list[str]:
                      f"({source(sensitivity)}, 2 threads).")
     if speed:
         r20 = [r for r in speed["rows"] if r["model"] == "resnet20"]
-        lines.append(f"- Re-quantizing all ResNet-20 weights for one trial: "
+        lines.append("- Re-quantizing all ResNet-20 weights for one trial: "
                      + ", ".join(f"{r['median_ms']:.1f} ms ({r['grid']})" for r in r20) + f" ({source(speed)}).")
     if cost:
         r56 = next(r for r in cost["rows"] if r["model"] == "resnet56")

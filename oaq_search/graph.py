@@ -129,13 +129,13 @@ class LayerGraph:
         if "merge" in rules:
             for node, data in self.tensors.nodes(data=True):
                 if data["merge"]:
-                    nx.add_path(ties, sorted(self._producing_layers(node, through_merges=True)))
+                    nx.add_path(ties, sorted(self._producing_layers(node)))
         order = {name: index for index, name in enumerate(self.names)}
         groups = [sorted(group, key=order.__getitem__) for group in nx.connected_components(ties)]
         return sorted(groups, key=lambda group: order[group[0]])
 
-    def _producing_layers(self, node: str, through_merges: bool) -> set[str]:
-        """Layers whose outputs reach `node`'s inputs through non-quantizable ops only."""
+    def _producing_layers(self, node: str) -> set[str]:
+        """Layers whose outputs reach `node`'s inputs through non-quantizable ops (adds and concats too)."""
         found: set[str] = set()
         stack = list(self.tensors.predecessors(node))
         seen = set(stack)
@@ -144,8 +144,6 @@ class LayerGraph:
             data = self.tensors.nodes[current]
             if data["layer"] is not None:
                 found.add(data["layer"])
-                continue
-            if data["merge"] and not through_merges:
                 continue
             for parent in self.tensors.predecessors(current):
                 if parent not in seen:
@@ -201,7 +199,7 @@ def build_layer_graph(model: nn.Module, input_shape: tuple[int, ...]) -> LayerGr
     if not layer_infos:
         raise UserError(f"model {type(model).__name__} has no Conv2d or Linear layer to quantize")
     for info in layer_infos:
-        for producer in graph._producing_layers(info.output_tensor, through_merges=True):
+        for producer in graph._producing_layers(info.output_tensor):
             layers.add_edge(producer, info.name)
     return graph
 

@@ -30,14 +30,15 @@ def write_report(prepared: Prepared, study: optuna.Study, folder: str | Path) ->
     folder.mkdir(parents=True, exist_ok=True)
     best = best_trial(study)
     plan = Plan.from_dict(best.user_attrs["plan"])
+    per_layer = prepared.objective.cost_model.evaluate(prepared.graph, plan).per_layer
     _pareto_figure(study, best, folder / "pareto.png")
-    _layers_figure(prepared, plan, best, folder / "layers.png")
+    _layers_figure(prepared, plan, best, per_layer, folder / "layers.png")
     _history_figure(study, folder / "history.png")
     budget_rows = "".join(
         f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
         f"<td>{format_quantity(metric, limit)}</td><td>{100 * best.user_attrs['costs'][metric] / limit:.1f} %</td></tr>"
         for metric, limit in prepared.objective.budget.items())
-    reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(prepared, plan, best))
+    reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(prepared, plan, best, per_layer))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>oaq-search: {html.escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}img{{max-width:100%}}
@@ -57,12 +58,12 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2em .6em}
     return path
 
 
-def layer_reasons(prepared: Prepared, plan: Plan, best: optuna.trial.FrozenTrial) -> list[str]:
+def layer_reasons(prepared: Prepared, plan: Plan, best: optuna.trial.FrozenTrial,
+                  per_layer: dict[str, dict[str, float]]) -> list[str]:
     """One sentence per layer: its bits, its share of the weight bytes, how sensitive it is."""
     metric, method = prepared.config.search.sensitivity_metric, prepared.config.search.method
     table = prepared.sensitivity
     costs = best.user_attrs["costs"]
-    per_layer = prepared.objective.cost_model.evaluate(prepared.graph, plan).per_layer
     probe_bits = min(table.bits)
     ranking = table.ranking(metric, method, probe_bits)
     sentences = []
@@ -97,10 +98,9 @@ def _pareto_figure(study: optuna.Study, best, path: Path) -> None:
     _save(figure, path)
 
 
-def _layers_figure(prepared: Prepared, plan: Plan, best, path: Path) -> None:
+def _layers_figure(prepared: Prepared, plan: Plan, best, per_layer: dict[str, dict[str, float]], path: Path) -> None:
     metric, method = prepared.config.search.sensitivity_metric, prepared.config.search.method
     names = [layer.name for layer in plan.layers]
-    per_layer = prepared.objective.cost_model.evaluate(prepared.graph, plan).per_layer
     figure, axis = plt.subplots(figsize=(max(7, 0.32 * len(names)), 4.2))
     axis.bar(range(len(names)), [layer.weight_bits for layer in plan.layers], color="#9ecae1", label="weight bits")
     axis.set_ylabel("weight bits")

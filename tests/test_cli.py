@@ -1,7 +1,6 @@
 import shutil
 import subprocess
 
-import pytest
 import torch
 
 from oaq_search.cli import main

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import tomllib
 
 from oaq_search.budget import parse_budget
 from oaq_search.config import dump_study_config, load_study_config

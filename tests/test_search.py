@@ -7,7 +7,6 @@ import pytest
 
 from oaq_search.cli import main
 from oaq_search.config import dump_study_config
-from oaq_search.errors import UserError
 from oaq_search.pipeline import export_plans, run_study
 from oaq_search.plan import Plan
 from oaq_search.seeds import AllocationProblem, greedy_seed, integer_program_seed, uniform_seed

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from ..data import ImageSplit
