@@ -41,7 +41,8 @@ def ptq_section() -> list[str]:
             lines.append(f"| {model} | {method} | {cell[(8, True)]:+.2f} | {cell[(4, True)]:+.2f} | "
                          f"{cell[(3, True)]:+.2f} | {cell[(4, False)]:+.2f} | {cell[(3, False)]:+.2f} | {paper_text} |")
     lines += ["", "Change in points against the checkpoint's own full-precision accuracy. Columns without "
-              "\"data-free\" include BatchNorm correction on 500 search-split images. First and last layers at "
+              "\"data-free\" use 500 search-split images: (s, T) chosen by each layer's output error, and BatchNorm "
+              "correction. Data-free columns choose (s, T) by weight MSE. First and last layers at "
               "8 bits. PoT/IPoT rows and absolute numbers: `benchmarks/results/ptq_table2_*.md`. Sources: "
               + "; ".join(sources) + "."]
     return lines
@@ -94,9 +95,63 @@ def search_section() -> list[str]:
     return lines
 
 
+def finetune_section() -> list[str]:
+    parts = [load(name) for name in ("finetune_scale_resnet20", "finetune_qat_resnet20_w2", "finetune_qat_resnet20_w43")]
+    parts = [part for part in parts if part]
+    if not parts:
+        return []
+    lines = ["### Fine-tuning, ResNet-20 (the paper's Tables 3 and 4, test split)", "",
+             "| setting | method | fine-tune | post-training | fine-tuned | paper (before -> after) | time |",
+             "|---|---|---|---|---|---|---|"]
+    for data in parts:
+        for r in data["rows"]:
+            paper = ("" if r["paper_ptq_change"] is None else f"{r['paper_ptq_change']:+.2f} -> ") + \
+                f"{r['paper_finetuned_change']:+.2f}"
+            lines.append(f"| {r['setting']} | {r['method']} | {r['mode']}, {r['epochs']} epoch(s) | "
+                         f"{r['ptq_change']:+.2f} | {r['finetuned_change']:+.2f} | {paper} | "
+                         f"{r['finetune_s'] / 60:.0f} min |")
+    lines += ["", f"Change in points against full precision ({parts[0]['rows'][0]['fp_accuracy']:.2f} %). Scale "
+              "fine-tuning learns s, activation ranges and BatchNorm's affine, with distillation; QAT trains "
+              "the weights too. Times are on the machine below, with other jobs sharing its two cores. Sources: "
+              + "; ".join(source(data) for data in parts) + "."]
+    return lines
+
+
+def headline_section() -> list[str]:
+    found = sorted(RESULTS.glob("headline_*.json"))
+    if not found:
+        return []
+    data = json.loads(found[-1].read_text())
+    methods = list(dict.fromkeys(r["method"].split(" W")[0] for r in data["rows"]))
+    lines = ["### Headline: accuracy against weight memory, before -> after the same fine-tune", "",
+             "| model | avg bits (budget) | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    cells: dict[tuple, dict[str, str]] = {}
+    for r in data["rows"]:
+        cell = f"{r['ptq_change']:+.2f} -> {r['finetuned_change']:+.2f}"
+        if r["method"].startswith("uniform"):
+            cell += f" (W{r['method'].split(' W')[1]})"
+        cells.setdefault((r["model"], r["average_bits"], r["budget_kib"]), {})[r["method"].split(" W")[0]] = cell
+    for (model, bits, kib), row in cells.items():
+        lines.append(f"| {model} | {bits:g} ({kib:.0f} KiB) | " + " | ".join(row.get(m, "n/a") for m in methods) + " |")
+    finetune = data["finetune"]
+    lines += ["", f"Test-split change in points against full precision; activations at "
+              f"{data['rows'][0]['activation_bits']} bits. Fine-tune: {finetune['mode']}, {finetune['epochs']} epoch(s) "
+              f"of {finetune['images_per_epoch']} images for every plan; search: {data['trials']} trials. Uniform "
+              f"plans use the largest bit-width that fits. Source: {source(data)}."]
+    return lines
+
+
 def systems_section() -> list[str]:
     lines = ["### Speed and cost models", ""]
     speed, cost, latency = load("quantize_speed"), load("cost_model_speed"), load("local_cpu_latency")
+    training = load("finetune_speed")
+    if training:
+        best = max((r for r in training["rows"] if r["images_per_second"]), key=lambda r: r["images_per_second"])
+        failed = [r for r in training["rows"] if r["error"]]
+        lines.append(f"- Fine-tuning throughput (ResNet-20 W4A4, batch 128): best {best['images_per_second']:.0f} "
+                     f"images/s ({best['mode']}, {best['layout']}, {best['threads']} threads)"
+                     + (f"; torch.compile fails here ({failed[0]['error'].split(':')[0]})" if failed else "")
+                     + f" ({source(training)}).")
     sensitivity = load("sensitivity_speed")
     if sensitivity:
         r56 = {r["metrics"]: r["seconds"] for r in sensitivity["rows"] if r["model"] == "resnet56"}
@@ -119,7 +174,8 @@ def systems_section() -> list[str]:
 
 def main() -> None:
     body = []
-    for section in (ptq_section, sensitivity_section, search_section, systems_section):
+    for section in (ptq_section, sensitivity_section, search_section, finetune_section, headline_section,
+                    systems_section):
         body += section() + [""]
     readme = ROOT / "README.md"
     text = readme.read_text()

@@ -28,12 +28,26 @@ class ActivationQuantizer(nn.Module):
         self.percentile = percentile
         self.observing = False
         self.register_buffer("sample", torch.empty(0), persistent=False)  # calibration only, never saved
-        self.register_buffer("clip", torch.tensor(0.0))  # learnable later by fine-tuning
+        # The range's upper end: a parameter, so fine-tuning can learn it (LSQ-style), frozen otherwise.
+        self.clip = nn.Parameter(torch.tensor(0.0), requires_grad=False)
         self.register_buffer("signed_flag", torch.tensor(False))
 
     @property
     def calibrated(self) -> bool:
-        return self.sample.numel() > 0
+        return bool(self.clip > 0)
+
+    @property
+    def range(self) -> tuple[float, float]:
+        """(low, high): (0, clip) when unsigned, (-clip, clip) when signed."""
+        clip = float(self.clip.detach())
+        return (-clip if bool(self.signed_flag) else 0.0, clip)
+
+    def set_range(self, low: float, high: float) -> None:
+        """Fix the range (from a plan) without calibration; low is 0 (unsigned) or -high (signed)."""
+        with torch.no_grad():
+            self.clip.copy_(torch.tensor(high))
+        self.signed_flag = torch.tensor(low < 0)
+        self.observing = False
 
     def start_observing(self) -> None:
         """Forget earlier observations; the next forward passes are recorded, not quantized."""
@@ -42,7 +56,7 @@ class ActivationQuantizer(nn.Module):
 
     def set_bits(self, bits: int) -> None:
         self.bits = check_bits(bits, "activation_bits")
-        if self.calibrated:
+        if self.sample.numel() > 0:
             self.freeze()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +65,7 @@ class ActivationQuantizer(nn.Module):
             return x
         if not self.calibrated:
             raise UserError("activation quantizer used before calibration: run calibrate_activations() first")
-        return fake_quantize_activation(x, self.clip, self.bits, bool(self.signed_flag))
+        return fake_quantize_activation(x, self.clip.clamp(min=1e-8), self.bits, bool(self.signed_flag))
 
     def _observe(self, x: torch.Tensor) -> None:
         values = x.detach().flatten()
@@ -65,12 +79,12 @@ class ActivationQuantizer(nn.Module):
 
     def freeze(self) -> None:
         """Fix the clip range from the observed sample for the current bits and method."""
-        magnitude = self.sample.abs()
         if self.method == "percentile":
-            self.clip = torch.quantile(magnitude, self.percentile / 100)
+            clip = torch.quantile(self.sample.abs(), self.percentile / 100)
         else:
-            self.clip = _mse_clip(self.sample, self.bits, bool(self.signed_flag))
-        self.clip = self.clip.clamp(min=1e-8)
+            clip = _mse_clip(self.sample, self.bits, bool(self.signed_flag))
+        with torch.no_grad():
+            self.clip.copy_(clip.clamp(min=1e-8))
         self.observing = False
 
 

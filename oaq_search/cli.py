@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import optuna
-
 import tomli_w
 
 import hwmodels
 from hwmodels import MemoryModel
 
-
-from importlib.metadata import version
 from .budget import format_quantity
-from .config import load_study_config
+from .config import FinetuneConfig, load_study_config
 from .data import load_cifar10
 from .errors import UserError
 from .evaluate import accuracy
@@ -25,10 +23,10 @@ from .grids import GRIDS
 from .models import model_spec
 from .oaq import METHODS
 from .packing import pack_model
-from .pipeline import create_study, export_plans, layer_graph, load_model, run_study, run_worker
+from .pipeline import create_study, export_plans, finetune_and_test, layer_graph, load_model, run_study, run_worker
 from .plan import Plan
 from .planning import PlanFactory
-from .ptq import post_training_quantize
+from .ptq import CALIBRATION_IMAGES, post_training_quantize
 from .sensitivity import DEFAULT_METRICS, METRICS, compute_sensitivity, get_metric
 
 EXIT_USER_ERROR = 2
@@ -100,6 +98,23 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("--no-bn-correction", action="store_true", help="quantize weights data-free")
     apply.add_argument("--out", help="write the packed model here (and the plan beside it)")
     apply.set_defaults(handler=_quantize)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a plan: OAQ scale fine-tuning or QAT, resumable")
+    finetune.add_argument("--plan", required=True, help="plan.json from `run` or `export`")
+    finetune.add_argument("--study", help="take the [finetune] section (and model, data) from this study file")
+    finetune.add_argument("--model", help="registered model name (default: the plan's)")
+    finetune.add_argument("--checkpoint", help="full-precision checkpoint (default: the one the plan's study used)")
+    finetune.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (default: $OAQ_DATA_ROOT)")
+    finetune.add_argument("--mode", choices=("scale", "qat"), help="scale: learn OAQ's s and activation ranges "
+                                                                  "(default); qat: train the weights too")
+    finetune.add_argument("--epochs", type=int)
+    finetune.add_argument("--images-per-epoch", type=int, help="fine-tuning images per epoch (default: all 45,000)")
+    finetune.add_argument("--learning-rate", type=float, help="qat weight learning rate (SGD, cosine decay)")
+    finetune.add_argument("--distill", action="store_true", help="also distill from the full-precision model")
+    finetune.add_argument("--test-images", type=int, help="score on the first N test images (default: all)")
+    finetune.add_argument("--out", default="runs/finetune", help="folder for the plan, checkpoint, packed model "
+                                                                 "and resumable state")
+    finetune.set_defaults(handler=_finetune)
 
     sensitivity = commands.add_parser("sensitivity", help="per-layer sensitivity table, ranked, with a heatmap")
     _model_arguments(sensitivity)
@@ -179,6 +194,8 @@ def _run(args: argparse.Namespace) -> int:
           f"(full precision {result.fp_test_accuracy:.2f} %, change {result.test_accuracy - result.fp_test_accuracy:+.2f})")
     print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.seconds.items()))
     print(f"plan written to {result.plan_path}")
+    if result.finetuned is not None:
+        _print_finetune(result.finetuned)
     print(f"browse the study: optuna-dashboard {result.storage_url}")
     return 0
 
@@ -226,16 +243,51 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    study = load_study_config(args.study) if args.study else None
+    config = study.finetune if study else FinetuneConfig(mode="scale")
+    if config.mode == "none":
+        config.mode = "scale"
+    for option in ("mode", "epochs", "images_per_epoch", "learning_rate"):
+        if getattr(args, option) is not None:
+            setattr(config, option, getattr(args, option))
+    config.distill = config.distill or args.distill
+    config = FinetuneConfig(**vars(config))  # validate the overrides
+    model_name = args.model or plan.model
+    checkpoint = args.checkpoint or (study.model.checkpoint if study else plan.metadata.get("checkpoint"))
+    if checkpoint is None:
+        raise UserError("no checkpoint to fine-tune: pass --checkpoint (the plan does not name one)")
+    model = load_model(model_name, checkpoint)
+    plan.check_against(layer_graph(model_name, model))
+    data_root = args.data_root or (study.data.root if study else None)
+    splits = load_cifar10(data_root, study.data.search_size if study else 5000)
+    result = finetune_and_test(model, plan, splits, config, args.out, args.test_images)
+    _print_finetune(result)
+    return 0
+
+
+def _print_finetune(result) -> None:
+    scores, last = result.scores, result.history[-1]
+    epochs = f"{last['epoch']} epoch{'s' if last['epoch'] != 1 else ''}"
+    print(f"fine-tuned ({result.plan.metadata['finetune']['mode']}, {epochs}, {result.seconds:.0f} s, "
+          f"{last['images_per_second']:.0f} images/s): test {scores['test_accuracy']:.2f} % on "
+          f"{scores['test_images']} images (change {scores['test_accuracy'] - scores['fp_test_accuracy']:+.2f} vs "
+          f"full precision {scores['fp_test_accuracy']:.2f} %; post-training {scores['ptq_test_accuracy']:.2f} %)")
+    print("files: " + ", ".join(f"{kind} {path}" for kind, path in result.files.items()))
+
+
 def _quantize(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.checkpoint)
     graph = layer_graph(args.model, model)
-    if getattr(args, "plan", None):
-        plan = Plan.load(args.plan)
+    plan = Plan.load(args.plan) if getattr(args, "plan", None) else None
+    if plan is not None:
         plan.check_against(graph)
-    else:
-        factory = PlanFactory(args.model, model, graph, args.method, args.grid, args.per_channel)
-        plan = factory.uniform(args.wbits, args.abits, args.first_last_bits)
     splits = load_cifar10(args.data_root, args.search_size)
+    if plan is None:  # with calibration data, (s, T) minimise each layer's output error; data-free, weight MSE
+        calibration = None if args.no_bn_correction else next(splits.search.batches(CALIBRATION_IMAGES))[0]
+        factory = PlanFactory(args.model, model, graph, args.method, args.grid, args.per_channel, calibration)
+        plan = factory.uniform(args.wbits, args.abits, args.first_last_bits)
     quantized = post_training_quantize(model, plan, splits.search, not args.no_bn_correction)
     split = getattr(splits, args.split)
     fp, ours = accuracy(model, split, args.batch_size), accuracy(quantized, split, args.batch_size)

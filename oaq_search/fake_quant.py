@@ -1,12 +1,14 @@
 """Fake-quant wrappers for Conv2d/Linear and `quantize_`, the one verb that applies a plan.
 
 Applying a plan configures wrappers in place: the model is wrapped once, and every later plan
-(a search trial) only re-quantizes weights, once per plan, never per batch. While training with
-gradients the weight is re-quantized each step, the straight-through estimator passing gradients on.
+(a search trial) only re-quantizes weights, once per plan, never per batch. While fine-tuning (a
+gradient is wanted for the weight or OAQ's s) the weight is re-quantized once per step, the
+straight-through estimator passing gradients on.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import torch
@@ -28,6 +30,7 @@ class QuantizedLayer(nn.Module):
         self.name = name
         self.weight_quantizer: WeightQuantizer | None = None
         self.input_quantizer: ActivationQuantizer | None = None
+        self.register_parameter("scale_logit", None)  # learnable OAQ s = sigmoid(scale_logit), fine-tuning only
         self.register_buffer("cached_weight", None, persistent=False)
 
     @property
@@ -37,6 +40,7 @@ class QuantizedLayer(nn.Module):
 
     def configure(self, layer_plan: LayerPlan, calibration: str = "mse") -> None:
         self.weight_quantizer = layer_plan.weight_quantizer()
+        self.scale_logit = None
         bits = layer_plan.activation_bits
         if bits is None:
             self.input_quantizer = None
@@ -44,7 +48,24 @@ class QuantizedLayer(nn.Module):
             self.input_quantizer = ActivationQuantizer(bits, calibration)
         else:
             self.input_quantizer.set_bits(bits)
+        if self.input_quantizer is not None and layer_plan.activation_range is not None:
+            self.input_quantizer.set_range(*layer_plan.activation_range)
         self.refresh()
+
+    def learn_scale_factor(self) -> nn.Parameter | None:
+        """Make OAQ's s trainable (as a logit, so it stays in [0, 1]); None for vanilla layers."""
+        if self.weight_quantizer.method == "vanilla":
+            return None
+        start = min(max(self.weight_quantizer.scale_factor, 0.01), 0.99)
+        self.scale_logit = nn.Parameter(torch.logit(torch.tensor(start, device=self.layer.weight.device)))
+        return self.scale_logit
+
+    @property
+    def scale_factor(self) -> float:
+        """OAQ's s as it is now: learned when training it, else the plan's."""
+        if self.scale_logit is None:
+            return self.weight_quantizer.scale_factor
+        return float(torch.sigmoid(self.scale_logit.detach()))
 
     def refresh(self) -> None:
         """Re-quantize and cache the weight for inference."""
@@ -52,13 +73,14 @@ class QuantizedLayer(nn.Module):
             self.cached_weight = self.quantized_weight()
 
     def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize_weight(self.layer.weight, self.weight_quantizer, self.name)
+        scale_factor = None if self.scale_logit is None else torch.sigmoid(self.scale_logit)
+        return fake_quantize_weight(self.layer.weight, self.weight_quantizer, self.name, scale_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        needs_grad = self.training and torch.is_grad_enabled()
-        weight = self.quantized_weight() if needs_grad else self.cached_weight
+        learning = self.layer.weight.requires_grad or (self.scale_logit is not None and self.scale_logit.requires_grad)
+        weight = self.quantized_weight() if learning and torch.is_grad_enabled() else self.cached_weight
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, weight, self.layer.bias)
         return F.linear(x, weight, self.layer.bias)
@@ -108,6 +130,14 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
 
 def needs_calibration(model: nn.Module) -> bool:
     return any(not quantizer.calibrated for quantizer in activation_quantizers(model))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every wrapper replaced by its full-precision layer: a plain checkpoint's model."""
+    plain = copy.deepcopy(model)
+    for layer in list(quantized_layers(plain)):
+        _set_submodule(plain, layer.name, layer.layer)
+    return plain
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -9,7 +9,9 @@ outliers by s instead (an ablation). Statistics are per tensor or per output cha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -120,6 +122,10 @@ SCALE_FACTOR_CANDIDATES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 THRESHOLD_MULTIPLIERS = (0.75, 1.0, 1.25, 1.5, 2.0)
 
 
+def candidate_thresholds(bits: int) -> list[float]:
+    return [round(DEFAULT_THRESHOLDS[bits] * m, 4) for m in THRESHOLD_MULTIPLIERS]
+
+
 def choose_outlier_settings(weight: torch.Tensor, quantizer: WeightQuantizer) -> WeightQuantizer:
     """OAQ without fine-tuning: the (s, T) that minimises the weight MSE, found by grid search.
 
@@ -133,7 +139,7 @@ def choose_outlier_settings(weight: torch.Tensor, quantizer: WeightQuantizer) ->
         return quantizer
     if not torch.isfinite(weight).all():
         raise UserError("weights have NaN or inf values: fix the checkpoint before quantizing")
-    thresholds = [round(DEFAULT_THRESHOLDS[quantizer.bits] * m, 4) for m in THRESHOLD_MULTIPLIERS]
+    thresholds = candidate_thresholds(quantizer.bits)
     with torch.no_grad():
         z, _, sigma = normalize(weight, quantizer.per_channel)
         rows = z.shape[0] if quantizer.per_channel else 1
@@ -157,3 +163,25 @@ def choose_outlier_settings(weight: torch.Tensor, quantizer: WeightQuantizer) ->
                 candidates.append((threshold, factor))
     best_threshold, best_factor = candidates[int(torch.stack(errors).argmin())]
     return replace(quantizer, scale_factor=best_factor, threshold=best_threshold)
+
+
+def choose_outlier_settings_by_output(weight: torch.Tensor, quantizer: WeightQuantizer,
+                                      layer_map: Callable[[torch.Tensor], torch.Tensor]) -> WeightQuantizer:
+    """OAQ with calibration data: the (s, T) whose weight error changes the layer's output least.
+
+    `layer_map(delta)` applies the layer, without bias, to its inputs on calibration images, so the
+    score is ||layer(x; w^ - w)||^2: the error weighted by how much each weight is actually used.
+    Outliers that weight MSE would clip are often the weights a layer relies on most; this keeps
+    them when they matter. s = 1 (vanilla) is a candidate, so the output error never exceeds it.
+    """
+    if quantizer.method == "vanilla":
+        return quantizer
+    best, best_error = quantizer, math.inf
+    with torch.no_grad():
+        for threshold in candidate_thresholds(quantizer.bits):
+            for factor in SCALE_FACTOR_CANDIDATES:
+                candidate = replace(quantizer, scale_factor=factor, threshold=threshold)
+                error = float(layer_map(fake_quantize_weight(weight, candidate) - weight).square().sum())
+                if error < best_error:
+                    best, best_error = candidate, error
+    return best

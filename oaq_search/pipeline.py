@@ -23,14 +23,15 @@ import hwmodels
 from .bn_correction import BatchNormCorrector
 from .budget import parse_budget
 from .checkpoints import load_checkpoint
-from .config import StudyConfig
+from .config import FinetuneConfig, StudyConfig
 from .data import CifarSplits, ImageSplit, load_cifar10
 from .errors import UserError
 from .evaluate import accuracy
+from .finetune import FinetuneResult, finetune
 from .graph import LayerGraph, build_layer_graph
 from .models import build_model, model_spec
 from .plan import Plan
-from .planning import PlanFactory
+from .planning import PlanFactory, uniform_activation_bits
 from .ptq import CALIBRATION_IMAGES, post_training_quantize
 from .queue import fill_queue, work
 from .search import (Objective, SearchSpace, allocation_problem, best_trial, check_feasible, make_sampler,
@@ -89,7 +90,10 @@ def prepare(config: StudyConfig) -> Prepared:
     sensitivity_s = time.perf_counter() - loaded
     space = SearchSpace.from_graph(graph, search.weight_bits, search.first_last_bits, sensitivity,
                                    search.sensitivity_metric, search.method, search.prune_sensitivity, cost_model)
-    factory = PlanFactory(config.model.name, model, graph, search.method, search.grid, search.per_channel)
+    calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
+    factory = PlanFactory(config.model.name, model, graph, search.method, search.grid, search.per_channel,
+                          calibration if search.outlier_rule == "output_error" else None,
+                          uniform_activation_bits(graph, search.activation_bits, search.first_last_bits))
     problem = allocation_problem(space, factory, cost_model, graph, budget, sensitivity, search.sensitivity_metric,
                                  search.method)
     check_feasible(problem)
@@ -98,21 +102,21 @@ def prepare(config: StudyConfig) -> Prepared:
         choice = SEED_BUILDERS[name](problem)
         if choice is not None:
             seeds.append((space.params(choice), name))
-    corrector = BatchNormCorrector(model, next(splits.search.batches(CALIBRATION_IMAGES))[0]) \
-        if search.bn_correction else None
+    corrector = BatchNormCorrector(model, calibration) if search.bn_correction else None
     scored = splits.search.subset(search.eval_images)
     scorers = [split_scorer(scored, search.batch_size)]
     if 0 < search.screen_images < search.eval_images:
         scorers.insert(0, split_scorer(splits.search.subset(search.screen_images), search.batch_size))
     objective = Objective(copy.deepcopy(model), graph, space, factory, cost_model, budget, problem, scorers,
-                          corrector, search.pareto_metric)
+                          corrector, search.pareto_metric, calibration)
     fingerprint = {
         "model": config.model.name,
         "checkpoint": _file_digest(config.model.checkpoint) if config.model.checkpoint else "none",
         "search split": scored.fingerprint(),
         "search space": json.dumps({"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
                                     "method": search.method, "grid": search.grid, "per_channel": search.per_channel,
-                                    "bn_correction": search.bn_correction, "screen_images": search.screen_images,
+                                    "bn_correction": search.bn_correction,
+                                    "activation_bits": search.activation_bits, "outlier_rule": search.outlier_rule, "screen_images": search.screen_images,
                                     "pareto_metric": search.pareto_metric, "sampler": search.sampler},
                                    sort_keys=True),
         "cost model": cost_model.fingerprint(),
@@ -166,6 +170,7 @@ class StudyResult:
     finished_trials: int
     parameters: int
     seconds: dict[str, float] = field(default_factory=dict)
+    finetuned: FinetuneResult | None = None  # when the study file has a [finetune] section
 
 
 def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
@@ -175,7 +180,30 @@ def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
     started = time.perf_counter()
     _work_with_progress(study, storage, prepared, progress)
     prepared.seconds["search"] = time.perf_counter() - started
-    return finish(prepared, study)
+    result = finish(prepared, study)
+    if config.finetune.mode != "none":
+        # One folder per plan: re-running resumes the same plan's fine-tune; a new best plan starts afresh.
+        folder = config.output_path / "finetune" / result.plan.key()
+        result.finetuned = finetune_and_test(prepared.model, result.plan, prepared.splits, config.finetune, folder,
+                                             config.data.test_images, progress)
+        result.seconds["finetune"] = result.finetuned.seconds
+    return result
+
+
+def finetune_and_test(model: nn.Module, plan: Plan, splits: CifarSplits, config: FinetuneConfig,
+                      output_dir: str | Path, test_images: int | None = None,
+                      progress: bool | None = None) -> FinetuneResult:
+    """Fine-tune `plan`, then score full precision, post-training and fine-tuned on the test split.
+
+    The three accuracies go into the result's `scores` and the fine-tuned plan's metadata."""
+    result = finetune(model, plan, splits, config, output_dir, progress)
+    test_split = splits.test.subset(test_images or len(splits.test))
+    result.scores = {"fp_test_accuracy": accuracy(model, test_split),
+                     "ptq_test_accuracy": accuracy(post_training_quantize(model, plan, splits.search), test_split),
+                     "test_accuracy": accuracy(result.model, test_split), "test_images": len(test_split)}
+    result.plan.metadata["finetune"].update(result.scores)
+    result.plan.save(result.files["plan"])
+    return result
 
 
 def run_worker(config: StudyConfig, worker_index: int, progress: bool | None = None) -> int:
@@ -215,6 +243,7 @@ def finish(prepared: Prepared, study: optuna.Study) -> StudyResult:
     prepared.seconds["test"] = time.perf_counter() - started
     plan.totals = best.user_attrs["costs"]
     plan.metadata = {"study": config.name, "storage": config.storage_url, "trial": best.number,
+                     "checkpoint": config.model.checkpoint,
                      "seed": best.user_attrs.get("seed"), "search_accuracy": best.values[0],
                      "fp_test_accuracy": fp_test, "test_accuracy": test, "test_images": len(test_split),
                      "budget": parse_budget(config.budget), "cost_model": config.search.cost_model,

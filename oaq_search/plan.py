@@ -31,6 +31,7 @@ class LayerPlan:
     threshold: float | None = None  # OAQ's T in sigma units; None: the Gaussian default for the bits
     per_channel: bool = False
     scale_format: str = "float32"
+    activation_range: list[float] | None = None  # [low, high] of the input, e.g. learned; None: calibrate
     tie_group: int | None = None
     cost: dict[str, float] = field(default_factory=dict)
 
@@ -38,6 +39,11 @@ class LayerPlan:
         self.weight_quantizer()  # validates bits, grid, method, s, T
         if self.activation_bits is not None:
             check_bits(self.activation_bits, "activation_bits")
+        if self.activation_range is not None:
+            bounds = self.activation_range
+            if not (len(bounds) == 2 and bounds[1] > 0 and bounds[0] in (0.0, -bounds[1])):
+                raise UserError(f"layer {self.name}: activation_range must be [0, high] or [-high, high] with "
+                                f"high > 0, got {self.activation_range}")
         if self.scale_format not in SCALE_FORMATS:
             raise UserError(f"scale_format must be one of {', '.join(SCALE_FORMATS)}, got {self.scale_format!r}")
 

@@ -1,48 +1,105 @@
-"""From bit-widths to complete plans: OAQ's (s, T) chosen per layer and bit-width, data-free."""
+"""From bit-widths to complete plans: OAQ's (s, T) chosen once per layer and bit-width.
+
+Without calibration images the choice is data-free (weight MSE); with them, it minimises the
+layer's output error on those images (see `oaq.choose_outlier_settings_by_output`).
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Callable, Mapping
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .graph import LayerGraph
-from .oaq import WeightQuantizer, choose_outlier_settings
+from .oaq import (
+    WeightQuantizer,
+    choose_outlier_settings,
+    choose_outlier_settings_by_output,
+)
 from .plan import LayerPlan, Plan
+
+OUTPUT_ERROR_IMAGES = 32  # calibration images whose layer inputs score (s, T) candidates
 
 
 class PlanFactory:
-    """Per-layer weight bits -> a Plan, each layer's (s, T) picked by `choose_outlier_settings` once."""
+    """Per-layer weight bits -> a Plan, each layer's (s, T) picked once per bit-width and cached."""
 
     def __init__(self, model_name: str, model: nn.Module, graph: LayerGraph, method: str = "oaq",
-                 grid: str = "uniform", per_channel: bool = False):
+                 grid: str = "uniform", per_channel: bool = False, calibration: torch.Tensor | None = None,
+                 activation_bits: Mapping[str, int] | None = None):
         self.model_name, self.graph = model_name, graph
+        self.activation_bits = activation_bits  # per layer, for plans that do not say otherwise
         self.method, self.grid, self.per_channel = method, grid, per_channel
         modules = dict(model.named_modules())
         self._weights = {name: modules[name].weight.detach() for name in graph.names}
+        self._layer_maps = None if calibration is None or method == "vanilla" else \
+            _layer_maps(model, graph.names, calibration[:OUTPUT_ERROR_IMAGES])
         self._settings: dict[tuple[str, int], WeightQuantizer] = {}
 
     def settings(self, layer: str, bits: int) -> WeightQuantizer:
         key = (layer, bits)
         if key not in self._settings:
             base = WeightQuantizer(bits, self.grid, self.method, per_channel=self.per_channel)
-            self._settings[key] = choose_outlier_settings(self._weights[layer], base)
+            if self._layer_maps is None:
+                self._settings[key] = choose_outlier_settings(self._weights[layer], base)
+            else:
+                self._settings[key] = choose_outlier_settings_by_output(self._weights[layer], base,
+                                                                        self._layer_maps[layer])
         return self._settings[key]
 
     def __call__(self, weight_bits: Mapping[str, int], activation_bits: Mapping[str, int] | None = None,
                  tie_groups: Mapping[str, int] | None = None) -> Plan:
+        activation_bits = activation_bits or self.activation_bits or {}
         layers = []
         for name in self.graph.names:
             chosen = self.settings(name, weight_bits[name])
-            layers.append(LayerPlan(name, chosen.bits, (activation_bits or {}).get(name), chosen.grid, chosen.method,
+            layers.append(LayerPlan(name, chosen.bits, activation_bits.get(name), chosen.grid, chosen.method,
                                     chosen.scale_factor, chosen.threshold, chosen.per_channel,
                                     tie_group=(tie_groups or {}).get(name)))
         return Plan(self.model_name, layers)
 
     def uniform(self, weight_bits: int, activation_bits: int | None = None, first_last_bits: int | None = 8) -> Plan:
         """Every layer at `weight_bits` (and `activation_bits`), the first and last at `first_last_bits`."""
-        ends = {self.graph.names[0], self.graph.names[-1]} if first_last_bits is not None else set()
+        ends = end_layers(self.graph, first_last_bits)
         weights = {n: first_last_bits if n in ends else weight_bits for n in self.graph.names}
-        activations = None if activation_bits is None else {
-            n: max(first_last_bits, activation_bits) if n in ends else activation_bits for n in self.graph.names}
-        return self(weights, activations)
+        return self(weights, uniform_activation_bits(self.graph, activation_bits, first_last_bits))
+
+
+def end_layers(graph: LayerGraph, first_last_bits: int | None) -> set[str]:
+    """The first and last layer when they are pinned (first_last_bits set), else none."""
+    return {graph.names[0], graph.names[-1]} if first_last_bits is not None else set()
+
+
+def uniform_activation_bits(graph: LayerGraph, bits: int | None, first_last_bits: int | None) -> dict[str, int] | None:
+    """`bits` for every layer's input, at least `first_last_bits` for the pinned ends (the image input)."""
+    if bits is None:
+        return None
+    ends = end_layers(graph, first_last_bits)
+    return {n: max(first_last_bits, bits) if n in ends else bits for n in graph.names}
+
+
+def _layer_maps(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, Callable]:
+    """Per layer, delta -> the layer (no bias) applied with weight `delta` to its full-precision inputs."""
+    modules = dict(model.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [modules[name].register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
+               for name in names]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    maps = {}
+    for name in names:
+        layer, x = modules[name], inputs[name]
+        layer = getattr(layer, "layer", layer)  # a QuantizedLayer's own Conv2d/Linear
+        if isinstance(layer, nn.Conv2d):
+            maps[name] = lambda delta, x=x, conv=layer: conv._conv_forward(x, delta, None)
+        else:
+            maps[name] = lambda delta, x=x: F.linear(x, delta)
+    return maps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from .bn_correction import BatchNormCorrector
@@ -26,10 +27,20 @@ def post_training_quantize(model: nn.Module, plan: Plan, calibration: ImageSplit
             raise UserError("a plan with activation bits needs calibration data: pass the search split")
         return quantized
     images = next(calibration.batches(calibration_images))[0]
-    if needs_calibration(quantized):
+    corrector = BatchNormCorrector(model, images) if bn_correction else None
+    return calibrate_and_correct(quantized, images, corrector, ranges_from_data=needs_calibration(quantized))
+
+
+def calibrate_and_correct(quantized: nn.Module, images: torch.Tensor | None, corrector: BatchNormCorrector | None = None,
+                          ranges_from_data: bool = True) -> nn.Module:
+    """Fit activation ranges on `images`, correct BatchNorm statistics, then re-fit the ranges to them.
+
+    `ranges_from_data=False` keeps ranges the plan fixed (a fine-tuned plan)."""
+    calibrate = ranges_from_data and images is not None and bool(activation_quantizers(quantized))
+    if calibrate:
         calibrate_activations(quantized, [images])
-    if bn_correction:
-        BatchNormCorrector(model, images).apply(quantized)
-        if activation_quantizers(quantized):
-            calibrate_activations(quantized, [images])  # ranges for the corrected distributions
+    if corrector is not None:
+        corrector.apply(quantized)
+        if calibrate:
+            calibrate_activations(quantized, [images])
     return quantized

@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import optuna
+import torch
 from torch import nn
 
 from hwmodels.base import CostModel, CostReport
@@ -24,6 +25,7 @@ from .fake_quant import quantize_
 from .graph import LayerGraph
 from .plan import Plan
 from .planning import PlanFactory
+from .ptq import calibrate_and_correct
 from .schema import to_dict
 from .seeds import AllocationProblem
 from .sensitivity import SensitivityTable
@@ -129,10 +131,11 @@ class Objective:
     def __init__(self, quantized_model: nn.Module, graph: LayerGraph, space: SearchSpace, factory: PlanFactory,
                  cost_model: CostModel, budget: Mapping[str, float], problem: AllocationProblem,
                  scorers: Sequence[Scorer], corrector: BatchNormCorrector | None = None,
-                 pareto_metric: str | None = None):
+                 pareto_metric: str | None = None, calibration: torch.Tensor | None = None):
         self.model, self.graph, self.space, self.factory = quantized_model, graph, space, factory
         self.cost_model, self.budget, self.problem = cost_model, dict(budget), problem
         self.scorers, self.corrector, self.pareto_metric = list(scorers), corrector, pareto_metric
+        self.calibration = calibration  # images for activation ranges (plans with activation bits)
         self.cache: dict[str, float] = {}
 
     def plan_and_cost(self, choice: Sequence[int]) -> tuple[Plan, CostReport]:
@@ -161,8 +164,7 @@ class Objective:
             trial.set_user_attr("cached", True)
             return self.cache[key]
         quantize_(self.model, plan)
-        if self.corrector is not None:
-            self.corrector.apply(self.model)
+        calibrate_and_correct(self.model, self.calibration, self.corrector)
         for step, scorer in enumerate(self.scorers[:-1]):
             trial.report(scorer(self.model), step)
             if not self.pareto_metric and trial.should_prune():

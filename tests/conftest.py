@@ -63,4 +63,5 @@ def quick_study(shared, tmp_path):
     config.search.n_trials = 3
     config.search.eval_images = 200
     config.data.test_images = 1000
+    config.finetune.mode = "none"  # tests that fine-tune turn it back on, shrunk
     return config

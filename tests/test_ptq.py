@@ -1,6 +1,7 @@
 import copy
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from oaq_search.cli import main
 from oaq_search.data import load_cifar10
 from oaq_search.evaluate import accuracy
 from oaq_search.fake_quant import quantize_
+from oaq_search.oaq import fake_quantize_weight
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.plan import Plan
 from oaq_search.planning import PlanFactory
@@ -99,3 +101,33 @@ def test_plans_can_be_built_from_an_already_quantized_model():
     plan = PlanFactory("resnet20", model, graph).uniform(4)
     assert torch.equal(model.layer1[0].conv1.weight, model.layer1[0].conv1.layer.weight)
     assert plan.layer("layer1.0.conv1").weight_bits == 4
+
+
+@pytest.mark.shared
+def test_output_error_rule_never_loses_to_weight_mse_or_vanilla_on_the_layer_output(shared):
+    model = load_model("resnet20", shared / "models" / "resnet20_cifar10jpeg.pt")
+    graph = layer_graph("resnet20", model)
+    images = next(load_cifar10(shared / "data" / "cifar10").search.batches(32))[0]
+    by_output = PlanFactory("resnet20", model, graph, calibration=images)
+    by_weight = PlanFactory("resnet20", model, graph)
+    inputs = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
+             for name in graph.names]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    differs = 0
+    for name in graph.names[1:-1]:
+        conv = model.get_submodule(name)
+
+        @torch.no_grad()
+        def output_error(quantizer, conv=conv, x=inputs[name]):
+            delta = fake_quantize_weight(conv.weight, quantizer) - conv.weight
+            return float(conv._conv_forward(x, delta, None).square().sum())
+
+        chosen, data_free = by_output.settings(name, 3), by_weight.settings(name, 3)
+        vanilla = replace(chosen, scale_factor=1.0)
+        assert output_error(chosen) <= min(output_error(data_free), output_error(vanilla)) * (1 + 1e-6), name
+        differs += (chosen.scale_factor, chosen.threshold) != (data_free.scale_factor, data_free.threshold)
+    assert differs > 0  # the two rules are not the same rule

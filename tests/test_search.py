@@ -139,3 +139,14 @@ def test_report_page_references_only_valid_images(config, tmp_path):
         with Image.open(tmp_path / "report" / source) as image:
             image.verify()
     assert "layer1.0.conv1:" in (tmp_path / "report" / "index.html").read_text()
+
+
+@pytest.mark.shared
+def test_search_with_activation_bits_calibrates_every_trial(config):
+    config.search.n_trials, config.search.activation_bits = 3, 4
+    result = run_study(config, progress=False)
+    bits = {layer.name: layer.activation_bits for layer in result.plan.layers}
+    assert bits["conv1"] == 8 and bits["linear"] == 8  # the pinned ends keep 8-bit inputs (the image)
+    assert {b for name, b in bits.items() if name not in ("conv1", "linear")} == {4}
+    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value > 30 for t in study.trials)

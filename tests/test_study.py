@@ -18,6 +18,7 @@ def config(quick_study):
 
 
 def test_quickstart_writes_a_plan_that_fits_and_resumes(config):
+    config.finetune.mode, config.finetune.images_per_epoch, config.finetune.epochs = "scale", 64, 1
     result = run_study(config, progress=False)
     plan = Plan.load(result.plan_path)
     assert plan.totals["weight_bytes"] <= 104 * 1024
@@ -25,6 +26,10 @@ def test_quickstart_writes_a_plan_that_fits_and_resumes(config):
     assert plan.metadata["test_accuracy"] == pytest.approx(result.test_accuracy)
     assert 10 < result.test_accuracy <= result.fp_test_accuracy
     assert json.loads(result.plan_path.read_text())["schema_version"] == 1
+    tuned = Plan.load(result.finetuned.files["plan"])  # the run ends with the fine-tuned plan and files
+    assert [layer.weight_bits for layer in tuned.layers] == [layer.weight_bits for layer in plan.layers]
+    assert tuned.metadata["finetune"]["test_accuracy"] == pytest.approx(result.finetuned.scores["test_accuracy"])
+    assert result.finetuned.files["packed"].is_file() and "finetune" in result.seconds
 
     before = optuna.load_study(study_name=config.name, storage=config.storage_url).trials
     config.search.n_trials = 5

@@ -1,0 +1,88 @@
+"""The paper's Tables 3 and 4 on ResNet-20: scale fine-tuning, and weight-only QAT vanilla vs OAQ.
+
+`--part scale`: W8A8, W4A8 and W4A4, each post-training (w/o FT) and after scale fine-tuning.
+`--part qat`: weights only at 4, 3 and 2 bits, vanilla vs OAQ quantization-aware training.
+Accuracy on the test split as change against the checkpoint's own FP accuracy, beside the paper's
+changes. Each row's fine-tune keeps its state under runs/benchmarks/, so a stopped run resumes.
+
+    python benchmarks/finetune_resnet20.py --part scale --epochs 3
+    python benchmarks/finetune_resnet20.py --part qat --epochs 4 --bits 2
+    python benchmarks/finetune_resnet20.py --part qat --epochs 1 --bits 4 3
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import SHARED, write_results
+
+from oaq_search.config import FinetuneConfig
+from oaq_search.data import load_cifar10
+from oaq_search.pipeline import finetune_and_test, layer_graph, load_model
+from oaq_search.planning import PlanFactory
+from oaq_search.ptq import CALIBRATION_IMAGES
+
+# Paper changes vs FP 92.60 (Table 3, OAQ: w/o FT -> w/ FT; Table 4, QAT weights only).
+PAPER_SCALE = {(8, 8): (0.52, 0.50), (4, 8): (-2.09, 0.06), (4, 4): (-2.94, 0.01)}
+PAPER_QAT = {("vanilla", 4): 0.04, ("oaq", 4): 0.19, ("vanilla", 3): -1.69, ("oaq", 3): -0.48,
+             ("vanilla", 2): -46.01, ("oaq", 2): -2.46}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("scale", "qat"), required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="qat weight bits")
+    parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
+    args = parser.parse_args()
+    model = load_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
+    graph = layer_graph("resnet20", model)
+    splits = load_cifar10(args.data_root)
+    calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
+    if args.part == "scale":
+        config = FinetuneConfig(mode="scale", epochs=args.epochs)
+        settings = [("oaq", weight_bits, activation_bits) for weight_bits, activation_bits in PAPER_SCALE]
+    else:
+        config = FinetuneConfig(mode="qat", epochs=args.epochs)
+        settings = [(method, bits, None) for bits in args.bits for method in ("vanilla", "oaq")]
+    rows = []
+    for method, weight_bits, activation_bits in settings:
+        plan = PlanFactory("resnet20", model, graph, method, calibration=calibration).uniform(weight_bits,
+                                                                                               activation_bits)
+        label = f"W{weight_bits}" + (f"A{activation_bits}" if activation_bits else "")
+        folder = f"runs/benchmarks/finetune_{args.part}/{method}_{label}_e{args.epochs}"
+        result = finetune_and_test(model, plan, splits, config, folder)
+        scores = result.scores
+        paper_before, paper_after = PAPER_SCALE.get((weight_bits, activation_bits), (None, None)) \
+            if args.part == "scale" else (None, PAPER_QAT[(method, weight_bits)])
+        rows.append({"setting": label, "method": method, "mode": config.mode, "epochs": args.epochs,
+                     "distill": config.distill, "fp_accuracy": scores["fp_test_accuracy"],
+                     "ptq_accuracy": scores["ptq_test_accuracy"], "finetuned_accuracy": scores["test_accuracy"],
+                     "ptq_change": scores["ptq_test_accuracy"] - scores["fp_test_accuracy"],
+                     "finetuned_change": scores["test_accuracy"] - scores["fp_test_accuracy"],
+                     "paper_ptq_change": paper_before, "paper_finetuned_change": paper_after,
+                     "finetune_s": round(result.seconds, 1),
+                     "images_per_second": round(result.history[-1]["images_per_second"], 1),
+                     "history": result.history})
+        print(f"{method} {label}: post-training {rows[-1]['ptq_change']:+.2f}, fine-tuned "
+              f"{rows[-1]['finetuned_change']:+.2f} ({result.seconds:.0f} s)", flush=True)
+        name = f"finetune_{args.part}_resnet20" + ("" if args.part == "scale" else f"_w{''.join(map(str, args.bits))}")
+        write_results(name, rows, markdown(rows))  # after every row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [("| setting | method | mode | epochs | FP % | post-training | fine-tuned | change before -> after | "
+              "paper change before -> after | fine-tune time |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        paper_before = "" if r["paper_ptq_change"] is None else f"{r['paper_ptq_change']:+.2f} -> "
+        paper = f"{paper_before}{r['paper_finetuned_change']:+.2f}"
+        lines.append(f"| {r['setting']} | {r['method']} | {r['mode']}{' + KD' if r['distill'] else ''} | "
+                     f"{r['epochs']} | {r['fp_accuracy']:.2f} | {r['ptq_accuracy']:.2f} | "
+                     f"{r['finetuned_accuracy']:.2f} | {r['ptq_change']:+.2f} -> {r['finetuned_change']:+.2f} | "
+                     f"{paper} | {r['finetune_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
