@@ -166,22 +166,26 @@ def choose_outlier_settings(weight: torch.Tensor, quantizer: WeightQuantizer) ->
 
 
 def choose_outlier_settings_by_output(weight: torch.Tensor, quantizer: WeightQuantizer,
-                                      layer_map: Callable[[torch.Tensor], torch.Tensor]) -> WeightQuantizer:
+                                      output_errors: Callable[[torch.Tensor], torch.Tensor]) -> WeightQuantizer:
     """OAQ with calibration data: the (s, T) whose weight error changes the layer's output least.
 
-    `layer_map(delta)` applies the layer, without bias, to its inputs on calibration images, so the
-    score is ||layer(x; w^ - w)||^2: the error weighted by how much each weight is actually used.
-    Outliers that weight MSE would clip are often the weights a layer relies on most; this keeps
-    them when they matter. s = 1 (vanilla) is a candidate, so the output error never exceeds it.
+    `output_errors(deltas)` takes K stacked weight errors (K, *weight.shape) and returns, per
+    candidate, ||layer(x; delta)||^2 on the layer's inputs from calibration images: the error
+    weighted by how much each weight is actually used. Outliers that weight MSE would clip are
+    often the weights a layer relies on most; this keeps them when they matter. s = 1 (vanilla)
+    is a candidate, so the output error never exceeds vanilla's.
     """
     if quantizer.method == "vanilla":
         return quantizer
-    best, best_error = quantizer, math.inf
+    candidates = [replace(quantizer, scale_factor=factor, threshold=threshold)
+                  for threshold in candidate_thresholds(quantizer.bits) for factor in SCALE_FACTOR_CANDIDATES]
+    errors = []
     with torch.no_grad():
-        for threshold in candidate_thresholds(quantizer.bits):
-            for factor in SCALE_FACTOR_CANDIDATES:
-                candidate = replace(quantizer, scale_factor=factor, threshold=threshold)
-                error = float(layer_map(fake_quantize_weight(weight, candidate) - weight).square().sum())
-                if error < best_error:
-                    best, best_error = candidate, error
-    return best
+        for start in range(0, len(candidates), _CANDIDATES_PER_PASS):
+            deltas = torch.stack([fake_quantize_weight(weight, c) - weight
+                                  for c in candidates[start:start + _CANDIDATES_PER_PASS]])
+            errors.append(output_errors(deltas))
+    return candidates[int(torch.cat(errors).argmin())]
+
+
+_CANDIDATES_PER_PASS = 7  # candidates scored by one stacked conv: fewer, larger kernels; bounded memory

@@ -6,7 +6,9 @@ layer's output error on those images (see `oaq.choose_outlier_settings_by_output
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from .oaq import (
 from .plan import LayerPlan, Plan
 
 OUTPUT_ERROR_IMAGES = 32  # calibration images whose layer inputs score (s, T) candidates
+STORED_INPUT_VALUES = 50_000_000  # at most this many input values kept (200 MB): fewer images for large inputs
 
 
 class PlanFactory:
@@ -34,19 +37,19 @@ class PlanFactory:
         self.method, self.grid, self.per_channel = method, grid, per_channel
         modules = dict(model.named_modules())
         self._weights = {name: modules[name].weight.detach() for name in graph.names}
-        self._layer_maps = None if calibration is None or method == "vanilla" else \
-            _layer_maps(model, graph.names, calibration[:OUTPUT_ERROR_IMAGES])
+        self._output_errors = None if calibration is None or method == "vanilla" else \
+            _output_error_functions(model, graph, calibration)
         self._settings: dict[tuple[str, int], WeightQuantizer] = {}
 
     def settings(self, layer: str, bits: int) -> WeightQuantizer:
         key = (layer, bits)
         if key not in self._settings:
             base = WeightQuantizer(bits, self.grid, self.method, per_channel=self.per_channel)
-            if self._layer_maps is None:
+            if self._output_errors is None:
                 self._settings[key] = choose_outlier_settings(self._weights[layer], base)
             else:
                 self._settings[key] = choose_outlier_settings_by_output(self._weights[layer], base,
-                                                                        self._layer_maps[layer])
+                                                                        self._output_errors[layer])
         return self._settings[key]
 
     def __call__(self, weight_bits: Mapping[str, int], activation_bits: Mapping[str, int] | None = None,
@@ -80,12 +83,16 @@ def uniform_activation_bits(graph: LayerGraph, bits: int | None, first_last_bits
     return {n: max(first_last_bits, bits) if n in ends else bits for n in graph.names}
 
 
-def _layer_maps(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, Callable]:
-    """Per layer, delta -> the layer (no bias) applied with weight `delta` to its full-precision inputs."""
+def _output_error_functions(model: nn.Module, graph: LayerGraph, images: torch.Tensor) -> dict[str, Callable]:
+    """Per layer, stacked weight errors (K, *weight) -> K squared output errors on the layer's FP inputs.
+
+    Inputs of every layer are kept, so the image count is capped to bound their memory."""
+    per_image = sum(math.prod(graph.info(name).input_shape) for name in graph.names)
+    images = images[:max(1, min(OUTPUT_ERROR_IMAGES, STORED_INPUT_VALUES // per_image))]
     modules = dict(model.named_modules())
     inputs: dict[str, torch.Tensor] = {}
     handles = [modules[name].register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
-               for name in names]
+               for name in graph.names]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -94,12 +101,14 @@ def _layer_maps(model: nn.Module, names: list[str], images: torch.Tensor) -> dic
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    maps = {}
-    for name in names:
-        layer, x = modules[name], inputs[name]
-        layer = getattr(layer, "layer", layer)  # a QuantizedLayer's own Conv2d/Linear
-        if isinstance(layer, nn.Conv2d):
-            maps[name] = lambda delta, x=x, conv=layer: conv._conv_forward(x, delta, None)
-        else:
-            maps[name] = lambda delta, x=x: F.linear(x, delta)
-    return maps
+    return {name: partial(_output_errors, getattr(modules[name], "layer", modules[name]), inputs[name])
+            for name in graph.names}  # a QuantizedLayer's own Conv2d/Linear
+
+
+def _output_errors(layer: nn.Module, x: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    count = len(deltas)
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, deltas.flatten(0, 1)).unflatten(-1, (count, -1)).square().sum(dim=(0, 2))
+    if layer.groups == 1:  # all candidates as one convolution with count x the output channels
+        return layer._conv_forward(x, deltas.flatten(0, 1), None).unflatten(1, (count, -1)).square().sum(dim=(0, 2, 3, 4))
+    return torch.stack([layer._conv_forward(x, delta, None).square().sum() for delta in deltas])
