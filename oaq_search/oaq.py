@@ -9,7 +9,6 @@ outliers by s instead (an ablation). Statistics are per tensor or per output cha
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
