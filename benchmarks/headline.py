@@ -4,7 +4,7 @@ For each model and average weight bits (first and last layer at 8 bits, counted 
 with every layer's input at --activation-bits: uniform vanilla and uniform OAQ (the largest
 uniform bit-width that fits), the integer program on sensitivity alone, and the full search.
 Each plan is scored on the test split after post-training quantization and again after the same
-fine-tune (scale mode, --epochs x --finetune-images). Changes are against the checkpoint's own FP
+fine-tune (--mode, --epochs x --finetune-images). Changes are against the checkpoint's own FP
 accuracy; the wall time of every stage is recorded.
 
     python benchmarks/headline.py --models resnet20 --bits 4 3 2.5 2 --trials 40 --finetune-images 10000
@@ -34,11 +34,12 @@ def main() -> None:
     parser.add_argument("--activation-bits", type=int, default=4)
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--eval-images", type=int, default=1000, help="search-split images scored per trial")
+    parser.add_argument("--mode", choices=("scale", "qat"), default="scale", help="the fine-tune every plan gets")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--finetune-images", type=int, default=10000, help="fine-tuning images per epoch")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="oaq-headline-"))
-    finetune_config = FinetuneConfig(mode="scale", epochs=args.epochs, images_per_epoch=args.finetune_images)
+    finetune_config = FinetuneConfig(mode=args.mode, epochs=args.epochs, images_per_epoch=args.finetune_images)
     rows = []
     for model in args.models:
         for bits in args.bits:
@@ -77,7 +78,7 @@ def main() -> None:
                 })
                 print({k: v for k, v in rows[-1].items() if k != "seconds"}, flush=True)
             write_results(f"headline_{'_'.join(args.models)}", rows, markdown(rows),
-                          {"finetune": {"mode": "scale", "epochs": args.epochs, "images_per_epoch": args.finetune_images},
+                          {"finetune": {"mode": args.mode, "epochs": args.epochs, "images_per_epoch": args.finetune_images},
                            "trials": args.trials, "eval_images": args.eval_images})
 
 

@@ -144,15 +144,16 @@ def headline_section() -> list[str]:
 def systems_section() -> list[str]:
     lines = ["### Speed and cost models", ""]
     speed, cost, latency = load("quantize_speed"), load("cost_model_speed"), load("local_cpu_latency")
-    training = load("finetune_speed")
+    sensitivity, training = load("sensitivity_speed"), load("finetune_speed")
     if training:
-        best = max((r for r in training["rows"] if r["images_per_second"]), key=lambda r: r["images_per_second"])
-        failed = [r for r in training["rows"] if r["error"]]
-        lines.append(f"- Fine-tuning throughput (ResNet-20 W4A4, batch 128): best {best['images_per_second']:.0f} "
-                     f"images/s ({best['mode']}, {best['layout']}, {best['threads']} threads)"
-                     + (f"; torch.compile fails here ({failed[0]['error'].split(':')[0]})" if failed else "")
-                     + f" ({source(training)}).")
-    sensitivity = load("sensitivity_speed")
+        def speeds(layout):
+            return ", ".join(f"{r['mode']} {r['images_per_second']:.0f}" if r["images_per_second"] else
+                             f"{r['mode']} fails ({r['error'].split(':')[0]})"
+                             for r in training["rows"] if r["layout"] == layout and r["threads"] == 2)
+        lines.append(f"- Fine-tuning throughput, ResNet-20 W4A4, batch 128, 2 threads, images/s: NCHW {speeds('nchw')}; "
+                     f"channels_last {speeds('channels_last')} (the default); channels_last + torch.compile "
+                     f"{speeds('channels_last+compile')} ({source(training)}; 1 thread and the compile failures: "
+                     f"`benchmarks/results/finetune_speed.md`).")
     if sensitivity:
         r56 = {r["metrics"]: r["seconds"] for r in sensitivity["rows"] if r["model"] == "resnet56"}
         lines.append(f"- Full sensitivity table for ResNet-56 (bits 2..8, vanilla and OAQ): SSIM metrics "
