@@ -23,8 +23,7 @@ from search_quality import budget_bytes, run, with_budget
 from oaq_search.config import FinetuneConfig
 from oaq_search.pipeline import finetune_and_test, finish
 from oaq_search.plan import Plan
-from oaq_search.planning import PlanFactory, uniform_activation_bits
-from oaq_search.ptq import CALIBRATION_IMAGES
+from oaq_search.planning import PlanFactory
 
 
 def main() -> None:
@@ -52,10 +51,8 @@ def main() -> None:
             factory, budget = prepared.objective.factory, budget_bytes(model, bits)
             fitting = [b for b in config.search.weight_bits if prepared.objective.cost_model.evaluate(
                 prepared.graph, factory.uniform(b)).totals["weight_bytes"] <= budget]
-            if fitting:
-                calibration = next(prepared.splits.search.batches(CALIBRATION_IMAGES))[0]
-                vanilla = PlanFactory(model, prepared.model, prepared.graph, "vanilla", calibration=calibration,
-                                      activation_bits=uniform_activation_bits(prepared.graph, args.activation_bits, 8))
+            if fitting:  # vanilla has no (s, T) to choose, so its factory needs no calibration images
+                vanilla = PlanFactory(model, prepared.model, prepared.graph, "vanilla")
                 candidates[f"uniform vanilla W{max(fitting)}"] = vanilla.uniform(max(fitting), args.activation_bits)
                 candidates[f"uniform OAQ W{max(fitting)}"] = factory.uniform(max(fitting), args.activation_bits)
             for method, plan in candidates.items():

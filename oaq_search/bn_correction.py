@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .observe import observe_inputs
+
 _BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
 
 
@@ -23,51 +25,30 @@ class BatchNormCorrector:
 
     def __init__(self, fp_model: nn.Module, images: torch.Tensor):
         self.images = images
-        self.reference = _input_statistics(fp_model, images)
+        self.reference = {}
+        observe_inputs(fp_model, _batchnorms(fp_model), images,
+                       lambda name, module, x: self.reference.__setitem__(name, _channel_statistics(x)))
         self.original = {name: (module.running_mean.clone(), module.running_var.clone())
-                         for name, module in fp_model.named_modules() if isinstance(module, _BATCHNORMS)}
+                         for name, module in _batchnorms(fp_model).items()}
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Set every BN's running statistics of `model` (same architecture) to corrected values."""
-        def correct(module, inputs, name):
-            mean_q, var_q = _channel_statistics(inputs[0])
+        def correct(name, module, x):
+            mean_q, var_q = _channel_statistics(x)
             mean_fp, var_fp = self.reference[name]
             mean, var = self.original[name]
             ratio = var_q / var_fp.clamp(min=1e-12)
             module.running_var.copy_(var * ratio)
             module.running_mean.copy_(mean_q - (mean_fp - mean) * ratio.sqrt())
 
-        handles = [module.register_forward_pre_hook(lambda m, i, name=name: correct(m, i, name))
-                   for name, module in model.named_modules() if isinstance(module, _BATCHNORMS)]
-        try:
-            _forward(model, self.images)
-        finally:
-            for handle in handles:
-                handle.remove()
+        observe_inputs(model, _batchnorms(model), self.images, correct)
         return model
 
 
-def _input_statistics(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    statistics = {}
-    handles = [module.register_forward_pre_hook(
-                   lambda m, i, name=name: statistics.__setitem__(name, _channel_statistics(i[0])))
-               for name, module in model.named_modules() if isinstance(module, _BATCHNORMS)]
-    try:
-        _forward(model, images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return statistics
+def _batchnorms(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, _BATCHNORMS)}
 
 
 def _channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = [d for d in range(x.dim()) if d != 1]
     return x.mean(dims), x.var(dims)
-
-
-def _forward(model: nn.Module, images: torch.Tensor) -> None:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        model(images)
-    model.train(was_training)

@@ -133,7 +133,7 @@ def _optimizers(quantized: nn.Module, config: FinetuneConfig) -> list[torch.opti
         groups.append({"params": affine, "lr": config.learning_rate or DEFAULT_LEARNING_RATES["scale"]})
         learned += affine
     optimizers = [torch.optim.Adam(groups, lr=config.quantizer_learning_rate)] if groups else []
-    if config.mode == "qat":  # every weight, bias and BatchNorm affine; never a range left out on purpose
+    if config.mode == "qat":  # every weight, bias and BN affine; not the quantizers' own s logits and ranges
         weights = [p for name, p in quantized.named_parameters() if not name.endswith(("scale_logit", ".clip"))]
         optimizers.append(torch.optim.SGD(weights, lr=config.learning_rate or DEFAULT_LEARNING_RATES["qat"], momentum=0.9,
                                           nesterov=True, weight_decay=WEIGHT_DECAY))

@@ -20,6 +20,7 @@ from .oaq import (
     choose_outlier_settings,
     choose_outlier_settings_by_output,
 )
+from .observe import observe_inputs
 from .plan import LayerPlan, Plan
 
 OUTPUT_ERROR_IMAGES = 32  # calibration images whose layer inputs score (s, T) candidates
@@ -91,16 +92,8 @@ def _output_error_functions(model: nn.Module, graph: LayerGraph, images: torch.T
     images = images[:max(1, min(OUTPUT_ERROR_IMAGES, STORED_INPUT_VALUES // per_image))]
     modules = dict(model.named_modules())
     inputs: dict[str, torch.Tensor] = {}
-    handles = [modules[name].register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0]))
-               for name in graph.names]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    observe_inputs(model, {name: modules[name] for name in graph.names}, images,
+                   lambda name, module, x: inputs.__setitem__(name, x))
     return {name: partial(_output_errors, getattr(modules[name], "layer", modules[name]), inputs[name])
             for name in graph.names}  # a QuantizedLayer's own Conv2d/Linear
 

@@ -24,7 +24,7 @@ from .errors import UserError
 from .fake_quant import quantize_
 from .graph import LayerGraph
 from .plan import Plan
-from .planning import PlanFactory
+from .planning import PlanFactory, end_layers
 from .ptq import calibrate_and_correct
 from .schema import to_dict
 from .seeds import AllocationProblem
@@ -47,7 +47,7 @@ class SearchSpace:
                    prune_above: float | None = None, cost_model: CostModel | None = None) -> "SearchSpace":
         """Tie groups of `graph`, each with the candidates its target runs; a bit-width is dropped
         when the group's sensitivity exceeds `prune_above`."""
-        pinned = {graph.names[0]: first_last_bits, graph.names[-1]: first_last_bits} if first_last_bits else {}
+        pinned = {name: first_last_bits for name in end_layers(graph, first_last_bits)}
         groups = [g for g in ([n for n in group if n not in pinned] for group in graph.tie_groups()) if g]
         bits = sorted(set(candidate_bits))
         per_group = []

@@ -1,0 +1,25 @@
+"""One inference pass that shows chosen modules their inputs: BN correction and (s, T) scoring use it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+
+def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], images: torch.Tensor,
+                   observe: Callable[[str, nn.Module, torch.Tensor], None]) -> None:
+    """Run `model` on `images` once (eval mode, no grad), calling observe(name, module, input) as
+    each of `modules` is reached; hooks and the training flag are restored afterwards."""
+    handles = [module.register_forward_pre_hook(lambda m, args, name=name: observe(name, m, args[0]))
+               for name, module in modules.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(images)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
