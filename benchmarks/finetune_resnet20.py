@@ -1,13 +1,15 @@
 """The paper's Tables 3 and 4 on ResNet-20: scale fine-tuning, and weight-only QAT vanilla vs OAQ.
 
 `--part scale`: W8A8, W4A8 and W4A4, each post-training (w/o FT) and after scale fine-tuning.
-`--part qat`: weights only at 4, 3 and 2 bits, vanilla vs OAQ quantization-aware training.
+`--part qat`: weights only at 4, 3 and 2 bits, vanilla vs OAQ quantization-aware training (with
+`--activation-bits`, activations quantized too: not in the paper's table).
 Accuracy on the test split as change against the checkpoint's own FP accuracy, beside the paper's
 changes. Each row's fine-tune keeps its state under runs/benchmarks/, so a stopped run resumes.
 
     python benchmarks/finetune_resnet20.py --part scale --epochs 3
     python benchmarks/finetune_resnet20.py --part qat --epochs 4 --bits 2
     python benchmarks/finetune_resnet20.py --part qat --epochs 1 --bits 4 3
+    python benchmarks/finetune_resnet20.py --part qat --epochs 2 --bits 4 --activation-bits 4 --methods oaq
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("scale", "qat"), required=True)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="qat weight bits")
+    parser.add_argument("--activation-bits", type=int, default=None, help="qat activation bits (default: none)")
+    parser.add_argument("--methods", nargs="+", choices=("vanilla", "oaq"), default=["vanilla", "oaq"], help="qat methods")
     parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
     args = parser.parse_args()
     model = load_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
@@ -44,7 +48,7 @@ def main() -> None:
         settings = [("oaq", weight_bits, activation_bits) for weight_bits, activation_bits in PAPER_SCALE]
     else:
         config = FinetuneConfig(mode="qat", epochs=args.epochs)
-        settings = [(method, bits, None) for bits in args.bits for method in ("vanilla", "oaq")]
+        settings = [(method, bits, args.activation_bits) for bits in args.bits for method in args.methods]
     rows = []
     for method, weight_bits, activation_bits in settings:
         plan = PlanFactory("resnet20", model, graph, method, calibration=calibration).uniform(weight_bits,
@@ -54,7 +58,7 @@ def main() -> None:
         result = finetune_and_test(model, plan, splits, config, folder)
         scores = result.scores
         paper_before, paper_after = PAPER_SCALE.get((weight_bits, activation_bits), (None, None)) \
-            if args.part == "scale" else (None, PAPER_QAT[(method, weight_bits)])
+            if args.part == "scale" else (None, None if activation_bits else PAPER_QAT[(method, weight_bits)])
         rows.append({"setting": label, "method": method, "mode": config.mode, "epochs": args.epochs,
                      "distill": config.distill, "fp_accuracy": scores["fp_test_accuracy"],
                      "ptq_accuracy": scores["ptq_test_accuracy"], "finetuned_accuracy": scores["test_accuracy"],
@@ -66,7 +70,8 @@ def main() -> None:
                      "history": result.history})
         print(f"{method} {label}: post-training {rows[-1]['ptq_change']:+.2f}, fine-tuned "
               f"{rows[-1]['finetuned_change']:+.2f} ({result.seconds:.0f} s)", flush=True)
-        name = f"finetune_{args.part}_resnet20" + ("" if args.part == "scale" else f"_w{''.join(map(str, args.bits))}")
+        name = f"finetune_{args.part}_resnet20" + ("" if args.part == "scale" else f"_w{''.join(map(str, args.bits))}"
+                                                   + (f"a{args.activation_bits}" if args.activation_bits else ""))
         write_results(name, rows, markdown(rows))  # after every row
 
 
@@ -76,7 +81,7 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paper_before = "" if r["paper_ptq_change"] is None else f"{r['paper_ptq_change']:+.2f} -> "
-        paper = f"{paper_before}{r['paper_finetuned_change']:+.2f}"
+        paper = "n/a" if r["paper_finetuned_change"] is None else f"{paper_before}{r['paper_finetuned_change']:+.2f}"
         lines.append(f"| {r['setting']} | {r['method']} | {r['mode']}{' + KD' if r['distill'] else ''} | "
                      f"{r['epochs']} | {r['fp_accuracy']:.2f} | {r['ptq_accuracy']:.2f} | "
                      f"{r['finetuned_accuracy']:.2f} | {r['ptq_change']:+.2f} -> {r['finetuned_change']:+.2f} | "

@@ -82,21 +82,24 @@ def search_section() -> list[str]:
         lines.append(f"| {r['average_bits']} | {r['budget_kib']:.1f} KiB | {r['uniform_test']:.2f} % "
                      f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {r['integer_program_test']:.2f} % | "
                      f"{r['search_test']:.2f} % ({r['search_kib']:.1f} KiB) | {r['fp_test']:.2f} % |")
-    lines += ["", "At 3 bits the search keeps the uniform plan; at 2.5 bits mixed precision is 12 points above the "
-              "nearest uniform plan that fits, and the integer-program seed is as good as 100 trials. Source: "
-              + source(data) + "."]
+    gains = "; ".join(f"{r['average_bits']} bits: {r['search_test'] - r['uniform_test']:+.2f} against uniform "
+                      f"(W{r['uniform_bits']}), {r['search_test'] - r['integer_program_test']:+.2f} against the seed"
+                      for r in data["rows"])
+    lines += ["", f"The search's best plan, in points on the test split: {gains}. Source: {source(data)}."]
     efficiency = load("search_efficiency_resnet20")
     if efficiency:
-        matched = [r["trials_to_match"]["seeded"] for r in efficiency["rows"]]
-        random_matched = [r["trials_to_match"]["random"] for r in efficiency["rows"]]
-        lines += ["", f"Trials the seeded search needed to match the best search-split accuracy of unseeded TPE in 100 "
-                      f"trials, per sampler seed: {matched} (random search: {random_matched}; None = not matched in "
-                      f"100). Source: {source(efficiency)}."]
+        matched = {label: [r["trials_to_match"].get(label) for r in efficiency["rows"]]
+                   for label in ("seeded", "seeded_tpe", "random")}
+        lines += ["", f"Trials needed to match the best search-split accuracy of unseeded TPE in 100 trials, per "
+                      f"sampler seed: seeded search with local search {matched['seeded']}, seeded TPE alone "
+                      f"{matched['seeded_tpe']}, random search {matched['random']} (None = not matched in 100). "
+                      f"Source: {source(efficiency)}."]
     return lines
 
 
 def finetune_section() -> list[str]:
-    parts = [load(name) for name in ("finetune_scale_resnet20", "finetune_qat_resnet20_w2", "finetune_qat_resnet20_w43")]
+    parts = [load(name) for name in ("finetune_scale_resnet20", "finetune_qat_resnet20_w2", "finetune_qat_resnet20_w43",
+                                     "finetune_qat_resnet20_w4a4")]
     parts = [part for part in parts if part]
     if not parts:
         return []
@@ -105,7 +108,8 @@ def finetune_section() -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for data in parts:
         for r in data["rows"]:
-            paper = ("" if r["paper_ptq_change"] is None else f"{r['paper_ptq_change']:+.2f} -> ") + \
+            paper = "n/a" if r["paper_finetuned_change"] is None else \
+                ("" if r["paper_ptq_change"] is None else f"{r['paper_ptq_change']:+.2f} -> ") + \
                 f"{r['paper_finetuned_change']:+.2f}"
             lines.append(f"| {r['setting']} | {r['method']} | {r['mode']}, {r['epochs']} epoch(s) | "
                          f"{r['ptq_change']:+.2f} | {r['finetuned_change']:+.2f} | {paper} | "

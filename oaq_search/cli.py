@@ -190,7 +190,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"budget: {budget}; best plan (trial {plan.metadata['trial']}, seed: {plan.metadata['seed'] or 'sampled'}) "
           f"uses {format_quantity('weight_bytes', totals['weight_bytes'])} of weights")
     print("weight bits: " + " ".join(f"{layer.name}={layer.weight_bits}" for layer in plan.layers))
-    print(f"accuracy: search split {result.search_accuracy:.2f} %, test {result.test_accuracy:.2f} % "
+    rescored = plan.metadata.get("finalist_accuracy")
+    whole_split = "" if rescored is None else f" (whole search split {rescored:.2f} %)"
+    print(f"accuracy: trial score {result.search_accuracy:.2f} %{whole_split}, test {result.test_accuracy:.2f} % "
           f"(full precision {result.fp_test_accuracy:.2f} %, change {result.test_accuracy - result.fp_test_accuracy:+.2f})")
     print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.seconds.items()))
     print(f"plan written to {result.plan_path}")

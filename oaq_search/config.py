@@ -44,11 +44,13 @@ class SearchConfig:
     per_channel: bool = False
     eval_images: int = 1000  # images of the search split scored per trial
     screen_images: int = 0  # >0: score this many first, and let Optuna prune hopeless trials there
+    finalists: int = 3  # the best few trials re-scored on the whole search split; the best of those wins (1: off)
     bn_correction: bool = True  # match BatchNorm statistics to full precision (one search-split batch)
     outlier_rule: str = "output_error"  # how (s, T) are chosen: layer output error on search images, or weight MSE
     batch_size: int = 500
     seed: int = 0
     sampler: str = "tpe"  # tpe | random (a baseline)
+    local_search: float = 0.5  # share of tpe's trials spent on untried neighbours of the best plan (0: plain TPE)
     cost_model: str = "memory"
     sensitivity_metric: str = "hessian"  # ranks layers for seeds and repair; best tau in benchmarks/results
     prune_sensitivity: float | None = None  # drop a group's bit-widths whose sensitivity is above this
@@ -70,11 +72,14 @@ class SearchConfig:
             raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.grid not in GRIDS:
             raise UserError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
-        for name in ("n_trials", "eval_images", "batch_size", "heartbeat_seconds", "grace_seconds"):
+        for name in ("n_trials", "eval_images", "finalists", "batch_size", "heartbeat_seconds", "grace_seconds"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.outlier_rule not in OUTLIER_RULES:
             raise UserError(f"outlier_rule must be one of {', '.join(OUTLIER_RULES)}, got {self.outlier_rule!r}")
+        if not 0.0 <= self.local_search <= 1.0:
+            raise UserError(f"local_search is the share of trials spent near the best plan: a number in [0, 1], "
+                            f"got {self.local_search}")
         if self.sampler not in SAMPLERS:
             raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         unknown = sorted(set(self.seeds) - set(SEEDS))

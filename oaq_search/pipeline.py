@@ -34,8 +34,9 @@ from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
 from .ptq import CALIBRATION_IMAGES, post_training_quantize
 from .queue import fill_queue, work
-from .search import (Objective, SearchSpace, allocation_problem, best_trial, check_feasible, make_sampler,
-                     pareto_trials)
+from .samplers import make_sampler
+from .search import (Objective, SearchSpace, allocation_problem, best_trial, check_feasible, finalist_score,
+                     incumbent_params, pareto_trials)
 from .seeds import greedy_seed, integer_program_seed, uniform_seed
 from .sensitivity import SensitivityTable, compute_sensitivity
 from .storage import open_storage
@@ -117,7 +118,8 @@ def prepare(config: StudyConfig) -> Prepared:
                                     "method": search.method, "grid": search.grid, "per_channel": search.per_channel,
                                     "bn_correction": search.bn_correction,
                                     "activation_bits": search.activation_bits, "outlier_rule": search.outlier_rule, "screen_images": search.screen_images,
-                                    "pareto_metric": search.pareto_metric, "sampler": search.sampler},
+                                    "pareto_metric": search.pareto_metric, "sampler": search.sampler,
+                                    "local_search": search.local_search},
                                    sort_keys=True),
         "cost model": cost_model.fingerprint(),
         "budget": json.dumps(budget, sort_keys=True),
@@ -148,7 +150,7 @@ def open_study(prepared: Prepared, create: bool, worker_index: int = 0) -> tuple
     # Offset the sampler seed by the trials already stored and by worker, so no run replays another's samples.
     study.sampler = make_sampler(config.search.sampler,
                                  config.search.seed + len(study.get_trials(deepcopy=False)) + 1000 * worker_index,
-                                 bool(config.search.pareto_metric))
+                                 bool(config.search.pareto_metric), config.search.local_search, incumbent_params)
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=5)  # only acts when screen_images is set
     if create:
         fill_queue(study, config.search.n_trials, prepared.seeds)
@@ -233,8 +235,13 @@ def _work_with_progress(study, storage, prepared: Prepared, progress: bool | Non
 def finish(prepared: Prepared, study: optuna.Study) -> StudyResult:
     """The best feasible plan, re-applied with calibration, scored once on the test split, written out."""
     config = prepared.config
+    started = time.perf_counter()
+    if config.search.finalists > 1 and not config.search.pareto_metric:
+        prepared.objective.rescore_finalists(study, config.search.finalists,
+                                             split_scorer(prepared.splits.search, config.search.batch_size))
     best = best_trial(study)
     plan = Plan.from_dict(best.user_attrs["plan"])
+    prepared.seconds["finalists"] = time.perf_counter() - started
     started = time.perf_counter()
     test_split = prepared.splits.test.subset(config.data.test_images or len(prepared.splits.test))
     fp_test = accuracy(prepared.model, test_split, config.search.batch_size)
@@ -245,6 +252,7 @@ def finish(prepared: Prepared, study: optuna.Study) -> StudyResult:
     plan.metadata = {"study": config.name, "storage": config.storage_url, "trial": best.number,
                      "checkpoint": config.model.checkpoint,
                      "seed": best.user_attrs.get("seed"), "search_accuracy": best.values[0],
+                     "finalist_accuracy": finalist_score(study, best),
                      "fp_test_accuracy": fp_test, "test_accuracy": test, "test_images": len(test_split),
                      "budget": parse_budget(config.budget), "cost_model": config.search.cost_model,
                      "seconds": prepared.seconds}

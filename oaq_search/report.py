@@ -19,7 +19,7 @@ import optuna  # noqa: E402
 from .budget import format_quantity  # noqa: E402
 from .pipeline import Prepared  # noqa: E402
 from .plan import Plan  # noqa: E402
-from .search import best_trial, feasible_trials, pareto_trials  # noqa: E402
+from .search import best_trial, feasible_trials, finalist_score, pareto_trials  # noqa: E402
 
 KIB = 1024
 
@@ -38,6 +38,8 @@ def write_report(prepared: Prepared, study: optuna.Study, folder: str | Path) ->
         f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
         f"<td>{format_quantity(metric, limit)}</td><td>{100 * best.user_attrs['costs'][metric] / limit:.1f} %</td></tr>"
         for metric, limit in prepared.objective.budget.items())
+    rescored = finalist_score(study, best)
+    finalist = "" if rescored is None else f" and {rescored:.2f} % on the whole search split (the best finalist)"
     reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(prepared, plan, best, per_layer))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>oaq-search: {html.escape(study.study_name)}</title>
@@ -45,7 +47,8 @@ def write_report(prepared: Prepared, study: optuna.Study, folder: str | Path) ->
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2em .6em}}</style></head><body>
 <h1>Study {html.escape(study.study_name)}</h1>
 <p>Model {html.escape(prepared.config.model.name)}; {len(study.trials)} trials; best trial #{best.number}
-({html.escape(str(best.user_attrs.get('seed') or 'sampled'))}) with {best.values[0]:.2f} % on the search split.</p>
+({html.escape(str(best.user_attrs.get('seed') or 'sampled'))}) with {best.values[0]:.2f} % on the images scored per
+trial{finalist}.</p>
 <h2>Budget use</h2><table><tr><th>metric</th><th>used</th><th>limit</th><th>share</th></tr>{budget_rows}</table>
 <h2>Accuracy against weight memory</h2><img src="pareto.png" alt="accuracy vs weight memory">
 <h2>The chosen plan, layer by layer</h2><img src="layers.png" alt="bits per layer">

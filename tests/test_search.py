@@ -9,6 +9,7 @@ from oaq_search.cli import main
 from oaq_search.config import dump_study_config
 from oaq_search.pipeline import export_plans, run_study
 from oaq_search.plan import Plan
+from oaq_search.samplers import NeighborhoodSampler
 from oaq_search.seeds import AllocationProblem, greedy_seed, integer_program_seed, uniform_seed
 
 
@@ -47,6 +48,21 @@ def test_repair_lowers_least_sensitive_groups_first():
 def test_infeasible_problem_gives_no_seed():
     problem = toy_problem(budget=1.0)
     assert integer_program_seed(problem) is None and greedy_seed(problem) is None and uniform_seed(problem) is None
+
+
+def test_local_search_proposes_untried_neighbours_of_the_incumbent():
+    names = [f"weight_bits/g{i}" for i in range(4)]
+    centre = {name: 2 for name in names}
+    sampler = NeighborhoodSampler(optuna.samplers.RandomSampler(seed=0), lambda study: centre, local_share=1.0, seed=0)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.enqueue_trial(centre)
+    study.optimize(lambda trial: float(sum(trial.suggest_int(name, 0, 4) for name in names)), n_trials=13)
+    moves = [t.params for t in study.trials[1:]]
+    for move in moves:  # one group a step up, another a step down
+        assert sorted(move[n] - centre[n] for n in names) == [-1, 0, 0, 1]
+    assert len({tuple(sorted(m.items())) for m in moves}) == 12  # all 12 neighbours, none twice
+    study.optimize(lambda trial: float(sum(trial.suggest_int(name, 0, 4) for name in names)), n_trials=1)
+    assert study.trials[-1].params not in moves + [centre]  # none left: the base sampler explores
 
 
 @pytest.fixture
@@ -150,3 +166,18 @@ def test_search_with_activation_bits_calibrates_every_trial(config):
     assert {b for name, b in bits.items() if name not in ("conv1", "linear")} == {4}
     study = optuna.load_study(study_name=config.name, storage=config.storage_url)
     assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value > 30 for t in study.trials)
+
+
+@pytest.mark.shared
+def test_finalists_are_rescored_on_the_whole_search_split_and_the_best_is_exported(config):
+    config.search.n_trials, config.search.finalists = 3, 2
+    result = run_study(config)
+    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    scores = study.user_attrs["finalist_accuracy"]
+    distinct = {}  # the two best distinct plans, each by its first trial
+    for trial in sorted((t for t in study.trials if t.values), key=lambda t: (-t.values[0], t.number)):
+        distinct.setdefault(trial.user_attrs["plan_key"], trial)
+    assert sorted(scores) == sorted(str(t.number) for t in list(distinct.values())[:2])
+    assert result.plan.metadata["finalist_accuracy"] == max(scores.values())
+    assert scores[str(result.plan.metadata["trial"])] == max(scores.values())
+    assert export_plans(config)[0].metadata["trial"] == result.plan.metadata["trial"]

@@ -1,0 +1,99 @@
+"""Samplers for the search: TPE or random, optionally with a local search around the best plan.
+
+Seeds start the search on good plans; plain TPE then spends many trials before it exploits them.
+`NeighborhoodSampler` proposes, for a share of the trials, a neighbour of the best feasible plan
+so far: one tie group a bit-width up and another one down (a move that roughly keeps the plan on
+its budget), never a plan already tried. The other trials go to the base sampler, which keeps
+exploring. Everything else (constraints, startup, multi-objective) is the base sampler's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+EVALUATED_PARAMS = "evaluated_params"  # trial attribute: the parameters of the plan evaluated (after repair)
+Incumbent = Callable[[optuna.Study], "Mapping[str, int] | None"]  # the best feasible plan's parameters, if any
+_ATTEMPTS = 50  # random moves tried before giving the trial to the base sampler (all neighbours seen)
+
+
+class NeighborhoodSampler(BaseSampler):
+    """`local_share` of the trials: an untried neighbour of `incumbent(study)`; the rest: `base`."""
+
+    def __init__(self, base: BaseSampler, incumbent: Incumbent, local_share: float = 0.5, seed: int | None = None):
+        if not 0.0 <= local_share <= 1.0:
+            raise ValueError(f"local_share must be in [0, 1], got {local_share}")
+        self.base, self.incumbent, self.local_share = base, incumbent, local_share
+        self._rng = np.random.default_rng(seed)
+        self._pending: tuple[dict[str, int], dict[str, BaseDistribution]] | None = None
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        """Decides the trial's kind: a neighbour's parameters are all relative, so Optuna uses them."""
+        self._pending = self._neighbour(study) if self._rng.random() < self.local_share else None
+        if self._pending is not None:
+            return self._pending[1]
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if self._pending is not None:
+            params, self._pending = self._pending[0], None
+            return params
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: list[float] | None) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+        self._rng = np.random.default_rng()
+
+    def _neighbour(self, study: optuna.Study) -> tuple[dict[str, int], dict[str, BaseDistribution]] | None:
+        """One group up a step and another down a step from the incumbent, untried, with the
+        parameters' distributions; None if there is no incumbent or no untried move was found."""
+        centre = self.incumbent(study)
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if centre is None or not finished:
+            return None
+        distributions = {name: finished[-1].distributions.get(name) for name in centre}
+        if not all(isinstance(d, IntDistribution) for d in distributions.values()):
+            return None
+        tried = {tuple(sorted(params.items())) for t in study.get_trials(deepcopy=False)
+                 for params in (t.params, t.user_attrs.get(EVALUATED_PARAMS, {})) if params}
+        names = list(centre)
+        for _ in range(_ATTEMPTS):
+            up, down = self._rng.choice(len(names), size=2, replace=False) if len(names) > 1 else (0, None)
+            move = dict(centre)
+            move[names[up]] += 1
+            if down is not None:
+                move[names[down]] -= 1
+            if all(distributions[n].low <= v <= distributions[n].high for n, v in move.items()) \
+                    and tuple(sorted(move.items())) not in tried:
+                return move, distributions
+        return None
+
+
+def make_sampler(kind: str, seed: int, multi_objective: bool = False, local_share: float = 0.0,
+                 incumbent: Incumbent | None = None) -> BaseSampler:
+    """TPE (reads budget violations from each trial's constraints) or, as a baseline, random; with
+    `local_share` > 0 and an `incumbent`, that share of trials searches around the best plan."""
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    base = optuna.samplers.TPESampler(seed=seed, multivariate=not multi_objective)
+    if local_share > 0 and incumbent is not None and not multi_objective:
+        return NeighborhoodSampler(base, incumbent, local_share, seed)
+    return base
