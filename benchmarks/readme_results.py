@@ -72,13 +72,13 @@ def sensitivity_section() -> list[str]:
 
 
 def search_section() -> list[str]:
-    found = [data for data in (load(f"search_quality_{model}") for model in ("resnet20", "resnet56")) if data]
+    found = [load(path.stem) for path in sorted(RESULTS.glob("search_quality_*.json"))]
     if not found:
         return []
     lines = ["### Mixed-precision search (100 trials, test split, BatchNorm correction everywhere)", "",
              "| model | average bits | budget | uniform OAQ | integer-program seed | best of the search | FP |",
              "|---|---|---|---|---|---|---|"]
-    rows = [r for data in found for r in data["rows"]]
+    rows = sorted((r for data in found for r in data["rows"]), key=lambda r: (r["model"], -r["average_bits"]))
     for r in rows:
         lines.append(f"| {r['model']} | {r['average_bits']} | {r['budget_kib']:.1f} KiB | {r['uniform_test']:.2f} % "
                      f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {r['integer_program_test']:.2f} % | "

@@ -154,7 +154,8 @@ def main() -> None:
         lines += [f"| {r['model']} | {r['average_bits']} | {r['budget_kib']:.1f} | {r['uniform_test']:.2f} "
                   f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f}) | {r['integer_program_test']:.2f} | "
                   f"{r['search_test']:.2f} ({r['search_kib']:.1f}, #{r['search_trial']}) | {r['fp_test']:.2f} |" for r in rows]
-        write_results(f"search_quality_{args.model}", rows, "\n".join(lines))
+        budgets = "" if args.bits == parser.get_default("bits") else "_" + "_".join(f"{b:g}" for b in args.bits) + "bits"
+        write_results(f"search_quality_{args.model}{budgets}", rows, "\n".join(lines))
     else:
         rows = efficiency(args.model, args.bits[0], args.trials, folder, args.seeds, args.eval_images)
         median = {label: statistics.median(r["trials_to_match"][label] or args.trials + 1 for r in rows)
