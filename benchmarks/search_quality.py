@@ -9,10 +9,11 @@ over 3 sampler seeds; seeded TPE without local search, and random search, beside
 
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 2.5 --eval-images 2000 --screen-images 500
     python benchmarks/search_quality.py --part quality --model resnet56 --bits 3 --eval-images 2000 --screen-images 500
+    python benchmarks/search_quality.py --part quality --model resnet56 --bits 2.5 --eval-images 2000 --screen-images 500
+    python benchmarks/search_quality.py --part efficiency --model resnet20 --bits 3 --eval-images 500
 
 Part A writes benchmarks/results/search_quality_<model>.json, or ..._<model>_<bits>bits.json for
 budgets other than the default 3 and 2.5, so runs for one budget do not overwrite each other.
-    python benchmarks/search_quality.py --part efficiency --model resnet20 --bits 3 --eval-images 500
 """
 
 from __future__ import annotations
