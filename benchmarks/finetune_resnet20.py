@@ -10,6 +10,7 @@ changes. Each row's fine-tune keeps its state under runs/benchmarks/, so a stopp
     python benchmarks/finetune_resnet20.py --part qat --epochs 4 --bits 2
     python benchmarks/finetune_resnet20.py --part qat --epochs 1 --bits 4 3
     python benchmarks/finetune_resnet20.py --part qat --epochs 2 --bits 4 --activation-bits 4 --methods oaq
+    python benchmarks/finetune_resnet20.py --part scale --epochs 3 --settings W4A4 --train-split all
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from oaq_search.ptq import CALIBRATION_IMAGES
 
 # Paper changes vs FP 92.60 (Table 3, OAQ: w/o FT -> w/ FT; Table 4, QAT weights only).
 PAPER_SCALE = {(8, 8): (0.52, 0.50), (4, 8): (-2.09, 0.06), (4, 4): (-2.94, 0.01)}
+SCALE_SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 PAPER_QAT = {("vanilla", 4): 0.04, ("oaq", 4): 0.19, ("vanilla", 3): -1.69, ("oaq", 3): -0.48,
              ("vanilla", 2): -46.01, ("oaq", 2): -2.46}
 
@@ -37,6 +39,10 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="qat weight bits")
     parser.add_argument("--activation-bits", type=int, default=None, help="qat activation bits (default: none)")
     parser.add_argument("--methods", nargs="+", choices=("vanilla", "oaq"), default=["vanilla", "oaq"], help="qat methods")
+    parser.add_argument("--settings", nargs="+", choices=SCALE_SETTINGS, default=list(SCALE_SETTINGS),
+                        help="scale settings")
+    parser.add_argument("--train-split", choices=("finetune", "all"), default="finetune",
+                        help="all: train on the search split too (images the checkpoint never saw)")
     parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
     args = parser.parse_args()
     model = load_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
@@ -44,22 +50,23 @@ def main() -> None:
     splits = load_cifar10(args.data_root)
     calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
     if args.part == "scale":
-        config = FinetuneConfig(mode="scale", epochs=args.epochs)
-        settings = [("oaq", weight_bits, activation_bits) for weight_bits, activation_bits in PAPER_SCALE]
+        config = FinetuneConfig(mode="scale", epochs=args.epochs, train_split=args.train_split)
+        settings = [("oaq", *bits) for name, bits in SCALE_SETTINGS.items() if name in args.settings]
     else:
-        config = FinetuneConfig(mode="qat", epochs=args.epochs)
+        config = FinetuneConfig(mode="qat", epochs=args.epochs, train_split=args.train_split)
         settings = [(method, bits, args.activation_bits) for bits in args.bits for method in args.methods]
     rows = []
     for method, weight_bits, activation_bits in settings:
         plan = PlanFactory("resnet20", model, graph, method, calibration=calibration).uniform(weight_bits,
                                                                                                activation_bits)
         label = f"W{weight_bits}" + (f"A{activation_bits}" if activation_bits else "")
-        folder = f"runs/benchmarks/finetune_{args.part}/{method}_{label}_e{args.epochs}"
+        folder = f"runs/benchmarks/finetune_{args.part}/{method}_{label}_e{args.epochs}_{args.train_split}"
         result = finetune_and_test(model, plan, splits, config, folder)
         scores = result.scores
         paper_before, paper_after = PAPER_SCALE.get((weight_bits, activation_bits), (None, None)) \
             if args.part == "scale" else (None, None if activation_bits else PAPER_QAT[(method, weight_bits)])
         rows.append({"setting": label, "method": method, "mode": config.mode, "epochs": args.epochs,
+                     "train_split": config.train_split,
                      "distill": config.distill, "fp_accuracy": scores["fp_test_accuracy"],
                      "ptq_accuracy": scores["ptq_test_accuracy"], "finetuned_accuracy": scores["test_accuracy"],
                      "ptq_change": scores["ptq_test_accuracy"] - scores["fp_test_accuracy"],
@@ -70,9 +77,18 @@ def main() -> None:
                      "history": result.history})
         print(f"{method} {label}: post-training {rows[-1]['ptq_change']:+.2f}, fine-tuned "
               f"{rows[-1]['finetuned_change']:+.2f} ({result.seconds:.0f} s)", flush=True)
-        name = f"finetune_{args.part}_resnet20" + ("" if args.part == "scale" else f"_w{''.join(map(str, args.bits))}"
-                                                   + (f"a{args.activation_bits}" if args.activation_bits else ""))
-        write_results(name, rows, markdown(rows))  # after every row
+        write_results(results_name(args), rows, markdown(rows))  # after every row
+
+
+def results_name(args: argparse.Namespace) -> str:
+    """finetune_<part>_resnet20, then what differs from the part's defaults (qat: the bits)."""
+    if args.part == "scale":
+        parts = [] if args.settings == list(SCALE_SETTINGS) else [setting.lower() for setting in args.settings]
+    else:
+        parts = ["w" + "".join(map(str, args.bits)) + (f"a{args.activation_bits}" if args.activation_bits else "")]
+    if args.train_split != "finetune":
+        parts.append(f"train_{args.train_split}")
+    return "_".join([f"finetune_{args.part}_resnet20", *parts])
 
 
 def markdown(rows: list[dict]) -> str:

@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                   "(default); qat: train the weights too")
     finetune.add_argument("--epochs", type=int)
     finetune.add_argument("--images-per-epoch", type=int, help="fine-tuning images per epoch (default: all 45,000)")
+    finetune.add_argument("--train-split", choices=("finetune", "all"), help="all: train on the search split too "
+                                                                             "(images the checkpoint never saw)")
     finetune.add_argument("--learning-rate", type=float, help="qat weight learning rate (SGD, cosine decay)")
     finetune.add_argument("--distill", action="store_true", help="also distill from the full-precision model")
     finetune.add_argument("--test-images", type=int, help="score on the first N test images (default: all)")
@@ -251,7 +253,7 @@ def _finetune(args: argparse.Namespace) -> int:
     config = study.finetune if study else FinetuneConfig(mode="scale")
     if config.mode == "none":
         config.mode = "scale"
-    for option in ("mode", "epochs", "images_per_epoch", "learning_rate"):
+    for option in ("mode", "epochs", "images_per_epoch", "train_split", "learning_rate"):
         if getattr(args, option) is not None:
             setattr(config, option, getattr(args, option))
     config.distill = config.distill or args.distill

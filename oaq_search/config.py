@@ -16,6 +16,7 @@ from .schema import parse, read_document, to_dict
 SEEDS = ("integer_program", "greedy", "uniform")
 SAMPLERS = ("tpe", "random")
 FINETUNE_MODES = ("none", "scale", "qat")
+TRAIN_SPLITS = ("finetune", "all")
 OUTLIER_RULES = ("output_error", "weight_mse")
 
 
@@ -102,7 +103,10 @@ class FinetuneConfig:
     learn_batchnorm: bool = True
     distill: bool = True  # add knowledge distillation from the full-precision model to the labels' loss
     distill_temperature: float = 4.0
-    images_per_epoch: int | None = None  # None: the whole fine-tuning split each epoch
+    images_per_epoch: int | None = None  # None: the whole training set (train_split) each epoch
+    # finetune | all: add the search split. A checkpoint has often memorised its own training images; the
+    # search split's are new to it. With `all` the per-epoch search-split accuracy is no longer held out.
+    train_split: str = "finetune"
     channels_last: bool = True  # measured 25 % faster on CPU (benchmarks/finetune_speed.py)
     seed: int = 0
 
@@ -112,6 +116,8 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"finetune {name} must be at least 1, got {getattr(self, name)}")
+        if self.train_split not in TRAIN_SPLITS:
+            raise UserError(f"finetune train_split must be one of {', '.join(TRAIN_SPLITS)}, got {self.train_split!r}")
         if self.images_per_epoch is not None and self.images_per_epoch < 1:
             raise UserError(f"finetune images_per_epoch must be at least 1, got {self.images_per_epoch}")
         for name in ("learning_rate", "quantizer_learning_rate", "distill_temperature"):

@@ -69,7 +69,8 @@ def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: Finetune
     quantized = post_training_quantize(model, plan, splits.search)
     quantized.requires_grad_(False)
     optimizers = _optimizers(quantized, config)
-    steps_per_epoch = math.ceil(min(config.images_per_epoch or len(splits.finetune), len(splits.finetune))
+    train = training_images(splits, config.train_split)
+    steps_per_epoch = math.ceil(min(config.images_per_epoch or len(train), len(train))
                                 / config.batch_size)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
                   for optimizer in optimizers]
@@ -81,7 +82,7 @@ def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: Finetune
     teacher = copy.deepcopy(model).eval().to(memory_format=memory_format) if config.distill else None
     for epoch in range(len(history), config.epochs):
         started = time.perf_counter()
-        loss, train_accuracy = _train_epoch(quantized, teacher, splits.finetune, config, optimizers, schedulers,
+        loss, train_accuracy = _train_epoch(quantized, teacher, train, config, optimizers, schedulers,
                                             epoch, steps_per_epoch, memory_format, progress)
         seconds = time.perf_counter() - started
         _refresh(quantized)
@@ -104,6 +105,14 @@ def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: Finetune
     pack_model(quantized, tuned, files["packed"])
     tuned.save(files["plan"])
     return FinetuneResult(quantized, tuned, history, files)
+
+
+def training_images(splits: CifarSplits, train_split: str) -> ImageSplit:
+    """The fine-tuning split, or (`all`) it and the search split, whose images the checkpoint never saw."""
+    if train_split == "finetune":
+        return splits.finetune
+    return ImageSplit("finetune+search", torch.cat([splits.finetune.images, splits.search.images]),
+                      torch.cat([splits.finetune.labels, splits.search.labels]))
 
 
 def learned_plan(quantized: nn.Module, plan: Plan) -> Plan:

@@ -12,7 +12,7 @@ from oaq_search.config import FinetuneConfig
 from oaq_search.data import load_cifar10
 from oaq_search.errors import UserError
 from oaq_search.fake_quant import quantized_layers
-from oaq_search.finetune import distillation_loss, finetune
+from oaq_search.finetune import distillation_loss, finetune, training_images
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.plan import LayerPlan, Plan
 from oaq_search.planning import PlanFactory
@@ -132,6 +132,16 @@ def test_finetune_config_rejects_bad_values():
         FinetuneConfig(mode="full")
     with pytest.raises(UserError, match="epochs must be at least 1"):
         FinetuneConfig(mode="scale", epochs=0)
+    with pytest.raises(UserError, match="train_split must be one of finetune, all"):
+        FinetuneConfig(mode="scale", train_split="test")
+
+
+def test_train_split_all_adds_the_search_split_and_nothing_else(synthetic_cifar):
+    splits = load_cifar10(synthetic_cifar, search_size=50)
+    assert training_images(splits, "finetune") is splits.finetune
+    both = training_images(splits, "all")
+    assert len(both) == len(splits.finetune) + len(splits.search) == 200
+    assert torch.equal(both.images[-50:], splits.search.images) and torch.equal(both.labels[-50:], splits.search.labels)
 
 
 def test_finetune_command_needs_a_checkpoint(capsys, tmp_path):
