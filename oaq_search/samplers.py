@@ -66,13 +66,14 @@ class NeighborhoodSampler(BaseSampler):
         """One group up a step and another down a step from the incumbent, untried, with the
         parameters' distributions; None if there is no incumbent or no untried move was found."""
         centre = self.incumbent(study)
-        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        trials = study.get_trials(deepcopy=False)
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         if centre is None or not finished:
             return None
         distributions = {name: finished[-1].distributions.get(name) for name in centre}
         if not all(isinstance(d, IntDistribution) for d in distributions.values()):
             return None
-        tried = {tuple(sorted(params.items())) for t in study.get_trials(deepcopy=False)
+        tried = {tuple(sorted(params.items())) for t in trials
                  for params in (t.params, t.user_attrs.get(EVALUATED_PARAMS, {})) if params}
         names = list(centre)
         for _ in range(_ATTEMPTS):

@@ -188,7 +188,7 @@ class Objective:
         report and a resumed study agree and each finalist is scored once."""
         scores = dict(study.user_attrs.get(FINALIST_SCORES, {}))
         top = {}  # plan key -> its first trial: a plan tried twice is one finalist
-        for trial in sorted(feasible_trials(study), key=lambda t: (-t.values[0], t.number)):
+        for trial in sorted(feasible_trials(study), key=_by_score, reverse=True):
             top.setdefault(trial.user_attrs["plan_key"], trial)
             if len(top) == count:
                 break
@@ -247,7 +247,11 @@ def incumbent_params(study: optuna.Study) -> dict[str, int] | None:
 
 
 def _highest_scored(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
-    return max(trials, key=lambda t: (t.values[0], -t.number))  # ties: the earliest
+    return max(trials, key=_by_score)
+
+
+def _by_score(trial: optuna.trial.FrozenTrial) -> tuple[float, int]:
+    return trial.values[0], -trial.number  # ties: the earliest trial ranks higher
 
 
 def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
