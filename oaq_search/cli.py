@@ -15,7 +15,7 @@ import hwmodels
 from hwmodels import MemoryModel
 
 from .budget import format_quantity
-from .config import FinetuneConfig, load_study_config
+from .config import DataConfig, FinetuneConfig, load_study_config
 from .data import load_cifar10
 from .errors import UserError
 from .evaluate import accuracy
@@ -264,8 +264,8 @@ def _finetune(args: argparse.Namespace) -> int:
         raise UserError("no checkpoint to fine-tune: pass --checkpoint (the plan does not name one)")
     model = load_model(model_name, checkpoint)
     plan.check_against(layer_graph(model_name, model))
-    data_root = args.data_root or (study.data.root if study else None)
-    splits = load_cifar10(data_root, study.data.search_size if study else 5000)
+    data = study.data if study else DataConfig()
+    splits = load_cifar10(args.data_root or data.root, data.search_size)
     result = finetune_and_test(model, plan, splits, config, args.out, args.test_images)
     _print_finetune(result)
     return 0

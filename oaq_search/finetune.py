@@ -70,8 +70,7 @@ def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: Finetune
     quantized.requires_grad_(False)
     optimizers = _optimizers(quantized, config)
     train = training_images(splits, config.train_split)
-    steps_per_epoch = math.ceil(min(config.images_per_epoch or len(train), len(train))
-                                / config.batch_size)
+    steps_per_epoch = math.ceil(min(config.images_per_epoch or len(train), len(train)) / config.batch_size)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
                   for optimizer in optimizers]
     state_path = output_dir / STATE_FILE
