@@ -53,7 +53,8 @@ class SearchConfig:
     sampler: str = "tpe"  # tpe | random (a baseline)
     local_search: float = 0.5  # share of tpe's trials spent on untried neighbours of the best plan (0: plain TPE)
     cost_model: str = "memory"
-    sensitivity_metric: str = "hessian"  # ranks layers for seeds and repair; best tau in benchmarks/results
+    sensitivity_metric: str = "hessian"  # the per-layer table: pruning, the report; seeds and repair when not measured
+    measured_sensitivity_images: int = 512  # >0: seeds and repair use each group's output KL on these images; 0: table
     prune_sensitivity: float | None = None  # drop a group's bit-widths whose sensitivity is above this
     seeds: list[str] = field(default_factory=lambda: ["integer_program", "greedy", "uniform"])
     pareto_metric: str | None = None  # set (e.g. "weight_bytes") for accuracy-vs-cost multi-objective
@@ -76,6 +77,9 @@ class SearchConfig:
         for name in ("n_trials", "eval_images", "finalists", "batch_size", "heartbeat_seconds", "grace_seconds"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.measured_sensitivity_images < 0:
+            raise UserError(f"measured_sensitivity_images must be 0 (use the sensitivity table) or more, "
+                            f"got {self.measured_sensitivity_images}")
         if self.outlier_rule not in OUTLIER_RULES:
             raise UserError(f"outlier_rule must be one of {', '.join(OUTLIER_RULES)}, got {self.outlier_rule!r}")
         if not 0.0 <= self.local_search <= 1.0:

@@ -47,6 +47,11 @@ class ImageSplit:
         """The first `count` images (all when count >= len): a fixed, cheap-to-evaluate subset."""
         return ImageSplit(f"{self.name}[:{count}]", self.images[:count], self.labels[:count])
 
+    def last(self, count: int) -> "ImageSplit":
+        """The last `count` images: apart from `subset` and calibration, which take the first."""
+        start = max(len(self) - count, 0)
+        return ImageSplit(f"{self.name}[{start}:]", self.images[start:], self.labels[start:])
+
     def batches(
         self, batch_size: int, shuffle: bool = False, augment: bool = False, seed: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

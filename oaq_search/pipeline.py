@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import optuna
 from torch import nn
 from tqdm.auto import tqdm
@@ -39,6 +40,7 @@ from .search import (Objective, SearchSpace, allocation_problem, best_trial, che
                      incumbent_params, pareto_trials)
 from .seeds import greedy_seed, integer_program_seed, uniform_seed
 from .sensitivity import SensitivityTable, compute_sensitivity
+from .sensitivity.measured import cached_group_sensitivity, measure_group_sensitivity
 from .storage import open_storage
 
 SEED_BUILDERS = {"integer_program": integer_program_seed, "greedy": greedy_seed, "uniform": uniform_seed}
@@ -98,11 +100,6 @@ def prepare(config: StudyConfig) -> Prepared:
     problem = allocation_problem(space, factory, cost_model, graph, budget, sensitivity, search.sensitivity_metric,
                                  search.method)
     check_feasible(problem)
-    seeds = []
-    for name in search.seeds:
-        choice = SEED_BUILDERS[name](problem)
-        if choice is not None:
-            seeds.append((space.params(choice), name))
     corrector = BatchNormCorrector(model, calibration) if search.bn_correction else None
     scored = splits.search.subset(search.eval_images)
     scorers = [split_scorer(scored, search.batch_size)]
@@ -110,23 +107,45 @@ def prepare(config: StudyConfig) -> Prepared:
         scorers.insert(0, split_scorer(splits.search.subset(search.screen_images), search.batch_size))
     objective = Objective(copy.deepcopy(model), graph, space, factory, cost_model, budget, problem, scorers,
                           corrector, search.pareto_metric, calibration)
+    quantizer = {"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
+                 "method": search.method, "grid": search.grid, "per_channel": search.per_channel,
+                 "bn_correction": search.bn_correction, "activation_bits": search.activation_bits,
+                 "outlier_rule": search.outlier_rule, "measured_sensitivity_images": search.measured_sensitivity_images}
+    measuring = time.perf_counter()
+    if search.measured_sensitivity_images:
+        problem.sensitivity = _measured_sensitivity(objective, model, splits.search, search.measured_sensitivity_images,
+                                                    {**quantizer, "model": config.model.name})
+    measured_s = time.perf_counter() - measuring
+    seeds = []
+    for name in search.seeds:
+        choice = SEED_BUILDERS[name](problem)
+        if choice is not None:
+            seeds.append((space.params(choice), name))
     fingerprint = {
         "model": config.model.name,
         "checkpoint": _file_digest(config.model.checkpoint) if config.model.checkpoint else "none",
         "search split": scored.fingerprint(),
-        "search space": json.dumps({"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
-                                    "method": search.method, "grid": search.grid, "per_channel": search.per_channel,
-                                    "bn_correction": search.bn_correction, "activation_bits": search.activation_bits,
-                                    "outlier_rule": search.outlier_rule, "screen_images": search.screen_images,
+        "search space": json.dumps({**quantizer, "screen_images": search.screen_images,
                                     "pareto_metric": search.pareto_metric, "sampler": search.sampler,
-                                    "local_search": search.local_search},
-                                   sort_keys=True),
+                                    "local_search": search.local_search}, sort_keys=True),
         "cost model": cost_model.fingerprint(),
         "budget": json.dumps(budget, sort_keys=True),
     }
-    seconds = {"setup": loaded - started, "sensitivity": sensitivity_s,
-               "seeds": time.perf_counter() - loaded - sensitivity_s}
+    seconds = {"setup": loaded - started, "sensitivity": sensitivity_s, "measured sensitivity": measured_s,
+               "seeds": time.perf_counter() - loaded - sensitivity_s - measured_s}
     return Prepared(config, model, splits, graph, space, objective, sensitivity, seeds, fingerprint, seconds)
+
+
+def _measured_sensitivity(objective: Objective, model: nn.Module, search_split: ImageSplit, images: int,
+                          settings: dict) -> np.ndarray:
+    """Per group and candidate, the output KL with only that group quantized, on the search split's last
+    `images` (cached on disk by `settings`, the data and the weights)."""
+    probe = next(search_split.last(images).batches(images))[0]
+    counts = [len(candidates) for candidates in objective.space.candidate_bits]
+    return cached_group_sensitivity(
+        {**settings, "search split": search_split.fingerprint()}, model,
+        lambda: measure_group_sensitivity(lambda choice: objective.apply(objective.plan_and_cost(choice)[0]),
+                                          counts, model, probe))
 
 
 def open_study(prepared: Prepared, create: bool, worker_index: int = 0) -> tuple[optuna.Study, optuna.storages.BaseStorage]:

@@ -41,6 +41,7 @@ def study_file(shared, tmp_path, n_trials, eval_images, storage=None):
     config.search.eval_images = eval_images
     config.search.heartbeat_seconds, config.search.grace_seconds = 1, 3
     config.finetune.mode = "none"  # these tests are about the study, not the fine-tune
+    config.search.measured_sensitivity_images = 0  # nor the seeds: every worker would measure
     path = tmp_path / "study.toml"
     path.write_text(dump_study_config(config))
     return path, config

@@ -47,6 +47,8 @@ def test_study_file_round_trips_through_toml(tmp_path):
     (STUDY.replace('memory = "98KiB"', 'memory = "98 parsecs"'), r"budget memory='98 parsecs'"),
     (STUDY.replace('name = "resnet20"', ""), r"missing required key 'model\.name'"),
     (STUDY + "\n[[oops", "not valid TOML"),
+    (STUDY.replace("n_trials = 3", "n_trials = 3\nmeasured_sensitivity_images = -1"),
+     r"measured_sensitivity_images must be 0 \(use the sensitivity table\) or more, got -1"),
 ])
 def test_malformed_study_files_name_the_key(tmp_path, text, pattern):
     with pytest.raises(UserError, match=pattern) as error:

@@ -158,6 +158,24 @@ def test_report_page_references_only_valid_images(config, tmp_path):
 
 
 @pytest.mark.shared
+def test_measured_sensitivity_drives_the_seeds_and_is_cached(config):
+    from oaq_search.pipeline import prepare
+    from oaq_search.sensitivity import default_cache_dir
+
+    config.search.weight_bits, config.search.measured_sensitivity_images = [2, 8], 64
+    prepared = prepare(config)
+    scores = prepared.objective.problem.sensitivity
+    assert scores.shape == (len(prepared.space.groups), 2)
+    assert np.all(scores[:, 1] == scores[0, 1])  # a group at 8 bits is the all-widest plan, for every group
+    assert np.all(scores[:, 0] > scores[:, 1])  # 2 bits moves the output further than 8, in every group
+    assert prepared.seeds[0] == (prepared.space.params(integer_program_seed(prepared.objective.problem)),
+                                 "integer_program")
+    stored = sorted(default_cache_dir().glob("measured-*.json"))
+    assert stored and np.array_equal(prepare(config).objective.problem.sensitivity, scores)
+    assert sorted(default_cache_dir().glob("measured-*.json")) == stored  # read back, not measured again
+
+
+@pytest.mark.shared
 def test_search_with_activation_bits_calibrates_every_trial(config):
     config.search.n_trials, config.search.activation_bits = 3, 4
     result = run_study(config, progress=False)

@@ -1,0 +1,76 @@
+"""Measured group sensitivity: how far the network's output moves when only one tie group is quantized.
+
+The per-layer tables score a layer from its weights (or a Hessian trace), with their own (s, T).
+This measures, per tie group and candidate bit-width, the KL divergence of the network's softmax
+from full precision on held-out search images, with that group at the candidate and every other
+group at its widest, through exactly the path the search scores plans with ((s, T) rule,
+activation ranges, BatchNorm correction). Seeds and repair then minimise the summed divergence.
+Measured on ResNet-20 at the 3-bit budget: its integer-program seed scores 86.06 % on test against
+85.53 % from the Hessian table (uniform 3-bit OAQ: 85.25 %).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import default_cache_dir
+
+Quantize = Callable[[list[int]], nn.Module]  # one candidate index per group -> the model quantized that way
+
+
+def measure_group_sensitivity(quantize: Quantize, candidate_counts: list[int], reference: nn.Module,
+                              images: torch.Tensor, progress: bool | None = None) -> np.ndarray:
+    """scores[g][k]: KL(full precision || group g at candidate k, the rest widest); inf past a group's list.
+
+    A group at its widest is the all-widest plan, measured once."""
+    with torch.inference_mode():
+        target = F.log_softmax(reference(images), dim=1)
+    widest = [count - 1 for count in candidate_counts]
+    scores = np.full((len(candidate_counts), max(candidate_counts)), np.inf)
+    moves = [(group, index) for group, count in enumerate(candidate_counts) for index in range(count - 1)]
+    with tqdm(total=len(moves) + 1, desc="measure sensitivity", leave=False,
+              disable=None if progress is None else not progress) as bar:
+        baseline = _divergence(quantize(widest), images, target)
+        bar.update(1)
+        for group, index in moves:
+            choice = list(widest)
+            choice[group] = index
+            scores[group][index] = _divergence(quantize(choice), images, target)
+            bar.update(1)
+    for group, last in enumerate(widest):
+        scores[group][last] = baseline
+    return scores
+
+
+def cached_group_sensitivity(key: Mapping[str, object], reference: nn.Module, measure: Callable[[], np.ndarray],
+                             cache_dir: str | Path | None = "default") -> np.ndarray:
+    """`measure()`, or its stored result for the same `key` (settings) and `reference` weights."""
+    if cache_dir is None:
+        return measure()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+    for name, tensor in reference.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    folder = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
+    path = folder / f"measured-{digest.hexdigest()[:24]}.json"
+    if path.is_file():
+        return np.array([[np.inf if v is None else v for v in row] for row in json.loads(path.read_text())])
+    scores = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(np.where(np.isfinite(scores), scores, None).tolist()) + "\n")
+    return scores
+
+
+def _divergence(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> float:
+    with torch.inference_mode():
+        log_probabilities = F.log_softmax(model(images), dim=1)
+    return float(F.kl_div(log_probabilities, target, log_target=True, reduction="batchmean"))
