@@ -14,8 +14,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
+import torch
 from torch import nn
 
 from ..data import ImageSplit
@@ -126,15 +127,23 @@ def default_cache_dir() -> Path:
 
 
 def _cache_path(cache_dir, weights, metrics, bits, methods, grid, data) -> Path | None:
-    if cache_dir is None:
-        return None
-    digest = hashlib.sha256()
-    for name, weight in weights.items():
-        digest.update(name.encode())
-        digest.update(weight.contiguous().numpy().tobytes())
     settings = {"metrics": [m.name for m in metrics], "bits": bits, "methods": methods, "grid": grid,
                 "data": data.fingerprint() if data is not None and any(m.needs_data for m in metrics) else None,
                 "version": _FORMAT_VERSION}
+    return cache_file(cache_dir, weights, settings)
+
+
+def cache_file(cache_dir: str | Path | None, tensors: Mapping[str, torch.Tensor], settings: Mapping,
+               prefix: str = "") -> Path | None:
+    """Where a result computed from `tensors` under `settings` is cached; None when caching is off.
+
+    `cache_dir="default"` is `default_cache_dir()`; the name is a hash of both."""
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     folder = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
-    return folder / f"{digest.hexdigest()[:24]}.json"
+    return folder / f"{prefix}{digest.hexdigest()[:24]}.json"

@@ -11,7 +11,6 @@ Measured on ResNet-20 at the 3-bit budget: its integer-program seed scores 86.06
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import default_cache_dir
+from . import cache_file
 
 Quantize = Callable[[list[int]], nn.Module]  # one candidate index per group -> the model quantized that way
 
@@ -54,19 +53,13 @@ def measure_group_sensitivity(quantize: Quantize, candidate_counts: list[int], r
 def cached_group_sensitivity(key: Mapping[str, object], reference: nn.Module, measure: Callable[[], np.ndarray],
                              cache_dir: str | Path | None = "default") -> np.ndarray:
     """`measure()`, or its stored result for the same `key` (settings) and `reference` weights."""
-    if cache_dir is None:
-        return measure()
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
-    for name, tensor in reference.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().numpy().tobytes())
-    folder = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
-    path = folder / f"measured-{digest.hexdigest()[:24]}.json"
-    if path.is_file():
+    path = cache_file(cache_dir, reference.state_dict(), key, prefix="measured-")
+    if path is not None and path.is_file():
         return np.array([[np.inf if v is None else v for v in row] for row in json.loads(path.read_text())])
     scores = measure()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(np.where(np.isfinite(scores), scores, None).tolist()) + "\n")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(np.where(np.isfinite(scores), scores, None).tolist()) + "\n")
     return scores
 
 
