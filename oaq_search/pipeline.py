@@ -35,6 +35,7 @@ from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
 from .ptq import CALIBRATION_IMAGES, post_training_quantize
 from .queue import fill_queue, work
+from .pruning import ScreeningPruner
 from .samplers import make_sampler
 from .search import (Objective, SearchSpace, allocation_problem, best_trial, check_feasible, finalist_score,
                      incumbent_params, pareto_trials)
@@ -106,7 +107,7 @@ def prepare(config: StudyConfig) -> Prepared:
     if 0 < search.screen_images < search.eval_images:
         scorers.insert(0, split_scorer(splits.search.subset(search.screen_images), search.batch_size))
     objective = Objective(copy.deepcopy(model), graph, space, factory, cost_model, budget, problem, scorers,
-                          corrector, search.pareto_metric, calibration)
+                          corrector, search.pareto_metric, calibration, search.fill_budget)
     quantizer = {"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
                  "method": search.method, "grid": search.grid, "per_channel": search.per_channel,
                  "bn_correction": search.bn_correction, "activation_bits": search.activation_bits,
@@ -127,7 +128,8 @@ def prepare(config: StudyConfig) -> Prepared:
         "search split": scored.fingerprint(),
         "search space": json.dumps({**quantizer, "screen_images": search.screen_images,
                                     "pareto_metric": search.pareto_metric, "sampler": search.sampler,
-                                    "local_search": search.local_search}, sort_keys=True),
+                                    "local_search": search.local_search, "fill_budget": search.fill_budget},
+                                   sort_keys=True),
         "cost model": cost_model.fingerprint(),
         "budget": json.dumps(budget, sort_keys=True),
     }
@@ -169,8 +171,9 @@ def open_study(prepared: Prepared, create: bool, worker_index: int = 0) -> tuple
     # Offset the sampler seed by the trials already stored and by worker, so no run replays another's samples.
     study.sampler = make_sampler(config.search.sampler,
                                  config.search.seed + len(study.get_trials(deepcopy=False)) + 1000 * worker_index,
-                                 bool(config.search.pareto_metric), config.search.local_search, incumbent_params)
-    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=5)  # only acts when screen_images is set
+                                 bool(config.search.pareto_metric), config.search.local_search, incumbent_params,
+                                 prepared.objective.settle_params)
+    study.pruner = ScreeningPruner(config.search.screen_images or 1)  # only asked when screen_images is set
     if create:
         fill_queue(study, config.search.n_trials, prepared.seeds)
     prepared.objective.remember(study)

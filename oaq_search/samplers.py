@@ -3,8 +3,8 @@
 Seeds start the search on good plans; plain TPE then spends many trials before it exploits them.
 `NeighborhoodSampler` proposes, for a share of the trials, a neighbour of the best feasible plan
 so far: one tie group a bit-width up and another one down (a move that roughly keeps the plan on
-its budget), never a plan already tried. The other trials go to the base sampler, which keeps
-exploring. Everything else (constraints, startup, multi-objective) is the base sampler's.
+its budget), never a plan already tried (compared after `settle`, the objective's own move onto the
+budget). The other trials go to the base sampler, which keeps exploring. Everything else (constraints, startup, multi-objective) is the base sampler's.
 """
 
 from __future__ import annotations
@@ -20,16 +20,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 EVALUATED_PARAMS = "evaluated_params"  # trial attribute: the parameters of the plan evaluated (after repair)
 Incumbent = Callable[[optuna.Study], "Mapping[str, int] | None"]  # the best feasible plan's parameters, if any
+Settle = Callable[[Mapping[str, int]], Mapping[str, int]]  # sampled parameters -> those the objective evaluates
 _ATTEMPTS = 50  # random moves tried before giving the trial to the base sampler (all neighbours seen)
 
 
 class NeighborhoodSampler(BaseSampler):
     """`local_share` of the trials: an untried neighbour of `incumbent(study)`; the rest: `base`."""
 
-    def __init__(self, base: BaseSampler, incumbent: Incumbent, local_share: float = 0.5, seed: int | None = None):
+    def __init__(self, base: BaseSampler, incumbent: Incumbent, local_share: float = 0.5, seed: int | None = None,
+                 settle: Settle = dict):
         if not 0.0 <= local_share <= 1.0:
             raise ValueError(f"local_share must be in [0, 1], got {local_share}")
-        self.base, self.incumbent, self.local_share = base, incumbent, local_share
+        self.base, self.incumbent, self.local_share, self.settle = base, incumbent, local_share, settle
         self._rng = np.random.default_rng(seed)
         self._pending: tuple[dict[str, int], dict[str, BaseDistribution]] | None = None
 
@@ -83,18 +85,18 @@ class NeighborhoodSampler(BaseSampler):
             if down is not None:
                 move[names[down]] -= 1
             if all(distributions[n].low <= v <= distributions[n].high for n, v in move.items()) \
-                    and tuple(sorted(move.items())) not in tried:
+                    and tuple(sorted(self.settle(move).items())) not in tried:
                 return move, distributions
         return None
 
 
 def make_sampler(kind: str, seed: int, multi_objective: bool = False, local_share: float = 0.0,
-                 incumbent: Incumbent | None = None) -> BaseSampler:
+                 incumbent: Incumbent | None = None, settle: Settle = dict) -> BaseSampler:
     """TPE (reads budget violations from each trial's constraints) or, as a baseline, random; with
     `local_share` > 0 and an `incumbent`, that share of trials searches around the best plan."""
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     base = optuna.samplers.TPESampler(seed=seed, multivariate=not multi_objective)
     if local_share > 0 and incumbent is not None and not multi_objective:
-        return NeighborhoodSampler(base, incumbent, local_share, seed)
+        return NeighborhoodSampler(base, incumbent, local_share, seed, settle)
     return base

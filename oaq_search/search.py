@@ -123,7 +123,7 @@ def violations(report: CostReport, budget: Mapping[str, float]) -> dict[str, flo
 
 
 class Objective:
-    """Scores one trial: repair the sampled bits onto the budget, then accuracy, cheapest scorer first.
+    """Scores one trial: move the sampled bits onto the budget, then accuracy, cheapest scorer first.
 
     With several scorers (e.g. 500 then 2,000 search-split images), each result is reported to
     Optuna as a step, and a trial the pruner finds hopeless stops there. `pareto_metric` turns
@@ -133,20 +133,31 @@ class Objective:
     def __init__(self, quantized_model: nn.Module, graph: LayerGraph, space: SearchSpace, factory: PlanFactory,
                  cost_model: CostModel, budget: Mapping[str, float], problem: AllocationProblem,
                  scorers: Sequence[Scorer], corrector: BatchNormCorrector | None = None,
-                 pareto_metric: str | None = None, calibration: torch.Tensor | None = None):
+                 pareto_metric: str | None = None, calibration: torch.Tensor | None = None, fill_budget: bool = True):
         self.model, self.graph, self.space, self.factory = quantized_model, graph, space, factory
         self.cost_model, self.budget, self.problem = cost_model, dict(budget), problem
         self.scorers, self.corrector, self.pareto_metric = list(scorers), corrector, pareto_metric
         self.calibration = calibration  # images for activation ranges (plans with activation bits)
+        self.fill_budget = fill_budget and not pareto_metric  # a Pareto front needs plans below the budget too
         self.cache: dict[str, float] = {}
 
     def plan_and_cost(self, choice: Sequence[int]) -> tuple[Plan, CostReport]:
         plan = self.factory(self.space.layer_bits(choice), tie_groups=self.space.tie_group_of())
         return plan, self.cost_model.evaluate(self.graph, plan)
 
+    def settle(self, sampled: Sequence[int]) -> list[int]:
+        """The plan a sample is evaluated as: lowered onto the budget, then (`fill_budget`) raised
+        where the budget still has room."""
+        choice = self.problem.lower_until_fits(list(sampled))
+        return self.problem.raise_while_fits(choice) if self.fill_budget else choice
+
+    def settle_params(self, params: Mapping[str, int]) -> dict[str, int]:
+        """`settle` in Optuna's terms: sampled parameters -> the parameters evaluated."""
+        return self.space.params(self.settle([params[name] for name in self.space.parameter_names]))
+
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         sampled = self.space.suggest(trial)
-        choice = self.problem.lower_until_fits(sampled)
+        choice = self.settle(sampled)
         plan, report = self.plan_and_cost(choice)
         if choice != sampled:
             trial.set_user_attr("repaired_from", self.space.layer_bits(sampled))

@@ -3,7 +3,8 @@
 All three read one `AllocationProblem`: per tie group and candidate bit-width, a sensitivity (to
 minimise) and a cost per budgeted metric (additive over layers). The integer program is exact
 (scipy's `milp`, HiGHS); the greedy lowers, step by step, whichever group gives the most budget
-per unit of sensitivity; the same step repairs sampled plans that break the budget.
+per unit of sensitivity, then fills what slack is left; the same steps move sampled plans onto the
+budget.
 """
 
 from __future__ import annotations
@@ -34,24 +35,37 @@ class AllocationProblem:
         """Greedy repair: lower the group whose next step saves the most budget per sensitivity."""
         choice = list(choice)
         while not self.fits(choice):
-            best, best_ratio = None, -np.inf
-            for group, index in enumerate(choice):
-                if index == 0:
-                    continue
-                saved = sum((self.costs[m][group][index] - self.costs[m][group][index - 1]) / limit
-                            for m, limit in self.budget.items())
-                added = self.sensitivity[group][index - 1] - self.sensitivity[group][index]
-                ratio = saved / max(added, 1e-12)
-                if saved > 0 and ratio > best_ratio:
-                    best, best_ratio = group, ratio
-            if best is None:
+            steps = {group: self._step(group, index) for group, index in enumerate(choice) if index > 0}
+            steps = {group: (saved, added) for group, (saved, added) in steps.items() if saved > 0}
+            if not steps:
                 return choice  # nothing left to lower: the caller reports infeasibility
-            choice[best] -= 1
+            choice[max(steps, key=lambda g: steps[g][0] / max(steps[g][1], 1e-12))] -= 1
         return choice
+
+    def raise_while_fits(self, choice: list[int]) -> list[int]:
+        """Fill the budget's slack: raise the group whose next step removes the most sensitivity per
+        budget spent, while that step still fits (a plan below budget leaves accuracy unbought)."""
+        choice = list(choice)
+        while True:
+            steps = {group: self._step(group, index + 1) for group, index in enumerate(choice)
+                     if index + 1 < len(self.candidate_bits[group])}
+            steps = {group: (spent, removed) for group, (spent, removed) in steps.items()
+                     if removed > 0 and self.fits(choice[:group] + [choice[group] + 1] + choice[group + 1:])}
+            if not steps:
+                return choice
+            choice[max(steps, key=lambda g: steps[g][1] / max(steps[g][0], 1e-12))] += 1
+
+    def _step(self, group: int, index: int) -> tuple[float, float]:
+        """Between candidates index - 1 and index of `group`: the budget share (summed over metrics)
+        and the sensitivity that separate them."""
+        budget_share = sum((self.costs[m][group][index] - self.costs[m][group][index - 1]) / limit
+                           for m, limit in self.budget.items())
+        return budget_share, float(self.sensitivity[group][index - 1] - self.sensitivity[group][index])
 
 
 def greedy_seed(problem: AllocationProblem) -> list[int] | None:
-    choice = problem.lower_until_fits([len(c) - 1 for c in problem.candidate_bits])
+    """Every group at its widest, lowered until the plan fits, then its slack filled."""
+    choice = problem.raise_while_fits(problem.lower_until_fits([len(c) - 1 for c in problem.candidate_bits]))
     return choice if problem.fits(choice) else None
 
 

@@ -9,7 +9,8 @@ from oaq_search.cli import main
 from oaq_search.config import dump_study_config
 from oaq_search.pipeline import export_plans, run_study
 from oaq_search.plan import Plan
-from oaq_search.samplers import NeighborhoodSampler
+from oaq_search.pruning import ScreeningPruner
+from oaq_search.samplers import EVALUATED_PARAMS, NeighborhoodSampler
 from oaq_search.seeds import AllocationProblem, greedy_seed, integer_program_seed, uniform_seed
 
 
@@ -45,6 +46,17 @@ def test_repair_lowers_least_sensitive_groups_first():
         assert min(cost(g) for g in lowered) <= max(cost(g) for g in untouched)
 
 
+def test_fill_raises_groups_into_the_slack_until_no_step_fits():
+    problem = toy_problem()
+    filled = problem.raise_while_fits([0] * 5)
+    assert problem.fits(filled) and filled != [0] * 5
+    for group in range(5):  # no group can go up one more step and still fit
+        if filled[group] < 2:
+            assert not problem.fits(filled[:group] + [filled[group] + 1] + filled[group + 1:])
+    assert problem.raise_while_fits(filled) == filled
+    assert problem.lower_until_fits(filled) == filled  # it fits, so repair leaves it alone
+
+
 def test_infeasible_problem_gives_no_seed():
     problem = toy_problem(budget=1.0)
     assert integer_program_seed(problem) is None and greedy_seed(problem) is None and uniform_seed(problem) is None
@@ -63,6 +75,43 @@ def test_local_search_proposes_untried_neighbours_of_the_incumbent():
     assert len({tuple(sorted(m.items())) for m in moves}) == 12  # all 12 neighbours, none twice
     study.optimize(lambda trial: float(sum(trial.suggest_int(name, 0, 4) for name in names)), n_trials=1)
     assert study.trials[-1].params not in moves + [centre]  # none left: the base sampler explores
+
+
+def test_local_search_skips_moves_that_settle_onto_a_tried_plan():
+    names = [f"weight_bits/g{i}" for i in range(4)]
+    centre = {name: 2 for name in names}
+    cap = lambda params: {name: min(value, 2) for name, value in params.items()}  # noqa: E731 (a budget at 2 each)
+    sampler = NeighborhoodSampler(optuna.samplers.RandomSampler(seed=0), lambda study: centre, local_share=1.0,
+                                  seed=0, settle=cap)
+
+    def objective(trial):
+        evaluated = cap({name: trial.suggest_int(name, 0, 4) for name in names})
+        trial.set_user_attr(EVALUATED_PARAMS, evaluated)
+        return float(sum(evaluated.values()))
+
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    study.enqueue_trial(centre)
+    study.optimize(objective, n_trials=5)
+    evaluated = [t.user_attrs[EVALUATED_PARAMS] for t in study.trials[1:]]
+    for plan in evaluated:  # the raised group is capped back: what is left is one group a step down
+        assert sorted(plan[n] - centre[n] for n in names) == [-1, 0, 0, 0]
+    assert len({tuple(sorted(plan.items())) for plan in evaluated}) == 4  # each once
+
+
+def test_screening_pruner_stops_only_plans_clearly_below_the_best():
+    def objective(trial):
+        screened = trial.suggest_float("screened", 0, 100)  # the accuracy on 500 screening images
+        trial.report(screened, 0)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+        return screened
+
+    study = optuna.create_study(direction="maximize", pruner=ScreeningPruner(images=500))
+    for screened in (90.0, 88.5, 85.0):  # at 90 %, 2 standard errors of 500 images are 2.7 points
+        study.enqueue_trial({"screened": screened})
+    study.optimize(objective, n_trials=3)
+    complete, pruned = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    assert [t.state for t in study.trials] == [complete, complete, pruned]
 
 
 @pytest.fixture
