@@ -34,8 +34,8 @@ from .models import build_model, model_spec
 from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
 from .ptq import CALIBRATION_IMAGES, post_training_quantize
-from .queue import fill_queue, work
 from .pruning import ScreeningPruner
+from .queue import fill_queue, work
 from .samplers import make_sampler
 from .search import (Objective, SearchSpace, allocation_problem, best_trial, check_feasible, finalist_score,
                      incumbent_params, pareto_trials)

@@ -4,7 +4,8 @@ Seeds start the search on good plans; plain TPE then spends many trials before i
 `NeighborhoodSampler` proposes, for a share of the trials, a neighbour of the best feasible plan
 so far: one tie group a bit-width up and another one down (a move that roughly keeps the plan on
 its budget), never a plan already tried (compared after `settle`, the objective's own move onto the
-budget). The other trials go to the base sampler, which keeps exploring. Everything else (constraints, startup, multi-objective) is the base sampler's.
+budget). The other trials go to the base sampler, which keeps exploring. Everything else
+(constraints, startup, multi-objective) is the base sampler's.
 """
 
 from __future__ import annotations
