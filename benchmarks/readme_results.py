@@ -94,8 +94,7 @@ def search_section() -> list[str]:
         rows = efficiency["rows"]
         matched = {label: [r["trials_to_match"].get(label) for r in rows] for label in ("seeded", "seeded_tpe", "random")}
         median = {label: statistics.median(count or 101 for count in counts) for label, counts in matched.items()}
-        scoring = (f"{rows[0]['eval_images']} search-split images per trial, screened on {rows[0]['screen_images']} "
-                   f"first" if "eval_images" in rows[0] else "few search-split images per trial")
+        scoring = f"{rows[0]['eval_images']} search-split images per trial, screened on {rows[0]['screen_images']} first"
         lines += ["", f"Trials needed to match the best search-split accuracy of unseeded TPE in 100 trials ({scoring}), "
                       f"per sampler seed: seeded search with local search {matched['seeded']}, seeded TPE alone "
                       f"{matched['seeded_tpe']}, random search {matched['random']} (None = not matched in 100; "

@@ -173,7 +173,8 @@ def open_study(prepared: Prepared, create: bool, worker_index: int = 0) -> tuple
                                  config.search.seed + len(study.get_trials(deepcopy=False)) + 1000 * worker_index,
                                  bool(config.search.pareto_metric), config.search.local_search, incumbent_params,
                                  prepared.objective.settle_params)
-    study.pruner = ScreeningPruner(config.search.screen_images or 1)  # only asked when screen_images is set
+    screen_images = config.search.screen_images  # the pruner is only asked when a screening scorer runs
+    study.pruner = ScreeningPruner(screen_images) if screen_images else optuna.pruners.NopPruner()
     if create:
         fill_queue(study, config.search.n_trials, prepared.seeds)
     prepared.objective.remember(study)
