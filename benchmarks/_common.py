@@ -25,6 +25,7 @@ def machine() -> dict[str, object]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version()}
 
 
@@ -34,9 +35,10 @@ def write_results(name: str, rows: list[dict], markdown: str, extra: dict | None
     header = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
               "date": datetime.date.today().isoformat(), "machine": machine(), **(extra or {})}
     (RESULTS / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
+    gpu = f", GPU {header['machine']['gpu']}" if header["machine"]["gpu"] else ""
     meta = (f"Command: `{header['command']}`  \nDate: {header['date']}  \n"
             f"Machine: {header['machine']['cpu']}, {header['machine']['cores']} cores, "
-            f"{header['machine']['torch_threads']} torch threads, torch {header['machine']['torch']}\n\n")
+            f"{header['machine']['torch_threads']} torch threads{gpu}, torch {header['machine']['torch']}\n\n")
     path = RESULTS / f"{name}.md"
     path.write_text(meta + markdown + "\n")
     return path

@@ -11,19 +11,24 @@ changes. Each row's fine-tune keeps its state under runs/benchmarks/, so a stopp
     python benchmarks/finetune_resnet20.py --part qat --epochs 1 --bits 4 3
     python benchmarks/finetune_resnet20.py --part qat --epochs 2 --bits 4 --activation-bits 4 --methods oaq
     python benchmarks/finetune_resnet20.py --part scale --epochs 3 --settings W4A4 --train-split all
+    python benchmarks/finetune_resnet20.py --part scale --settings W4A4 --finetune 'quantizer_learning_rate = 0.03'
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import tomllib
 
 from _common import SHARED, write_results
 
 from oaq_search.config import FinetuneConfig
+from oaq_search.errors import UserError
 from oaq_search.data import load_cifar10
 from oaq_search.pipeline import finetune_and_test, layer_graph, load_model
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import CALIBRATION_IMAGES
+from oaq_search.schema import parse
 
 # Paper changes vs FP 92.60 (Table 3, OAQ: w/o FT -> w/ FT; Table 4, QAT weights only).
 PAPER_SCALE = {(8, 8): (0.52, 0.50), (4, 8): (-2.09, 0.06), (4, 4): (-2.94, 0.01)}
@@ -43,30 +48,39 @@ def main() -> None:
                         help="scale settings")
     parser.add_argument("--train-split", choices=("finetune", "all"), default="finetune",
                         help="all: train on the search split too (images the checkpoint never saw)")
+    parser.add_argument("--finetune", action="append", default=[], metavar="'KEY = VALUE'",
+                        help="a line of a study file's [finetune] section, e.g. 'device = \"cuda\"' (repeatable)")
     parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
     args = parser.parse_args()
+    try:
+        args.overrides = tomllib.loads("\n".join(args.finetune))
+    except tomllib.TOMLDecodeError as error:
+        raise SystemExit(f"--finetune takes study-file lines such as 'epochs = 3' or 'device = \"cuda\"': {error}")
     model = load_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
     graph = layer_graph("resnet20", model)
     splits = load_cifar10(args.data_root)
     calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
+    try:
+        config = parse(FinetuneConfig, {"mode": args.part, "epochs": args.epochs, "train_split": args.train_split,
+                                        **args.overrides}, "--finetune")
+    except UserError as error:
+        raise SystemExit(f"error: {error}")
     if args.part == "scale":
-        config = FinetuneConfig(mode="scale", epochs=args.epochs, train_split=args.train_split)
         settings = [("oaq", *bits) for name, bits in SCALE_SETTINGS.items() if name in args.settings]
     else:
-        config = FinetuneConfig(mode="qat", epochs=args.epochs, train_split=args.train_split)
         settings = [(method, bits, args.activation_bits) for bits in args.bits for method in args.methods]
     rows = []
     for method, weight_bits, activation_bits in settings:
         plan = PlanFactory("resnet20", model, graph, method, calibration=calibration).uniform(weight_bits,
                                                                                                activation_bits)
         label = f"W{weight_bits}" + (f"A{activation_bits}" if activation_bits else "")
-        folder = f"runs/benchmarks/finetune_{args.part}/{method}_{label}_e{args.epochs}_{args.train_split}"
+        folder = f"runs/benchmarks/finetune_{args.part}/{method}_{label}_e{args.epochs}_{args.train_split}{suffix(args)}"
         result = finetune_and_test(model, plan, splits, config, folder)
         scores = result.scores
         paper_before, paper_after = PAPER_SCALE.get((weight_bits, activation_bits), (None, None)) \
             if args.part == "scale" else (None, None if activation_bits else PAPER_QAT[(method, weight_bits)])
         rows.append({"setting": label, "method": method, "mode": config.mode, "epochs": args.epochs,
-                     "train_split": config.train_split,
+                     "train_split": config.train_split, "overrides": args.overrides,
                      "distill": config.distill, "fp_accuracy": scores["fp_test_accuracy"],
                      "ptq_accuracy": scores["ptq_test_accuracy"], "finetuned_accuracy": scores["test_accuracy"],
                      "ptq_change": scores["ptq_test_accuracy"] - scores["fp_test_accuracy"],
@@ -88,7 +102,13 @@ def results_name(args: argparse.Namespace) -> str:
         parts = ["w" + "".join(map(str, args.bits)) + (f"a{args.activation_bits}" if args.activation_bits else "")]
     if args.train_split != "finetune":
         parts.append(f"train_{args.train_split}")
-    return "_".join([f"finetune_{args.part}_resnet20", *parts])
+    return "_".join([f"finetune_{args.part}_resnet20", *parts]) + suffix(args)
+
+
+def suffix(args: argparse.Namespace) -> str:
+    """The --finetune overrides that change results (not the device), as a file-name part."""
+    changed = sorted((key, value) for key, value in args.overrides.items() if key != "device")
+    return "".join(f"_{key}_{re.sub(r'[^A-Za-z0-9.]+', '', str(value)).lower()}" for key, value in changed)
 
 
 def markdown(rows: list[dict]) -> str:

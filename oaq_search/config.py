@@ -113,6 +113,7 @@ class FinetuneConfig:
     # search split's are new to it. With `all` the per-epoch search-split accuracy is no longer held out.
     train_split: str = "finetune"
     channels_last: bool = True  # measured 25 % faster on CPU (benchmarks/finetune_speed.py)
+    device: str = "auto"  # where the training steps run: auto (cuda when there is one) | cpu | cuda[:N]
     seed: int = 0
 
     def __post_init__(self):
@@ -125,6 +126,8 @@ class FinetuneConfig:
             raise UserError(f"finetune train_split must be one of {', '.join(TRAIN_SPLITS)}, got {self.train_split!r}")
         if self.images_per_epoch is not None and self.images_per_epoch < 1:
             raise UserError(f"finetune images_per_epoch must be at least 1, got {self.images_per_epoch}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UserError(f"finetune device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name in ("learning_rate", "quantizer_learning_rate", "distill_temperature"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -65,6 +65,10 @@ class ImageSplit:
                 images = _random_crop_flip(images, generator)
             yield normalize(images), self.labels[index]
 
+    def to(self, device: str | torch.device) -> "ImageSplit":
+        """The same split with its tensors on `device` (batches, crops and flips then run there)."""
+        return ImageSplit(self.name, self.images.to(device), self.labels.to(device))
+
     def fingerprint(self) -> str:
         """A short hash of the pixels and labels, so studies can tell when their data changed."""
         digest = hashlib.sha256(self.images.numpy().tobytes())
@@ -81,8 +85,8 @@ class CifarSplits:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 normalised with the checkpoints' mean and std."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
 
 
@@ -143,17 +147,21 @@ def _read_batches(folder: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, t
 
 
 def _random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 32x32 crops of the zero-padded (4 px) images and random horizontal flips."""
+    """Random 32x32 crops of the zero-padded (4 px) images and random horizontal flips.
+
+    The draws come from `generator` (on the CPU), so a seed gives the same crops on any device.
+    """
     count, _, height, width = images.shape
+    device = images.device
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-    rows = torch.randint(0, 9, (count,), generator=generator)
-    cols = torch.randint(0, 9, (count,), generator=generator)
-    row_index = (rows[:, None] + torch.arange(height))[:, None, :, None]
-    col_index = (cols[:, None] + torch.arange(width))[:, None, None, :]
-    batch_index = torch.arange(count)[:, None, None, None]
-    channel_index = torch.arange(3)[None, :, None, None]
+    rows = torch.randint(0, 9, (count,), generator=generator).to(device)
+    cols = torch.randint(0, 9, (count,), generator=generator).to(device)
+    row_index = (rows[:, None] + torch.arange(height, device=device))[:, None, :, None]
+    col_index = (cols[:, None] + torch.arange(width, device=device))[:, None, None, :]
+    batch_index = torch.arange(count, device=device)[:, None, None, None]
+    channel_index = torch.arange(3, device=device)[None, :, None, None]
     cropped = padded[batch_index, channel_index, row_index, col_index]
-    flip = torch.rand(count, generator=generator) < 0.5
+    flip = (torch.rand(count, generator=generator) < 0.5).to(device)
     cropped[flip] = cropped[flip].flip(-1)
     return cropped
 

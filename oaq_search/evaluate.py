@@ -10,7 +10,8 @@ from .data import ImageSplit
 
 
 def accuracy(model: nn.Module, split: ImageSplit, batch_size: int = 500, progress: bool | None = None) -> float:
-    """Top-1 accuracy in percent. The progress bar shows only on a terminal unless forced."""
+    """Top-1 accuracy in percent, on the model's device. The progress bar shows only on a terminal unless forced."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = 0
@@ -19,6 +20,6 @@ def accuracy(model: nn.Module, split: ImageSplit, batch_size: int = 500, progres
         total_batches = -(-len(split) // batch_size)
         for images, labels in tqdm(batches, total=total_batches, desc=f"eval {split.name}", leave=False,
                                    disable=None if progress is None else not progress):
-            correct += int((model(images).argmax(1) == labels).sum())
+            correct += int((model(images.to(device)).argmax(1) == labels.to(device)).sum())
     model.train(was_training)
     return 100.0 * correct / len(split)

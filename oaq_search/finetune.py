@@ -69,16 +69,19 @@ def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: Finetune
     quantized = post_training_quantize(model, plan, splits.search)
     quantized.requires_grad_(False)
     optimizers = _optimizers(quantized, config)
-    train = training_images(splits, config.train_split)
+    device = training_device(config.device)
+    quantized.to(device)  # before resuming, so the optimizers' saved state lands on the same device
+    train = training_images(splits, config.train_split).to(device)
     steps_per_epoch = math.ceil(min(config.images_per_epoch or len(train), len(train)) / config.batch_size)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
                   for optimizer in optimizers]
     state_path = output_dir / STATE_FILE
-    fingerprint = json.dumps({"plan": plan.key(), "model": plan.model, "finetune": to_dict(config)}, sort_keys=True)
+    settings = {key: value for key, value in to_dict(config).items() if key != "device"}  # resumable anywhere
+    fingerprint = json.dumps({"plan": plan.key(), "model": plan.model, "finetune": settings}, sort_keys=True)
     history = _resume(state_path, fingerprint, quantized, optimizers, schedulers)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     quantized.to(memory_format=memory_format)
-    teacher = copy.deepcopy(model).eval().to(memory_format=memory_format) if config.distill else None
+    teacher = copy.deepcopy(model).eval().to(device, memory_format=memory_format) if config.distill else None
     for epoch in range(len(history), config.epochs):
         started = time.perf_counter()
         loss, train_accuracy = _train_epoch(quantized, teacher, train, config, optimizers, schedulers,
@@ -92,7 +95,7 @@ def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: Finetune
                    f"search split {history[-1]['search_accuracy']:.2f} %, {seconds:.0f} s "
                    f"({history[-1]['images_per_second']:.0f} images/s)")
         _save_state(state_path, fingerprint, quantized, optimizers, schedulers, history)
-    quantized.to(memory_format=torch.contiguous_format)
+    quantized.to("cpu", memory_format=torch.contiguous_format)
     tuned = learned_plan(quantized, plan)
     tuned.metadata = {**plan.metadata, "finetune": {**to_dict(config), "history": history}}
     quantize_(quantized, tuned)  # s and ranges become plain plan values; the model equals `apply(tuned)`
@@ -104,6 +107,15 @@ def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: Finetune
     pack_model(quantized, tuned, files["packed"])
     tuned.save(files["plan"])
     return FinetuneResult(quantized, tuned, history, files)
+
+
+def training_device(name: str) -> torch.device:
+    """The device fine-tuning runs on: `auto` picks CUDA when PyTorch sees a GPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"finetune device {name!r} asked for, but PyTorch sees no CUDA GPU: use device = 'auto' or 'cpu'")
+    return torch.device(name)
 
 
 def training_images(splits: CifarSplits, train_split: str) -> ImageSplit:

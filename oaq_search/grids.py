@@ -53,7 +53,7 @@ def level_index(x: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
         index = torch.floor(magnitude * count + 0.5)
     else:
         levels = positive_levels(grid, bits)
-        midpoints = ((levels[1:] + levels[:-1]) / 2).to(x.dtype)
+        midpoints = ((levels[1:] + levels[:-1]) / 2).to(x.device, x.dtype)
         index = torch.bucketize(magnitude, midpoints, right=True).to(x.dtype)
     return torch.sign(x) * index
 
@@ -62,7 +62,7 @@ def codes_to_values(codes: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
     """Grid values in [-1, 1] for signed integer codes from `level_index`."""
     if grid == "uniform":
         return codes / (2 ** (bits - 1) - 1)
-    levels = positive_levels(grid, bits).to(codes.dtype)
+    levels = positive_levels(grid, bits).to(codes.device, codes.dtype)
     return torch.sign(codes) * levels[codes.abs().long()]
 
 

@@ -12,7 +12,7 @@ from oaq_search.config import FinetuneConfig
 from oaq_search.data import load_cifar10
 from oaq_search.errors import UserError
 from oaq_search.fake_quant import quantized_layers
-from oaq_search.finetune import distillation_loss, finetune, training_images
+from oaq_search.finetune import distillation_loss, finetune, training_device, training_images
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.plan import LayerPlan, Plan
 from oaq_search.planning import PlanFactory
@@ -134,6 +134,15 @@ def test_finetune_config_rejects_bad_values():
         FinetuneConfig(mode="scale", epochs=0)
     with pytest.raises(UserError, match="train_split must be one of finetune, all"):
         FinetuneConfig(mode="scale", train_split="test")
+    with pytest.raises(UserError, match="device must be auto, cpu, cuda or cuda:N"):
+        FinetuneConfig(mode="scale", device="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_finetune_device_auto_is_the_cpu_and_cuda_without_a_gpu_is_refused():
+    assert training_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="PyTorch sees no CUDA GPU"):
+        training_device("cuda:0")
 
 
 def test_train_split_all_adds_the_search_split_and_nothing_else(synthetic_cifar):
