@@ -126,6 +126,33 @@ def finetune_section() -> list[str]:
               "fine-tuning learns s, activation ranges and BatchNorm's affine, with distillation; QAT trains "
               "the weights too. Times are on the machine below, with other jobs sharing its two cores. Sources: "
               + "; ".join(source(data) for data in parts) + "."]
+    sweep = load("finetune_scale_sweep_resnet20_w4a4")
+    if sweep:
+        changes = sorted(r["finetuned_change"] for r in sweep["rows"])
+        machines = sorted({r["machine"]["gpu"] or r["machine"]["cpu"] for r in sweep["rows"]})
+        lines += ["", f"W4A4 scale fine-tuning over {len(changes)} settings (learning rates, batch size, distillation, "
+                  f"learned ranges, training split, a second seed; 3 epochs each): from {changes[0]:+.2f} to "
+                  f"{changes[-1]:+.2f}, median {statistics.median(changes):+.2f}; none reaches -0.30. Run on "
+                  f"{', '.join(machines)}, {sweep['date']}; table: `benchmarks/results/finetune_scale_sweep_resnet20_w4a4.md`. "
+                  "Reproduce: `python benchmarks/finetune_sweep.py --jobs 12 --device cuda`."]
+    return lines
+
+
+def reference_section() -> list[str]:
+    found = sorted(RESULTS.glob("reference_*.json"))
+    if not found:
+        return []
+    lines = ["### Reference checkpoints trained here", "",
+             "| model | checkpoint | epochs | test accuracy (FP32) | training time | machine |", "|---|---|---|---|---|---|"]
+    sources = []
+    for path in found:
+        data = json.loads(path.read_text())
+        machine = data["machine"]["gpu"] or data["machine"]["cpu"]
+        lines.append(f"| {data['recipe']['model']} | `{data['checkpoint']}` | {data['recipe']['epochs']} | "
+                     f"{data['test_accuracy']:.2f} % | {data['epochs_seconds'] / 60:.1f} min | {machine} |")
+        sources.append(source(data))
+    lines += ["", "Trained from scratch on the fine-tuning split (the first 45,000 training images), the last epoch "
+              "kept; recipe and provenance: `benchmarks/checkpoints/PROVENANCE.md`. Sources: " + "; ".join(sources) + "."]
     return lines
 
 
@@ -188,7 +215,7 @@ def systems_section() -> list[str]:
 def main() -> None:
     body = []
     for section in (ptq_section, sensitivity_section, search_section, finetune_section, headline_section,
-                    systems_section):
+                    reference_section, systems_section):
         body += section() + [""]
     readme = ROOT / "README.md"
     text = readme.read_text()

@@ -1,5 +1,7 @@
 """Accuracy of the shared checkpoints on the shared (JPEG-rebuilt) test set, as PROVENANCE.md states."""
 
+from pathlib import Path
+
 import pytest
 
 from oaq_search.data import load_cifar10
@@ -22,3 +24,10 @@ def test_split(cifar_root):
 def test_checkpoint_accuracy_matches_provenance(shared, test_split, name, checkpoint, expected):
     model = load_model(name, shared / "models" / checkpoint)
     assert accuracy(model, test_split) == pytest.approx(expected, abs=0.05)
+
+
+def test_reference_densenet_checkpoint_loads_safely_and_classifies(test_split):
+    """benchmarks/checkpoints/: trained here (PROVENANCE.md there); strict load, weights_only."""
+    checkpoint = Path(__file__).resolve().parents[1] / "benchmarks/checkpoints/densenet100_cifar10jpeg.pt"
+    model = load_model("densenet100", checkpoint)
+    assert accuracy(model, test_split.subset(200)) > 80.0
