@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                                                                              "(images the checkpoint never saw)")
     finetune.add_argument("--learning-rate", type=float, help="qat weight learning rate (SGD, cosine decay)")
     finetune.add_argument("--distill", action="store_true", help="also distill from the full-precision model")
+    finetune.add_argument("--device", help="auto (a CUDA GPU when PyTorch sees one; the default), cpu, cuda or cuda:N")
     finetune.add_argument("--test-images", type=int, help="score on the first N test images (default: all)")
     finetune.add_argument("--out", default="runs/finetune", help="folder for the plan, checkpoint, packed model "
                                                                  "and resumable state")
@@ -253,7 +254,7 @@ def _finetune(args: argparse.Namespace) -> int:
     config = study.finetune if study else FinetuneConfig(mode="scale")
     if config.mode == "none":
         config.mode = "scale"
-    for option in ("mode", "epochs", "images_per_epoch", "train_split", "learning_rate"):
+    for option in ("mode", "epochs", "images_per_epoch", "train_split", "learning_rate", "device"):
         if getattr(args, option) is not None:
             setattr(config, option, getattr(args, option))
     config.distill = config.distill or args.distill

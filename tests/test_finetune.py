@@ -159,6 +159,9 @@ def test_finetune_command_needs_a_checkpoint(capsys, tmp_path):
     assert main(["finetune", "--plan", str(tmp_path / "plan.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pass --checkpoint" in err
+    assert main(["finetune", "--plan", str(tmp_path / "plan.json"), "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "device must be auto, cpu, cuda or cuda:N" in err
 
 
 def test_finetune_command_writes_plan_checkpoint_and_packed_model(resnet20, shared, tmp_path, capsys):
