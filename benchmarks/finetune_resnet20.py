@@ -23,8 +23,8 @@ import tomllib
 from _common import SHARED, write_results
 
 from oaq_search.config import FinetuneConfig
-from oaq_search.errors import UserError
 from oaq_search.data import load_cifar10
+from oaq_search.errors import UserError
 from oaq_search.pipeline import finetune_and_test, layer_graph, load_model
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import CALIBRATION_IMAGES
