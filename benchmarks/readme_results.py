@@ -10,6 +10,8 @@ import re
 import statistics
 from pathlib import Path
 
+from search_quality import median_trials_to_match
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results -->", "<!-- /results -->"
@@ -93,13 +95,13 @@ def search_section() -> list[str]:
     if efficiency:
         rows = efficiency["rows"]
         matched = {label: [r["trials_to_match"].get(label) for r in rows] for label in ("seeded", "seeded_tpe", "random")}
-        median = {label: statistics.median(count or 101 for count in counts) for label, counts in matched.items()}
+        median = median_trials_to_match(rows)
         scoring = f"{rows[0]['eval_images']} search-split images per trial, screened on {rows[0]['screen_images']} first"
         lines += ["", f"Trials needed to match the best search-split accuracy of unseeded TPE in 100 trials ({scoring}), "
                       f"per sampler seed: seeded search with local search {matched['seeded']}, seeded TPE alone "
                       f"{matched['seeded_tpe']}, random search {matched['random']} (None = not matched in 100; "
-                      f"medians {median['seeded']:g}, {median['seeded_tpe']:g} and {median['random']:g}, 101 meaning "
-                      f"not matched). The target is the best of 100 noisy scores, so the counts also measure luck. "
+                      f"medians {median['seeded']:g}, {median['seeded_tpe']:g} and {median['random']:g}, "
+                      f"{len(rows[0]['curves']['tpe']) + 1} meaning not matched). The target is the best of 100 noisy scores, so the counts also measure luck. "
                       f"Source: {source(efficiency)}."]
     return lines
 
