@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from _common import SHARED, write_results
 
 from oaq_search.data import load_cifar10
 from oaq_search.evaluate import accuracy
-from oaq_search.finetune import training_device
+from oaq_search.finetune import save_atomically, training_device
 from oaq_search.models import build_model
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
@@ -57,7 +56,7 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / max(warmup, 1), 1.0) * 0.5 * (
         1 + math.cos(math.pi * min(max(step - warmup, 0) / max(total - warmup, 1), 1.0))))
     state_path = Path(args.state or f"runs/reference/{args.model}.pt")
-    history = resume(state_path, model, optimizer, schedule)
+    history = resume(state_path, training_recipe(args), model, optimizer, schedule)
     for epoch in range(len(history), args.epochs):
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
             print(f"paused after epoch {epoch} ({args.max_minutes} min): re-run the same command to go on")
@@ -81,7 +80,7 @@ def main() -> None:
                         "search_accuracy": accuracy(model, splits.search, progress=False),
                         "seconds": time.perf_counter() - epoch_started})
         print({k: round(v, 3) for k, v in history[-1].items()}, flush=True)
-        save_state(state_path, model, optimizer, schedule, history)
+        save_state(state_path, training_recipe(args), model, optimizer, schedule, history)
     finish(args, model, splits, history)
 
 
@@ -92,33 +91,37 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, splits, history: li
     path = CHECKPOINTS / f"{args.model}_cifar10jpeg.pt"
     torch.save(model.state_dict(), path)
     test = accuracy(model, splits.test, progress=False)
-    recipe = {key: getattr(args, key) for key in ("model", "epochs", "batch_size", "learning_rate", "warmup_epochs",
-                                                  "weight_decay", "seed")}
     extra = {"checkpoint": str(path.relative_to(CHECKPOINTS.parent.parent)), "bytes": path.stat().st_size,
              "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "test_accuracy": test,
-             "epochs_seconds": round(sum(h["seconds"] for h in history), 1), "recipe": recipe}
+             "epochs_seconds": round(sum(h["seconds"] for h in history), 1), "recipe": training_recipe(args)}
     last = history[-1]
     markdown = (f"| model | epochs | test accuracy (FP32) | search split (held out) | training time |\n"
                 f"|---|---|---|---|---|\n| {args.model} | {len(history)} | {test:.2f} % | "
                 f"{last['search_accuracy']:.2f} % | {extra['epochs_seconds'] / 60:.1f} min |\n\n"
                 f"Checkpoint `{extra['checkpoint']}` ({extra['bytes']} bytes, sha256 {extra['sha256']}). Recipe: "
-                + ", ".join(f"{key} {value}" for key, value in recipe.items()) + ".")
+                + ", ".join(f"{key} {value}" for key, value in extra["recipe"].items()) + ".")
     write_results(f"reference_{args.model}", history, markdown, extra)
     print(markdown)
 
 
-def save_state(path: Path, model, optimizer, schedule, history) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "history": history}, partial)
-    os.replace(partial, path)
+def training_recipe(args: argparse.Namespace) -> dict:
+    """What makes two runs the same training: a saved state resumes only under the same recipe."""
+    return {key: getattr(args, key) for key in ("model", "epochs", "batch_size", "learning_rate", "warmup_epochs",
+                                                "weight_decay", "seed")}
 
 
-def resume(path: Path, model, optimizer, schedule) -> list[dict]:
+def save_state(path: Path, recipe: dict, model, optimizer, schedule, history) -> None:
+    save_atomically({"recipe": recipe, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "history": history}, path)
+
+
+def resume(path: Path, recipe: dict, model, optimizer, schedule) -> list[dict]:
     if not path.is_file():
         return []
     state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    if state.get("recipe") != recipe:
+        raise SystemExit(f"error: {path} holds a run with another recipe ({state.get('recipe')}): delete it to start "
+                         f"over, or pass --state with another file")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])

@@ -210,9 +210,14 @@ def _refresh(model: nn.Module) -> None:
 
 def _save_state(path: Path, fingerprint: str, model, optimizers, schedulers, history) -> None:
     """Everything needed to resume after the last finished epoch, written atomically."""
+    save_atomically({"fingerprint": fingerprint, "model": model.state_dict(), "history": history,
+                     "optimizers": [o.state_dict() for o in optimizers],
+                     "schedulers": [s.state_dict() for s in schedulers]}, path)
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """torch.save through a temporary file, so a kill mid-write leaves the last whole file in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"fingerprint": fingerprint, "model": model.state_dict(), "history": history,
-             "optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers]}
     partial = path.with_suffix(".partial")
     torch.save(state, partial)
     os.replace(partial, path)
