@@ -4,8 +4,10 @@
 holds N that are waiting or done. `work` pops waiting trials one at a time, with a heartbeat, and
 never creates new ones, so two workers on PostgreSQL finish exactly N. A worker killed mid-trial
 stops beating; its trial goes stale, is marked failed and re-enqueued by the storage's
-`RetryHeartbeatStaleTrialCallback`, and another (or the resumed) worker runs it. Ctrl-C puts the
-running trial back at once.
+`RetryHeartbeatStaleTrialCallback`, and another (or the resumed) worker runs it. A trial gets its
+first heartbeat before it is marked running: Optuna never fails a running trial that has none, so
+a worker killed between the two would leave every later worker waiting on it for ever. Ctrl-C puts
+the running trial back at once.
 """
 
 from __future__ import annotations
@@ -54,14 +56,14 @@ def work(study: optuna.Study, storage: optuna.storages.BaseStorage,
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and relied on here
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # re-enqueues trials of dead workers
-        trial_id = _pop_waiting(storage, study_id)
+        trial_id = _claim_waiting(storage, study_id)
         if trial_id is None:
             if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 return ran
             time.sleep(_POLL_SECONDS)  # another worker's trial may still go stale and come back
             continue
-        trial = optuna.Trial(study, trial_id)
         with _Heartbeat(storage, trial_id):
+            trial = optuna.Trial(study, trial_id)  # runs the sampler's before_trial: already beating
             try:
                 values = objective(trial)
             except TrialPruned:
@@ -80,9 +82,13 @@ def work(study: optuna.Study, storage: optuna.storages.BaseStorage,
             on_finished(frozen)
 
 
-def _pop_waiting(storage: optuna.storages.BaseStorage, study_id: int) -> int | None:
+def _claim_waiting(storage: optuna.storages.BaseStorage, study_id: int) -> int | None:
+    """Marks a waiting trial running, its heartbeat recorded first; returns its id, None if none waits."""
+    beating = _heartbeat_interval(storage) is not None
     for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
         try:
+            if beating:  # harmless if another worker claims it: the heartbeat only counts while running
+                storage.record_heartbeat(trial._trial_id)
             if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
                 return trial._trial_id
         except UpdateFinishedTrialError:
@@ -95,7 +101,7 @@ class _Heartbeat:
 
     def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int):
         self.storage, self.trial_id = storage, trial_id
-        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self.interval = _heartbeat_interval(storage)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
@@ -113,3 +119,7 @@ class _Heartbeat:
         self.stopped.set()
         if self.thread.is_alive():
             self.thread.join()
+
+
+def _heartbeat_interval(storage: optuna.storages.BaseStorage) -> int | None:
+    return storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None

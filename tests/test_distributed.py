@@ -53,12 +53,21 @@ def oaq(*args, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+def finish(process: subprocess.Popen, timeout: float) -> str:
+    """The process's output once it exits; past `timeout` it is killed and the test fails showing it."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{' '.join(process.args[2:])} ran past {timeout} s; it printed:\n{process.communicate()[0]}")
+
+
 def test_two_workers_finish_exactly_the_requested_trials(shared, tmp_path, postgres_url):
     path, config = study_file(shared, tmp_path, n_trials=10, eval_images=200, storage=postgres_url)
     created = oaq("create", str(path))
     assert created.wait(timeout=120) == 0, created.stdout.read()
     workers = [oaq("worker", str(path), "--worker-index", str(i)) for i in (1, 2)]
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    outputs = [finish(w, timeout=300) for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
     trials = optuna.load_study(study_name=config.name, storage=postgres_url).trials
     assert len(trials) == 10 and all(t.state == TrialState.COMPLETE for t in trials)
@@ -88,7 +97,7 @@ def test_killed_worker_loses_no_finished_trial_and_the_study_resumes(shared, tmp
               if t.state == TrialState.COMPLETE}
 
     resumed = oaq("run", str(path))
-    output = resumed.communicate(timeout=300)[0]
+    output = finish(resumed, timeout=300)
     assert resumed.returncode == 0, output
     trials = optuna.load_study(study_name=config.name, storage=storage).trials
     after = {t.number: (t.params, t.value) for t in trials if t.state == TrialState.COMPLETE}

@@ -1,0 +1,28 @@
+"""The trial queue: a worker killed at any moment leaves nothing that blocks the next one."""
+
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from oaq_search.queue import _claim_waiting, fill_queue, work
+from oaq_search.storage import open_storage
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_worker_killed_right_after_claiming_a_trial_leaves_it_to_be_retried(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_seconds=1, grace_seconds=1)
+    study = optuna.create_study(study_name="queue", storage=storage)
+    fill_queue(study, 2, seeds=[({"x": 3}, "seed")])
+    claimed = _claim_waiting(storage, study._study_id)  # then the worker "dies": it never beats again
+    time.sleep(3)  # past the grace period (SQLite's clock counts whole seconds)
+    optuna.storages.fail_stale_trials(study)
+    assert storage.get_trial(claimed).state == TrialState.FAIL  # stale, not blocking the queue for ever
+
+    ran = work(study, storage, lambda trial: trial.suggest_int("x", 0, 9) ** 2)
+
+    trials = {t._trial_id: t for t in study.get_trials()}
+    assert ran == 2 and [t.state for t in trials.values()].count(TrialState.COMPLETE) == 2
+    retried = [t for t in trials.values() if t.user_attrs.get("seed") == "seed" and t.state == TrialState.COMPLETE]
+    assert [t.params for t in retried] == [{"x": 3}]  # the killed seed trial came back with its plan
