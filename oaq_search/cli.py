@@ -18,7 +18,7 @@ from .budget import format_quantity
 from .config import DataConfig, FinetuneConfig, load_study_config
 from .data import load_cifar10
 from .errors import UserError
-from .evaluate import accuracy
+from .evaluate import accuracy, format_score
 from .grids import GRIDS
 from .models import model_spec
 from .oaq import METHODS
@@ -193,9 +193,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"budget: {budget}; best plan (trial {plan.metadata['trial']}, seed: {plan.metadata['seed'] or 'sampled'}) "
           f"uses {format_quantity('weight_bytes', totals['weight_bytes'])} of weights")
     print("weight bits: " + " ".join(f"{layer.name}={layer.weight_bits}" for layer in plan.layers))
-    rescored = plan.metadata.get("finalist_accuracy")
-    whole_split = "" if rescored is None else f" (whole search split {rescored:.2f} %)"
-    print(f"accuracy: trial score {result.search_accuracy:.2f} %{whole_split}, test {result.test_accuracy:.2f} % "
+    score, rescored = plan.metadata["score"], plan.metadata.get("finalist_score")
+    whole_split = "" if rescored is None else f" (whole search split {format_score(score, rescored)})"
+    print(f"accuracy: trial score {format_score(score, result.search_score)}{whole_split}, test {result.test_accuracy:.2f} % "
           f"(full precision {result.fp_test_accuracy:.2f} %, change {result.test_accuracy - result.fp_test_accuracy:+.2f})")
     print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.seconds.items()))
     print(f"plan written to {result.plan_path}")

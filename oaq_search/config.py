@@ -9,6 +9,7 @@ import tomli_w
 
 from .budget import parse_budget
 from .errors import UserError
+from .evaluate import SCORES
 from .grids import GRIDS, check_bits
 from .oaq import METHODS
 from .schema import parse, read_document, to_dict
@@ -44,6 +45,7 @@ class SearchConfig:
     grid: str = "uniform"
     per_channel: bool = False
     eval_images: int = 1000  # images of the search split scored per trial
+    score: str = "accuracy"  # accuracy | kl: minus the KL from full precision's predictions, far less noisy on few images
     screen_images: int = 0  # >0: score this many first, and let Optuna prune hopeless trials there
     finalists: int = 3  # the best few trials re-scored on the whole search split; the best of those wins (1: off)
     bn_correction: bool = True  # match BatchNorm statistics to full precision (one search-split batch)
@@ -81,6 +83,11 @@ class SearchConfig:
         if self.measured_sensitivity_images < 0:
             raise UserError(f"measured_sensitivity_images must be 0 (use the sensitivity table) or more, "
                             f"got {self.measured_sensitivity_images}")
+        if self.score not in SCORES:
+            raise UserError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.score != "accuracy" and self.screen_images:
+            raise UserError(f"screen_images prunes by the binomial noise of an accuracy: with score = {self.score!r} "
+                            f"set screen_images = 0")
         if self.outlier_rule not in OUTLIER_RULES:
             raise UserError(f"outlier_rule must be one of {', '.join(OUTLIER_RULES)}, got {self.outlier_rule!r}")
         if not 0.0 <= self.local_search <= 1.0:

@@ -1,6 +1,8 @@
-"""Top-1 accuracy of a model on an image split, batched, under inference mode."""
+"""How good a model is on an image split: top-1 accuracy, or how far its predictions moved from a reference's."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -10,16 +12,51 @@ from .data import ImageSplit
 
 
 def accuracy(model: nn.Module, split: ImageSplit, batch_size: int = 500, progress: bool | None = None) -> float:
-    """Top-1 accuracy in percent, on the model's device. The progress bar shows only on a terminal unless forced."""
+    """Top-1 accuracy in percent. The progress bar shows only on a terminal unless forced."""
+    correct = int((logits(model, split, batch_size, progress).argmax(1) == split.labels.cpu()).sum())
+    return 100.0 * correct / len(split)
+
+
+def logits(model: nn.Module, split: ImageSplit, batch_size: int = 500, progress: bool | None = False) -> torch.Tensor:
+    """The model's outputs for every image of `split`, (N, classes): computed on its device, returned on the CPU."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = 0
+    batches = tqdm(split.batches(batch_size), total=-(-len(split) // batch_size), desc=f"eval {split.name}",
+                   leave=False, disable=None if progress is None else not progress)
     with torch.inference_mode():
-        batches = split.batches(batch_size)
-        total_batches = -(-len(split) // batch_size)
-        for images, labels in tqdm(batches, total=total_batches, desc=f"eval {split.name}", leave=False,
-                                   disable=None if progress is None else not progress):
-            correct += int((model(images.to(device)).argmax(1) == labels.to(device)).sum())
+        outputs = torch.cat([model(images.to(device)).float().cpu() for images, _ in batches])
     model.train(was_training)
-    return 100.0 * correct / len(split)
+    return outputs
+
+
+SCORES = ("accuracy", "kl")  # what a trial is scored by on the search split; higher is better for both
+
+
+def split_scorer(score: str, split: ImageSplit, reference: nn.Module,
+                 batch_size: int = 500) -> Callable[[nn.Module], float]:
+    """A model -> its score on `split`: top-1 accuracy in percent, or (kl) minus its mean KL divergence
+    in nats from `reference`'s predictions, whose outputs are computed once here."""
+    if score == "accuracy":
+        return lambda model: accuracy(model, split, batch_size, progress=False)
+    reference_logits = logits(reference, split, batch_size)
+    return lambda model: -float(kl_per_image(reference_logits, logits(model, split, batch_size)).mean())
+
+
+def format_score(score: str, value: float) -> str:
+    return f"{value:.2f} %" if score == "accuracy" else f"KL {-value:.4f} nats"
+
+
+def score_label(score: str) -> str:
+    """An axis label for trial scores."""
+    return "search-split accuracy (%)" if score == "accuracy" else "minus KL from full precision (nats)"
+
+
+def kl_per_image(reference_logits: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) in nats for each image: how far quantization moved the predictions.
+
+    Unlike top-1 accuracy it counts every image, not only those whose top class flips, so it
+    ranks quantized plans with far less noise on few images."""
+    reference = torch.log_softmax(reference_logits, dim=1)
+    return torch.nn.functional.kl_div(torch.log_softmax(outputs, dim=1), reference, log_target=True,
+                                      reduction="none").sum(dim=1)

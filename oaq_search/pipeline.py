@@ -27,7 +27,7 @@ from .checkpoints import load_checkpoint
 from .config import FinetuneConfig, StudyConfig
 from .data import CifarSplits, ImageSplit, load_cifar10
 from .errors import UserError
-from .evaluate import accuracy
+from .evaluate import accuracy, split_scorer
 from .finetune import FinetuneResult, finetune
 from .graph import LayerGraph, build_layer_graph
 from .models import build_model, model_spec
@@ -57,10 +57,6 @@ def load_model(name: str, checkpoint: str | Path | None = None) -> nn.Module:
 
 def layer_graph(name: str, model: nn.Module) -> LayerGraph:
     return build_layer_graph(model, model_spec(name).input_shape)
-
-
-def split_scorer(split: ImageSplit, batch_size: int):
-    return lambda model: accuracy(model, split, batch_size, progress=False)
 
 
 @dataclass
@@ -103,9 +99,10 @@ def prepare(config: StudyConfig) -> Prepared:
     check_feasible(problem)
     corrector = BatchNormCorrector(model, calibration) if search.bn_correction else None
     scored = splits.search.subset(search.eval_images)
-    scorers = [split_scorer(scored, search.batch_size)]
+    scorers = [split_scorer(search.score, scored, model, search.batch_size)]
     if 0 < search.screen_images < search.eval_images:
-        scorers.insert(0, split_scorer(splits.search.subset(search.screen_images), search.batch_size))
+        scorers.insert(0, split_scorer(search.score, splits.search.subset(search.screen_images), model,
+                                       search.batch_size))
     objective = Objective(copy.deepcopy(model), graph, space, factory, cost_model, budget, problem, scorers,
                           corrector, search.pareto_metric, calibration, search.fill_budget)
     quantizer = {"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
@@ -126,7 +123,7 @@ def prepare(config: StudyConfig) -> Prepared:
         "model": config.model.name,
         "checkpoint": _file_digest(config.model.checkpoint) if config.model.checkpoint else "none",
         "search split": scored.fingerprint(),
-        "search space": json.dumps({**quantizer, "screen_images": search.screen_images,
+        "search space": json.dumps({**quantizer, "score": search.score, "screen_images": search.screen_images,
                                     "pareto_metric": search.pareto_metric, "sampler": search.sampler,
                                     "local_search": search.local_search, "fill_budget": search.fill_budget},
                                    sort_keys=True),
@@ -189,7 +186,7 @@ class StudyResult:
     plan_path: Path
     study_name: str
     storage_url: str
-    search_accuracy: float
+    search_score: float  # the best trial's, by config.search.score
     fp_test_accuracy: float
     test_accuracy: float
     finished_trials: int
@@ -260,8 +257,8 @@ def finish(prepared: Prepared, study: optuna.Study) -> StudyResult:
     config = prepared.config
     started = time.perf_counter()
     if config.search.finalists > 1 and not config.search.pareto_metric:
-        prepared.objective.rescore_finalists(study, config.search.finalists,
-                                             split_scorer(prepared.splits.search, config.search.batch_size))
+        prepared.objective.rescore_finalists(study, config.search.finalists, split_scorer(
+            config.search.score, prepared.splits.search, prepared.model, config.search.batch_size))
     best = best_trial(study)
     plan = Plan.from_dict(best.user_attrs["plan"])
     prepared.seconds["finalists"] = time.perf_counter() - started
@@ -274,8 +271,8 @@ def finish(prepared: Prepared, study: optuna.Study) -> StudyResult:
     plan.totals = best.user_attrs["costs"]
     plan.metadata = {"study": config.name, "storage": config.storage_url, "trial": best.number,
                      "checkpoint": config.model.checkpoint,
-                     "seed": best.user_attrs.get("seed"), "search_accuracy": best.values[0],
-                     "finalist_accuracy": finalist_score(study, best),
+                     "seed": best.user_attrs.get("seed"), "score": config.search.score, "search_score": best.values[0],
+                     "finalist_score": finalist_score(study, best),
                      "fp_test_accuracy": fp_test, "test_accuracy": test, "test_images": len(test_split),
                      "budget": parse_budget(config.budget), "cost_model": config.search.cost_model,
                      "seconds": prepared.seconds}
@@ -305,7 +302,8 @@ def export_plans(config: StudyConfig, trial_number: int | None = None, pareto: b
     for trial in trials:
         plan = Plan.from_dict(trial.user_attrs["plan"])
         plan.totals = trial.user_attrs["costs"]
-        plan.metadata = {"study": config.name, "trial": trial.number, "search_accuracy": trial.values[0]}
+        plan.metadata = {"study": config.name, "trial": trial.number, "score": config.search.score,
+                         "search_score": trial.values[0]}
         plans.append(plan)
     return plans
 

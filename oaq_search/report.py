@@ -1,7 +1,8 @@
 """A study as one self-contained HTML page with PNG figures, for people who would rather look.
 
-Figures: accuracy vs weight memory for every trial (front, seeds and the uniform plan marked),
-the chosen plan's bits per layer against sensitivity and cost share, and the search history.
+Figures: trial score (accuracy, or KL from full precision) vs weight memory for every trial (front,
+seeds and the uniform plan marked), the chosen plan's bits per layer against sensitivity and cost
+share, and the search history.
 A table shows budget use per metric, and one sentence per layer says why it got its bits.
 """
 
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
 from .budget import format_quantity  # noqa: E402
+from .evaluate import format_score, score_label  # noqa: E402
 from .pipeline import Prepared  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .search import best_trial, feasible_trials, finalist_score, pareto_trials  # noqa: E402
@@ -31,15 +33,16 @@ def write_report(prepared: Prepared, study: optuna.Study, folder: str | Path) ->
     best = best_trial(study)
     plan = Plan.from_dict(best.user_attrs["plan"])
     per_layer = prepared.objective.cost_model.evaluate(prepared.graph, plan).per_layer
-    _pareto_figure(study, best, folder / "pareto.png")
+    score = prepared.config.search.score
+    _pareto_figure(study, best, score, folder / "pareto.png")
     _layers_figure(prepared, plan, best, per_layer, folder / "layers.png")
-    _history_figure(study, folder / "history.png")
+    _history_figure(study, score, folder / "history.png")
     budget_rows = "".join(
         f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
         f"<td>{format_quantity(metric, limit)}</td><td>{100 * best.user_attrs['costs'][metric] / limit:.1f} %</td></tr>"
         for metric, limit in prepared.objective.budget.items())
     rescored = finalist_score(study, best)
-    finalist = "" if rescored is None else f" and {rescored:.2f} % on the whole search split (the best finalist)"
+    finalist = "" if rescored is None else f" and {format_score(score, rescored)} on the whole search split (the best finalist)"
     reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(prepared, plan, best, per_layer))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>oaq-search: {html.escape(study.study_name)}</title>
@@ -47,10 +50,10 @@ def write_report(prepared: Prepared, study: optuna.Study, folder: str | Path) ->
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2em .6em}}</style></head><body>
 <h1>Study {html.escape(study.study_name)}</h1>
 <p>Model {html.escape(prepared.config.model.name)}; {len(study.trials)} trials; best trial #{best.number}
-({html.escape(str(best.user_attrs.get('seed') or 'sampled'))}) with {best.values[0]:.2f} % on the images scored per
+({html.escape(str(best.user_attrs.get('seed') or 'sampled'))}) with {format_score(score, best.values[0])} on the images scored per
 trial{finalist}.</p>
 <h2>Budget use</h2><table><tr><th>metric</th><th>used</th><th>limit</th><th>share</th></tr>{budget_rows}</table>
-<h2>Accuracy against weight memory</h2><img src="pareto.png" alt="accuracy vs weight memory">
+<h2>Score against weight memory</h2><img src="pareto.png" alt="score vs weight memory">
 <h2>The chosen plan, layer by layer</h2><img src="layers.png" alt="bits per layer">
 <ul>{reasons}</ul>
 <h2>Search history</h2><img src="history.png" alt="search history">
@@ -82,7 +85,7 @@ def layer_reasons(prepared: Prepared, plan: Plan, best: optuna.trial.FrozenTrial
     return sentences
 
 
-def _pareto_figure(study: optuna.Study, best, path: Path) -> None:
+def _pareto_figure(study: optuna.Study, best, score: str, path: Path) -> None:
     trials = feasible_trials(study)
     front = {t.number for t in pareto_trials(study)}
     figure, axis = plt.subplots(figsize=(8.5, 4.2))
@@ -96,7 +99,7 @@ def _pareto_figure(study: optuna.Study, best, path: Path) -> None:
                          label=f"seed: {t.user_attrs['seed']}", zorder=3)
     axis.scatter(kib(best), best.values[0], marker="*", s=200, c="#d62728", label="chosen", zorder=4)
     axis.set_xlabel("weight memory (KiB, packed)")
-    axis.set_ylabel("search-split accuracy (%)")
+    axis.set_ylabel(score_label(score))
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     _save(figure, path)
 
@@ -120,7 +123,7 @@ def _layers_figure(prepared: Prepared, plan: Plan, best, per_layer: dict[str, di
     _save(figure, path)
 
 
-def _history_figure(study: optuna.Study, path: Path) -> None:
+def _history_figure(study: optuna.Study, score: str, path: Path) -> None:
     finished = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.number)
     running, best = [], float("-inf")
     for t in finished:
@@ -130,7 +133,7 @@ def _history_figure(study: optuna.Study, path: Path) -> None:
     axis.scatter([t.number for t in finished], [t.values[0] for t in finished], s=10, c="#999", label="trial")
     axis.plot([t.number for t in finished], running, c="#1f77b4", label="best so far")
     axis.set_xlabel("trial")
-    axis.set_ylabel("search-split accuracy (%)")
+    axis.set_ylabel(score_label(score))
     axis.legend(fontsize=7)
     _save(figure, path)
 

@@ -1,9 +1,9 @@
 """The search: Optuna over per-group weight bits, plans repaired onto the budget, scored on data.
 
 Pieces, each small: `SearchSpace` maps tie groups to Optuna parameters (hopeless bit-widths pruned
-by sensitivity); `Objective` scores one trial: repair onto the budget, then accuracy, cheap subset
-first (multi-fidelity, Optuna pruning) and cached by plan key. Seeds come from `seeds`, the trial
-queue from `queue`; `pipeline` wires them to study files.
+by sensitivity); `Objective` scores one trial: repair onto the budget, then its score (accuracy, or
+KL from full precision), cheap subset first (multi-fidelity, Optuna pruning) and cached by plan key.
+Seeds come from `seeds`, the trial queue from `queue`; `pipeline` wires them to study files.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from .schema import to_dict
 from .seeds import AllocationProblem
 from .sensitivity import SensitivityTable
 
-Scorer = Callable[[nn.Module], float]  # a quantized model -> accuracy in percent
-FINALIST_SCORES = "finalist_accuracy"  # study attribute: trial number -> accuracy on the whole search split
+Scorer = Callable[[nn.Module], float]  # a quantized model -> its score (evaluate.split_scorer), higher is better
+FINALIST_SCORES = "finalist_scores"  # study attribute: trial number -> score on the whole search split
 
 
 @dataclass
@@ -123,11 +123,11 @@ def violations(report: CostReport, budget: Mapping[str, float]) -> dict[str, flo
 
 
 class Objective:
-    """Scores one trial: move the sampled bits onto the budget, then accuracy, cheapest scorer first.
+    """Scores one trial: move the sampled bits onto the budget, then score it, cheapest scorer first.
 
     With several scorers (e.g. 500 then 2,000 search-split images), each result is reported to
     Optuna as a step, and a trial the pruner finds hopeless stops there. `pareto_metric` turns
-    the objective into (accuracy, that cost) for multi-objective studies.
+    the objective into (score, that cost) for multi-objective studies.
     """
 
     def __init__(self, quantized_model: nn.Module, graph: LayerGraph, space: SearchSpace, factory: PlanFactory,
@@ -167,12 +167,12 @@ class Objective:
         trial.set_user_attr("costs", report.totals)
         for metric, over in violations(report, self.budget).items():
             trial.set_constraint(metric, over)  # TPE models feasibility from these
-        accuracy = self._accuracy(plan, trial)
+        score = self._score(plan, trial)
         if self.pareto_metric:
-            return accuracy, report.totals[self.pareto_metric]
-        return accuracy
+            return score, report.totals[self.pareto_metric]
+        return score
 
-    def _accuracy(self, plan: Plan, trial: optuna.Trial) -> float:
+    def _score(self, plan: Plan, trial: optuna.Trial) -> float:
         key = plan.key()
         if key in self.cache:
             trial.set_user_attr("cached", True)
@@ -232,8 +232,8 @@ def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """The most accurate finished trial whose plan fits every budget: by the finalists' re-scored
-    accuracy once `Objective.rescore_finalists` ran, else by the trials' own scores."""
+    """The best-scored finished trial whose plan fits every budget: by the finalists' re-scores
+    once `Objective.rescore_finalists` ran, else by the trials' own scores."""
     feasible = feasible_trials(study)
     if not feasible:
         raise UserError(f"study {study.study_name} has no finished trial that fits the budget yet: run more trials")
@@ -266,7 +266,7 @@ def _by_score(trial: optuna.trial.FrozenTrial) -> tuple[float, int]:
 
 
 def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Feasible trials no other feasible trial beats on both accuracy and the first cost."""
+    """Feasible trials no other feasible trial beats on both score and the first cost."""
     feasible = feasible_trials(study)
     cost = lambda t: t.values[1] if len(t.values) > 1 else t.user_attrs["costs"].get("weight_bytes", 0)  # noqa: E731
     return sorted((t for t in feasible if not any(

@@ -4,11 +4,16 @@ import json
 import numpy as np
 import optuna
 import pytest
+import torch
 
 from oaq_search.cli import main
 from oaq_search.config import dump_study_config
-from oaq_search.pipeline import export_plans, run_study
+from oaq_search.data import ImageSplit
+from oaq_search.evaluate import split_scorer
+from oaq_search.pipeline import export_plans, layer_graph, load_model, run_study
 from oaq_search.plan import Plan
+from oaq_search.planning import PlanFactory
+from oaq_search.ptq import post_training_quantize
 from oaq_search.pruning import ScreeningPruner
 from oaq_search.samplers import EVALUATED_PARAMS, NeighborhoodSampler
 from oaq_search.seeds import AllocationProblem, greedy_seed, integer_program_seed, uniform_seed
@@ -128,7 +133,7 @@ def test_pareto_mode_exports_a_front_and_apply_packs_a_plan(config, tmp_path, ca
     front = export_plans(config, pareto=True)
     assert front and all(p.totals["weight_bytes"] <= 104 * 1024 for p in front)
     sizes = [p.totals["weight_bytes"] for p in front]
-    accuracies = [p.metadata["search_accuracy"] for p in front]
+    accuracies = [p.metadata["search_score"] for p in front]
     assert sizes == sorted(sizes) and accuracies == sorted(accuracies)  # a front: more bytes, more accuracy
 
     study_path = tmp_path / "s.toml"
@@ -240,11 +245,35 @@ def test_finalists_are_rescored_on_the_whole_search_split_and_the_best_is_export
     config.search.n_trials, config.search.finalists = 3, 2
     result = run_study(config)
     study = optuna.load_study(study_name=config.name, storage=config.storage_url)
-    scores = study.user_attrs["finalist_accuracy"]
+    scores = study.user_attrs["finalist_scores"]
     distinct = {}  # the two best distinct plans, each by its first trial
     for trial in sorted((t for t in study.trials if t.values), key=lambda t: (-t.values[0], t.number)):
         distinct.setdefault(trial.user_attrs["plan_key"], trial)
     assert sorted(scores) == sorted(str(t.number) for t in list(distinct.values())[:2])
-    assert result.plan.metadata["finalist_accuracy"] == max(scores.values())
+    assert result.plan.metadata["finalist_score"] == max(scores.values())
     assert scores[str(result.plan.metadata["trial"])] == max(scores.values())
     assert export_plans(config)[0].metadata["trial"] == result.plan.metadata["trial"]
+
+
+@pytest.mark.shared
+def test_kl_score_ranks_trials_by_distance_from_full_precision(config, capsys):
+    config.search.score, config.search.n_trials, config.search.finalists = "kl", 3, 2
+    config.search.seeds = ["uniform"]
+    result = run_study(config, progress=False)
+    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    scores = [t.values[0] for t in study.trials]
+    assert all(score < 0 for score in scores)  # minus a KL divergence: quantization always moves the outputs
+    assert result.plan.metadata["score"] == "kl" and result.plan.metadata["search_score"] == max(scores)
+    assert result.test_accuracy > 70  # the chosen plan is still a working model
+    assert all(score <= 0 for score in study.user_attrs["finalist_scores"].values())
+
+
+def test_kl_scorer_is_zero_for_the_reference_and_negative_once_quantized():
+    torch.manual_seed(0)
+    model = load_model("resnet20").eval()
+    split = ImageSplit("random", torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (64,)))
+    scorer = split_scorer("kl", split, model, batch_size=32)
+    quantized = post_training_quantize(model, PlanFactory("resnet20", model, layer_graph("resnet20", model),
+                                                          "oaq", "uniform", False).uniform(2), bn_correction=False)
+    assert scorer(model) == pytest.approx(0.0, abs=1e-6)
+    assert scorer(quantized) < -1e-4
