@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -36,11 +37,12 @@ SCORES = ("accuracy", "kl")  # what a trial is scored by on the search split; hi
 def split_scorer(score: str, split: ImageSplit, reference: nn.Module,
                  batch_size: int = 500) -> Callable[[nn.Module], float]:
     """A model -> its score on `split`: top-1 accuracy in percent, or (kl) minus its mean KL divergence
-    in nats from `reference`'s predictions, whose outputs are computed once here."""
+    in nats from `reference`'s predictions. Those are computed once, on first use: commands that build
+    a study's scorers without scoring (create, report) never pay for them."""
     if score == "accuracy":
         return lambda model: accuracy(model, split, batch_size, progress=False)
-    reference_logits = logits(reference, split, batch_size)
-    return lambda model: -float(kl_per_image(reference_logits, logits(model, split, batch_size)).mean())
+    reference_logits = functools.cache(lambda: logits(reference, split, batch_size))
+    return lambda model: -float(kl_per_image(reference_logits(), logits(model, split, batch_size)).mean())
 
 
 def format_score(score: str, value: float) -> str:
