@@ -81,14 +81,14 @@ def search_section() -> list[str]:
     lines = ["### Mixed-precision search (100 trials, test split, BatchNorm correction everywhere)", "",
              "| model | average bits | trials scored by | budget | uniform OAQ | integer-program seed | best of the search "
              "| FP |", "|---|---|---|---|---|---|---|---|"]
-    rows = sorted((r for data in found for r in data["rows"]),
-                  key=lambda r: (r["model"], -r["average_bits"], r.get("score", "accuracy")))
+    rows = sorted(({"score": "accuracy", **r} for data in found for r in data["rows"]),  # older rows: accuracy
+                  key=lambda r: (r["model"], -r["average_bits"], r["score"]))
     for r in rows:
-        lines.append(f"| {r['model']} | {r['average_bits']} | {r.get('score', 'accuracy')} | {r['budget_kib']:.1f} KiB | "
+        lines.append(f"| {r['model']} | {r['average_bits']} | {r['score']} | {r['budget_kib']:.1f} KiB | "
                      f"{r['uniform_test']:.2f} % "
                      f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {r['integer_program_test']:.2f} % | "
                      f"{r['search_test']:.2f} % ({r['search_kib']:.1f} KiB) | {r['fp_test']:.2f} % |")
-    gains = "; ".join(f"{r['model']} at {r['average_bits']} bits ({r.get('score', 'accuracy')}): "
+    gains = "; ".join(f"{r['model']} at {r['average_bits']} bits ({r['score']}): "
                       f"{r['search_test'] - r['uniform_test']:+.2f} against "
                       f"uniform (W{r['uniform_bits']}), {r['search_test'] - r['integer_program_test']:+.2f} against the "
                       f"seed" for r in rows)
