@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from _common import write_results
+from scipy import stats
 from search_quality import with_budget
 
 from oaq_search.evaluate import kl_per_image, logits
@@ -53,19 +54,19 @@ def candidates(prepared, count: int, seed: int) -> dict[str, Plan]:
     return plans
 
 
-def per_image(model_bits: str, bits: float, plans: list[dict], part: int, parts: int) -> list[dict]:
+def per_image(model: str, bits: float, plans: list[dict], part: int, parts: int) -> list[dict]:
     """Per-image correctness, cross-entropy and KL from FP for every `parts`-th plan, search and test splits."""
     torch.set_num_threads(1)
-    prepared = prepared_for(model_bits, bits)
+    prepared = prepared_for(model, bits)
     splits = {"search": prepared.splits.search, "test": prepared.splits.test}
     reference = {name: logits(prepared.model, split) for name, split in splits.items()}
     rows = []
     for index in range(part, len(plans), parts):
         started = time.perf_counter()
-        model = prepared.objective.apply(Plan.from_dict(plans[index]))
+        quantized = prepared.objective.apply(Plan.from_dict(plans[index]))
         row = {"plan": index}
         for name, split in splits.items():
-            outputs = logits(model, split)
+            outputs = logits(quantized, split)
             row[name] = {"accuracy": (outputs.argmax(1) == split.labels).float() * 100,
                          "cross-entropy": torch.nn.functional.cross_entropy(outputs, split.labels, reduction="none"),
                          "KL from FP": kl_per_image(reference[name], outputs)}
@@ -81,15 +82,6 @@ def prepared_for(model: str, bits: float):
     return prepare(config)
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    rank = lambda values: {i: r for r, i in enumerate(sorted(range(len(values)), key=values.__getitem__))}  # noqa: E731
-    ra, rb = rank(a), rank(b)
-    x, y = [ra[i] for i in range(len(a))], [rb[i] for i in range(len(b))]
-    mx, my = statistics.fmean(x), statistics.fmean(y)
-    covariance = sum((p - mx) * (q - my) for p, q in zip(x, y))
-    return covariance / (sum((p - mx) ** 2 for p in x) * sum((q - my) ** 2 for q in y)) ** 0.5
-
-
 def analyse(rows: list[dict], seed: int) -> list[dict]:
     test = [float(r["test"]["accuracy"].mean()) for r in rows]
     search_images = len(rows[0]["search"]["accuracy"])
@@ -101,7 +93,8 @@ def analyse(rows: list[dict], seed: int) -> list[dict]:
             values = torch.stack([r["search"][score] for r in rows]) * sign  # plans x images
             first = values[:, :images].mean(1).tolist()  # the fixed first-N subset, as the search scores
             picked = [test[int(values[:, subset].mean(1).argmax())] for subset in subsets]
-            table.append({"score": score, "search_images": images, "spearman_with_test": spearman(first, test),
+            table.append({"score": score, "search_images": images,
+                          "spearman_with_test": stats.spearmanr(first, test).statistic,
                           "picked_test_mean": statistics.fmean(picked), "picked_test_worst": min(picked)})
     return table
 
