@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def machine() -> dict[str, object]:
 def write_results(name: str, rows: list[dict], markdown: str, extra: dict | None = None) -> Path:
     """benchmarks/results/<name>.json and .md, each with the command, date and machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    header = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+    header = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),  # quoted: copy-pastes as run
               "date": datetime.date.today().isoformat(), "machine": machine(), **(extra or {})}
     (RESULTS / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
     gpu = f", GPU {header['machine']['gpu']}" if header["machine"]["gpu"] else ""

@@ -162,13 +162,20 @@ def reference_section() -> list[str]:
 
 
 def headline_section() -> list[str]:
+    """One table per headline run (the scale fine-tune and the QAT one), each with its source."""
     found = sorted(RESULTS.glob("headline_*.json"))
-    if not found:
-        return []
-    data = json.loads(found[-1].read_text())
-    methods = list(dict.fromkeys(r["method"].split(" W")[0] for r in data["rows"]))
     lines = ["### Headline: accuracy against weight memory, before -> after the same fine-tune", "",
-             "| model | avg bits (budget) | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+             "`benchmarks/headline.py --stage plans --folder F` runs the searches and keeps every candidate plan; "
+             "`--stage finetune --folder F` then fine-tunes each distinct plan once (`--jobs 2`, or on a GPU) and "
+             "resumes where it stopped.", ""] if found else []
+    for path in found:
+        lines += headline_table(json.loads(path.read_text())) + [""]
+    return lines[:-1]
+
+
+def headline_table(data: dict) -> list[str]:
+    methods = list(dict.fromkeys(r["method"].split(" W")[0] for r in data["rows"]))
+    lines = ["| model | avg bits (budget) | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     cells: dict[tuple, dict[str, str]] = {}
     for r in data["rows"]:
         cell = f"{r['ptq_change']:+.2f} -> {r['finetuned_change']:+.2f}"
@@ -178,10 +185,12 @@ def headline_section() -> list[str]:
     for (model, bits, kib), row in cells.items():
         lines.append(f"| {model} | {bits:g} ({kib:.0f} KiB) | " + " | ".join(row.get(m, "n/a") for m in methods) + " |")
     finetune = data["finetune"]
+    images = finetune["images_per_epoch"] or "all fine-tuning-split"
     lines += ["", f"Test-split change in points against full precision; activations at "
               f"{data['rows'][0]['activation_bits']} bits. Fine-tune: {finetune['mode']}, {finetune['epochs']} epoch(s) "
-              f"of {finetune['images_per_epoch']} images for every plan; search: {data['trials']} trials. Uniform "
-              f"plans use the largest bit-width that fits. Source: {source(data)}."]
+              f"of {images} images for every plan; search: {data['trials']} trials. Uniform "
+              f"plans use the largest bit-width that fits. Run on {data['machine']['gpu'] or data['machine']['cpu']}. "
+              f"Source: {source(data)}."]
     return lines
 
 

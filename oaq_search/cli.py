@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     print("weight bits: " + " ".join(f"{layer.name}={layer.weight_bits}" for layer in plan.layers))
     score, rescored = plan.metadata["score"], plan.metadata.get("finalist_score")
     whole_split = "" if rescored is None else f" (whole search split {format_score(score, rescored)})"
-    print(f"accuracy: trial score {format_score(score, result.search_score)}{whole_split}, test {result.test_accuracy:.2f} % "
+    print(f"scores: trial {format_score(score, result.search_score)}{whole_split}, test {result.test_accuracy:.2f} % "
           f"(full precision {result.fp_test_accuracy:.2f} %, change {result.test_accuracy - result.fp_test_accuracy:+.2f})")
     print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.seconds.items()))
     print(f"plan written to {result.plan_path}")
