@@ -20,6 +20,7 @@ and tests each of them (--jobs at once, one torch thread each). `all` does both.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import tempfile
@@ -31,7 +32,7 @@ from _common import SHARED, write_results
 from search_quality import budget_bytes, run, with_budget
 
 from oaq_search.config import FinetuneConfig
-from oaq_search.data import load_cifar10
+from oaq_search.data import CifarSplits, load_cifar10
 from oaq_search.pipeline import finetune_and_test, finish, load_model
 from oaq_search.plan import Plan
 from oaq_search.planning import PlanFactory
@@ -74,8 +75,12 @@ def make_plans(folder: Path, models: list[str], bits_list: list[float], activati
                eval_images: int) -> None:
     """Search each (model, bits) and write its candidate plans and their costs to folder/plans.json."""
     index_path = folder / INDEX
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {"entries": []}
-    index.update({"trials": trials, "eval_images": eval_images, "activation_bits": activation_bits})
+    settings = {"trials": trials, "eval_images": eval_images, "activation_bits": activation_bits}
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {**settings, "entries": []}
+    changed = [key for key in settings if index[key] != settings[key]]
+    if changed:  # every row of the results table is labelled with the index's one set of settings
+        raise SystemExit(f"{index_path} holds plans made with other {', '.join(changed)}: use the same settings "
+                         f"or another --folder")
     for model in models:
         for bits in bits_list:
             config = with_budget("headline", model, bits, trials, folder, eval_images=eval_images,
@@ -143,7 +148,7 @@ def finetune_plans(folder: Path, config: FinetuneConfig, jobs: int, bits: list[f
 def finetune_entry(folder: Path, entry: dict, config: FinetuneConfig) -> dict:
     """One plan fine-tuned (resuming a fine-tune left in its folder) and tested: what was measured."""
     model = load_model(entry["model"], SHARED / f"models/{entry['model']}_cifar10jpeg.pt")
-    splits = load_cifar10(SHARED / "data/cifar10")
+    splits = _splits()
     run_name = f"finetune-{config.mode}-{config.epochs}x{config.images_per_epoch or 'all'}"
     started = time.perf_counter()
     tuned = finetune_and_test(model, Plan.load(folder / "plans" / f"{entry['name']}.json"), splits, config,
@@ -159,6 +164,12 @@ def finetune_entry(folder: Path, entry: dict, config: FinetuneConfig) -> dict:
     }
     print(entry["name"], {k: v for k, v in measured.items() if k.endswith(("test", "change"))}, flush=True)
     return measured
+
+
+@functools.cache
+def _splits() -> CifarSplits:
+    """CIFAR-10, read once per process rather than once per plan."""
+    return load_cifar10(SHARED / "data/cifar10")
 
 
 def markdown(rows: list[dict]) -> str:
