@@ -246,8 +246,14 @@ def _work_with_progress(study, storage, prepared: Prepared, progress: bool | Non
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     bar = tqdm(total=prepared.config.search.n_trials, desc="search", disable=None if progress is None else not progress,
                initial=len(study.get_trials(deepcopy=False, states=finished)))
+    grace = prepared.config.search.grace_seconds
+
+    def waiting(numbers: list[int]) -> None:
+        tqdm.write(f"search: waiting on trial(s) {', '.join(map(str, numbers))} running in other workers; a worker "
+                   f"silent for {grace} s has its trial retried here")
+
     try:
-        return work(study, storage, prepared.objective, on_finished=lambda _trial: bar.update(1))
+        return work(study, storage, prepared.objective, on_finished=lambda _trial: bar.update(1), on_waiting=waiting)
     finally:
         bar.close()
 

@@ -45,21 +45,29 @@ def fill_queue(study: optuna.Study, n_trials: int, seeds: list[tuple[Mapping[str
 
 def work(study: optuna.Study, storage: optuna.storages.BaseStorage,
          objective: Callable[[optuna.Trial], float | tuple[float, ...]],
-         on_finished: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> int:
+         on_finished: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+         on_waiting: Callable[[list[int]], None] | None = None) -> int:
     """Run waiting trials until none is waiting or running elsewhere; returns how many this worker ran.
 
     `storage` is the one `study` was opened with (Optuna keeps it private on the study).
+    `on_waiting` hears the numbers of the trials running elsewhere whenever this worker, idle,
+    starts waiting on a different set of them, so a waiting worker does not look hung.
     """
     study_id = storage.get_study_id_from_name(study.study_name)
     ran = 0
+    waiting_on: list[int] = []
     while True:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and relied on here
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # re-enqueues trials of dead workers
         trial_id = _claim_waiting(storage, study_id)
         if trial_id is None:
-            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+            if not running:
                 return ran
+            if running != waiting_on and on_waiting is not None:
+                on_waiting(running)
+            waiting_on = running
             time.sleep(_POLL_SECONDS)  # another worker's trial may still go stale and come back
             continue
         with _Heartbeat(storage, trial_id):

@@ -26,3 +26,17 @@ def test_a_worker_killed_right_after_claiming_a_trial_leaves_it_to_be_retried(tm
     assert ran == 2 and [t.state for t in trials.values()].count(TrialState.COMPLETE) == 2
     retried = [t for t in trials.values() if t.user_attrs.get("seed") == "seed" and t.state == TrialState.COMPLETE]
     assert [t.params for t in retried] == [{"x": 3}]  # the killed seed trial came back with its plan
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_an_idle_worker_says_which_trials_it_waits_on_until_they_come_back(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_seconds=1, grace_seconds=1)
+    study = optuna.create_study(study_name="queue", storage=storage)
+    fill_queue(study, 1)
+    claimed = _claim_waiting(storage, study._study_id)  # another worker holds the only trial, then dies
+    waited_on = []
+
+    ran = work(study, storage, lambda trial: trial.suggest_int("x", 0, 9), on_waiting=waited_on.append)
+
+    assert waited_on == [[storage.get_trial(claimed).number]]  # said once, not at every poll
+    assert ran == 1 and [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
