@@ -30,10 +30,16 @@ def machine() -> dict[str, object]:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def write_results(name: str, rows: list[dict], markdown: str, extra: dict | None = None) -> Path:
-    """benchmarks/results/<name>.json and .md, each with the command, date and machine."""
+def invocation() -> str:
+    """This process's command line, shell-quoted so it copy-pastes as run."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def write_results(name: str, rows: list[dict], markdown: str, extra: dict | None = None,
+                  command: str | None = None) -> Path:
+    """benchmarks/results/<name>.json and .md, each with the command (default: this one), date and machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    header = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),  # quoted: copy-pastes as run
+    header = {"command": command or invocation(),
               "date": datetime.date.today().isoformat(), "machine": machine(), **(extra or {})}
     (RESULTS / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
     gpu = f", GPU {header['machine']['gpu']}" if header["machine"]["gpu"] else ""

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import SHARED, write_results
+from _common import SHARED, invocation, write_results
 from search_quality import budget_bytes, run, with_budget
 
 from oaq_search.config import FinetuneConfig
@@ -104,6 +104,7 @@ def make_plans(folder: Path, models: list[str], bits_list: list[float], activati
                     "plan_kib": cost_model.evaluate(prepared.graph, plan).totals["weight_bytes"] / 1024,
                     "seconds": prepared.seconds if method in ("search", "integer program") else {},
                     "trials": len(study.trials) if method == "search" else None})
+            index["plans_command"] = invocation()
             index_path.write_text(json.dumps(index, indent=2) + "\n")
             print(f"plans for {model} at {bits:g} bits: {', '.join(candidates)}", flush=True)
 
@@ -140,9 +141,12 @@ def finetune_plans(folder: Path, config: FinetuneConfig, jobs: int, bits: list[f
         rows.append(row)
     models = list(dict.fromkeys(row["model"] for row in rows))
     suffix = "" if config.mode == "scale" else f"_{config.mode}_e{config.epochs}"
+    command = invocation()
+    if "plans_command" in index and index["plans_command"] != command:  # the table depends on both stages
+        command = f"{index['plans_command']} && {command}"
     write_results(f"headline_{'_'.join(models)}{suffix}", rows, markdown(rows),
                   {"finetune": {"mode": config.mode, "epochs": config.epochs, "images_per_epoch": config.images_per_epoch},
-                   "trials": index["trials"], "eval_images": index["eval_images"]})
+                   "trials": index["trials"], "eval_images": index["eval_images"]}, command)
 
 
 def finetune_entry(folder: Path, entry: dict, config: FinetuneConfig) -> dict:

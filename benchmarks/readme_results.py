@@ -162,15 +162,54 @@ def reference_section() -> list[str]:
 
 
 def headline_section() -> list[str]:
-    """One table per headline run (the scale fine-tune and the QAT one), each with its source."""
-    found = sorted(RESULTS.glob("headline_*.json"))
+    """The scale fine-tune run as its own table, then every QAT run as one curve over epochs."""
+    runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("headline_*.json"))]
+    if not runs:
+        return []
     lines = ["### Headline: accuracy against weight memory, before -> after the same fine-tune", "",
              "`benchmarks/headline.py --stage plans --folder F` runs the searches and keeps every candidate plan; "
              "`--stage finetune --folder F` then fine-tunes each distinct plan once (`--jobs 2`, or on a GPU) and "
-             "resumes where it stopped.", ""] if found else []
-    for path in found:
-        lines += headline_table(json.loads(path.read_text())) + [""]
+             "resumes where it stopped.", ""]
+    for data in runs:
+        if data["finetune"]["mode"] != "qat":
+            lines += headline_table(data) + [""]
+    qat = sorted((data for data in runs if data["finetune"]["mode"] == "qat"), key=lambda d: d["finetune"]["epochs"])
+    if qat:
+        lines += qat_curve(qat)
     return lines[:-1]
+
+
+def qat_curve(runs: list[dict]) -> list[str]:
+    """Fine-tuned change per plan against QAT epochs: the fine-tune budget as a cost curve, every run shown.
+
+    A row is one plan, told apart by its post-training change (within 0.1 points: machines round differently),
+    since another plans-stage run may have found another plan for the same budget and method."""
+    epochs = [data["finetune"]["epochs"] for data in runs]
+    plans: list[dict] = []
+    for data in runs:
+        for r in data["rows"]:
+            same = (r["model"], r["average_bits"], r["method"])
+            plan = next((p for p in plans if p["same"] == same and abs(p["ptq"] - r["ptq_change"]) <= 0.1), None)
+            if plan is None:
+                plan = {"same": same, "kib": r["budget_kib"], "ptq": r["ptq_change"], "cells": {}}
+                plans.append(plan)
+            plan["cells"][data["finetune"]["epochs"]] = f"{r['finetuned_change']:+.2f}"
+    order = {method: i for i, method in enumerate(dict.fromkeys(p["same"][2] for p in plans))}
+    plans.sort(key=lambda p: (p["same"][0], -p["same"][1], order[p["same"][2]]))  # a method's runs side by side
+    lines = ["| model | avg bits (budget) | plan | post-training | " + " | ".join(f"{e} epoch(s)" for e in epochs) + " |",
+             "|---|---|---|---|" + "---|" * len(epochs)]
+    for p in plans:
+        model, bits, method = p["same"]
+        lines.append(f"| {model} | {bits:g} ({p['kib']:.0f} KiB) | {method} | {p['ptq']:+.2f} | "
+                     + " | ".join(p["cells"].get(e, "") for e in epochs) + " |")
+    lines += ["", "Test-split change in points against full precision after quantization-aware training with "
+              "distillation over the whole fine-tuning split, by epochs; activations at "
+              f"{runs[0]['rows'][0]['activation_bits']} bits. Every epoch count is reported, not the best: it is a "
+              "fine-tune budget, not tuned on test. Two rows of one method at one budget are two plans-stage runs "
+              "that found different plans. Sources: "
+              + "; ".join(f"{data['finetune']['epochs']} epoch(s) on {data['machine']['gpu'] or data['machine']['cpu']}: "
+                          f"{source(data)}" for data in runs) + ".", ""]
+    return lines
 
 
 def headline_table(data: dict) -> list[str]:
