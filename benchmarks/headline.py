@@ -33,6 +33,7 @@ from search_quality import budget_bytes, run, with_budget
 
 from oaq_search.config import FinetuneConfig
 from oaq_search.data import CifarSplits, load_cifar10
+from oaq_search.files import write_text_atomically
 from oaq_search.pipeline import finetune_and_test, finish, load_model
 from oaq_search.plan import Plan
 from oaq_search.planning import PlanFactory
@@ -105,7 +106,7 @@ def make_plans(folder: Path, models: list[str], bits_list: list[float], activati
                     "seconds": prepared.seconds if method in ("search", "integer program") else {},
                     "trials": len(study.trials) if method == "search" else None})
             index["plans_command"] = invocation()
-            index_path.write_text(json.dumps(index, indent=2) + "\n")
+            write_text_atomically(index_path, json.dumps(index, indent=2) + "\n")
             print(f"plans for {model} at {bits:g} bits: {', '.join(candidates)}", flush=True)
 
 

@@ -19,6 +19,7 @@ from .config import DataConfig, FinetuneConfig, load_study_config
 from .data import load_cifar10
 from .errors import UserError
 from .evaluate import accuracy, format_score
+from .files import write_text_atomically
 from .grids import GRIDS
 from .models import model_spec
 from .oaq import METHODS
@@ -356,7 +357,7 @@ def _hw_measure(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.checkpoint)
     graph = layer_graph(args.model, model)
     table = measure_local_cpu(model, graph, model_spec(args.model).input_shape, args.repeats)
-    Path(args.out).write_text(tomli_w.dumps(table))
+    write_text_atomically(args.out, tomli_w.dumps(table))
     hwmodels.load_target(args.out)  # the file we wrote must read back
     print(f"measured {len(graph.names)} layers of {args.model} ({table['target']['description']}); "
           f"written to {args.out}; select it with cost_model = \"target:{args.out}\"")

@@ -16,7 +16,6 @@ import copy
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from .data import CifarSplits, ImageSplit
 from .errors import UserError
 from .evaluate import accuracy
 from .fake_quant import quantize_, quantized_layers, unwrap
+from .files import save_atomically
 from .packing import pack_model
 from .plan import Plan
 from .ptq import post_training_quantize
@@ -102,7 +102,7 @@ def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: Finetune
     quantized.eval()
     files = {"plan": output_dir / "plan.json", "checkpoint": output_dir / "finetuned.pt",
              "packed": output_dir / "model.packed.pt"}
-    torch.save(unwrap(quantized).state_dict(), files["checkpoint"])
+    save_atomically(unwrap(quantized).state_dict(), files["checkpoint"])
     tuned.metadata["finetune"]["checkpoint"] = str(files["checkpoint"])
     pack_model(quantized, tuned, files["packed"])
     tuned.save(files["plan"])
@@ -213,14 +213,6 @@ def _save_state(path: Path, fingerprint: str, model, optimizers, schedulers, his
     save_atomically({"fingerprint": fingerprint, "model": model.state_dict(), "history": history,
                      "optimizers": [o.state_dict() for o in optimizers],
                      "schedulers": [s.state_dict() for s in schedulers]}, path)
-
-
-def save_atomically(state: dict, path: Path) -> None:
-    """torch.save through a temporary file, so a kill mid-write leaves the last whole file in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
 
 
 def _resume(path: Path, fingerprint: str, model, optimizers, schedulers) -> list[dict[str, float]]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .fake_quant import quantized_layers
+from .files import save_atomically
 from .oaq import QuantizedWeight, quantize_weight
 from .plan import Plan
 
@@ -64,7 +65,5 @@ def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
                           + (bias.numel() if bias is not None else 0)))
     quantized_names = {f"{name}.layer.{suffix}" for name in layers for suffix in ("weight", "bias")}
     rest = {k: v for k, v in model.state_dict().items() if k not in quantized_names}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": "oaq-packed-1", "plan": plan.to_json(), "layers": layers, "state": rest}, path)
+    save_atomically({"format": "oaq-packed-1", "plan": plan.to_json(), "layers": layers, "state": rest}, path)
     return payload_bytes

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import write_text_atomically
 from .graph import LayerGraph
 from .grids import check_bits
 from .oaq import WeightQuantizer
@@ -103,10 +104,7 @@ class Plan:
         return json.dumps(to_dict(self), indent=2)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
-        return path
+        return write_text_atomically(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> "Plan":

@@ -85,13 +85,16 @@ def test_killed_worker_loses_no_finished_trial_and_the_study_resumes(shared, tmp
     done = []
     while time.time() < deadline and len(done) < 3:
         time.sleep(0.5)
+        if worker.poll() is not None:
+            pytest.fail(f"the worker exited ({worker.returncode}) before it was killed; it printed:\n"
+                        f"{worker.communicate()[0]}")
         try:
             done = [t for t in optuna.load_study(study_name=config.name, storage=storage).trials
                     if t.state == TrialState.COMPLETE]
-        except (KeyError, Exception):
+        except Exception:  # the study does not exist yet
             continue
-    assert len(done) >= 3, "the worker finished fewer than 3 trials in time"
     os.kill(worker.pid, signal.SIGKILL)
+    assert len(done) >= 3, f"the worker finished fewer than 3 trials in time; it printed:\n{worker.communicate()[0]}"
     worker.wait()
     before = {t.number: (t.params, t.value) for t in optuna.load_study(study_name=config.name, storage=storage).trials
               if t.state == TrialState.COMPLETE}

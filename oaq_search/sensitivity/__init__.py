@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data import ImageSplit
+from ..files import write_text_atomically
 from ..graph import LayerGraph
 from ..oaq import WeightQuantizer, choose_outlier_settings, fake_quantize_weight
 from .metrics import METRICS, SensitivityMetric, get_metric, register_metric
@@ -51,10 +52,7 @@ class SensitivityTable:
         return sorted(self.layers, key=lambda layer: -rows[self.layers.index(layer)][column])
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self)) + "\n")
-        return path
+        return write_text_atomically(path, json.dumps(asdict(self)) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "SensitivityTable":

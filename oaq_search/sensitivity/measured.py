@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..files import write_text_atomically
 from . import cache_file
 
 Quantize = Callable[[list[int]], nn.Module]  # one candidate index per group -> the model quantized that way
@@ -58,8 +59,7 @@ def cached_group_sensitivity(key: Mapping[str, object], reference: nn.Module, me
         return np.array([[np.inf if v is None else v for v in row] for row in json.loads(path.read_text())])
     scores = measure()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(np.where(np.isfinite(scores), scores, None).tolist()) + "\n")
+        write_text_atomically(path, json.dumps(np.where(np.isfinite(scores), scores, None).tolist()) + "\n")
     return scores
 
 
