@@ -236,7 +236,7 @@ def headline_table(data: dict) -> list[str]:
 def systems_section() -> list[str]:
     lines = ["### Speed and cost models", ""]
     speed, cost, latency = load("quantize_speed"), load("cost_model_speed"), load("local_cpu_latency")
-    sensitivity, training = load("sensitivity_speed"), load("finetune_speed")
+    sensitivity, training, inference = load("sensitivity_speed"), load("finetune_speed"), load("inference_speed")
     if training:
         def speeds(layout):
             return ", ".join(f"{r['mode']} {r['images_per_second']:.0f}" if r["images_per_second"] else
@@ -251,6 +251,18 @@ def systems_section() -> list[str]:
         lines.append(f"- Full sensitivity table for ResNet-56 (bits 2..8, vanilla and OAQ): SSIM metrics "
                      f"{r56['ssim_weight+ssim_distribution']:.2f} s, Hessian trace {r56['hessian']:.0f} s "
                      f"({source(sensitivity)}, 2 threads).")
+    if inference:
+        def images_per_second(model, layout, batch_size):
+            return next(r["images_per_second"] for r in inference["rows"] if r["part"] == "layout" and
+                        r["model"] == model and r["layout"] == layout and r["batch_size"] == batch_size)
+        trial = next(r for r in inference["rows"] if r["part"] == "trial")
+        lines.append("- Quantized inference, 1 thread, images/s in channels_last at batch 100 (the default) against "
+                     "NCHW at batch 500: " + ", ".join(
+                         f"{model} {images_per_second(model, 'channels_last', 100):.0f} vs "
+                         f"{images_per_second(model, 'NCHW', 500):.0f}" for model in ("resnet20", "resnet56"))
+                     + f"; one quickstart trial {trial['apply_s'] + trial['score_s']:.2f} s, its measured "
+                     f"sensitivity {trial['measured_sensitivity_s']:.0f} s ({source(inference)}; every layout and "
+                     f"batch size: `benchmarks/results/inference_speed.md`).")
     if speed:
         r20 = [r for r in speed["rows"] if r["model"] == "resnet20"]
         lines.append("- Re-quantizing all ResNet-20 weights for one trial: "

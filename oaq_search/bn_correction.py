@@ -13,6 +13,7 @@ augmented training batches, and replacing them cost the full-precision ResNet-20
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .observe import observe_inputs
@@ -50,5 +51,8 @@ def _batchnorms(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dims = [d for d in range(x.dim()) if d != 1]
-    return x.mean(dims), x.var(dims)
+    """Per-channel mean and unbiased variance, from BatchNorm's own kernel: on CPU 3-4x faster than
+    `Tensor.var` over the other dims, which took a third of a search trial's time on ResNet-20."""
+    mean, var = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
+    F.batch_norm(x, mean, var, training=True, momentum=1.0)  # momentum 1: the running stats become the batch's
+    return mean, var

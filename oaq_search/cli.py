@@ -18,7 +18,7 @@ from .budget import format_quantity
 from .config import DataConfig, FinetuneConfig, load_study_config
 from .data import load_cifar10
 from .errors import UserError
-from .evaluate import accuracy, format_score
+from .evaluate import BATCH_SIZE, accuracy, format_score
 from .files import write_text_atomically
 from .grids import GRIDS
 from .models import model_spec
@@ -182,7 +182,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (default: $OAQ_DATA_ROOT)")
     parser.add_argument("--split", choices=("test", "search"), default="test", help="which split to score")
     parser.add_argument("--search-size", type=int, default=5000, help="images in the search split (training tail)")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
 
 
 def _run(args: argparse.Namespace) -> int:

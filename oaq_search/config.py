@@ -9,7 +9,7 @@ import tomli_w
 
 from .budget import parse_budget
 from .errors import UserError
-from .evaluate import SCORES
+from .evaluate import BATCH_SIZE, SCORES
 from .grids import GRIDS, check_bits
 from .oaq import METHODS
 from .schema import parse, read_document, to_dict
@@ -50,7 +50,7 @@ class SearchConfig:
     finalists: int = 3  # the best few trials re-scored on the whole search split; the best of those wins (1: off)
     bn_correction: bool = True  # match BatchNorm statistics to full precision (one search-split batch)
     outlier_rule: str = "output_error"  # how (s, T) are chosen: layer output error on search images, or weight MSE
-    batch_size: int = 500
+    batch_size: int = BATCH_SIZE  # images per inference batch
     seed: int = 0
     sampler: str = "tpe"  # tpe | random (a baseline)
     local_search: float = 0.5  # share of tpe's trials spent on untried neighbours of the best plan (0: plain TPE)

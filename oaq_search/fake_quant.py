@@ -17,6 +17,7 @@ from torch import nn
 
 from .activations import ActivationQuantizer
 from .errors import UserError
+from .layout import fast_layout
 from .oaq import WeightQuantizer, fake_quantize_weight
 from .plan import LayerPlan, Plan
 
@@ -123,7 +124,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     model.eval()
     with torch.no_grad():  # not inference_mode: the observed buffers are later used with autograd
         for images in batches:
-            model(images)
+            model(fast_layout(images))
     for observer in observers:
         observer.freeze()
 

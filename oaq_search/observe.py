@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from .layout import fast_layout
+
 
 def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], images: torch.Tensor,
                    observe: Callable[[str, nn.Module, torch.Tensor], None]) -> None:
@@ -18,7 +20,7 @@ def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], images: t
     try:
         model.eval()
         with torch.no_grad():
-            model(images)
+            model(fast_layout(images))
     finally:
         model.train(was_training)
         for handle in handles:

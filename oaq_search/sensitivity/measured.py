@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..evaluate import BATCH_SIZE
 from ..files import write_text_atomically
+from ..layout import fast_layout
 from . import cache_file
 
 Quantize = Callable[[list[int]], nn.Module]  # one candidate index per group -> the model quantized that way
@@ -32,8 +34,7 @@ def measure_group_sensitivity(quantize: Quantize, candidate_counts: list[int], r
     """scores[g][k]: KL(full precision || group g at candidate k, the rest widest); inf past a group's list.
 
     A group at its widest is the all-widest plan, measured once."""
-    with torch.inference_mode():
-        target = F.log_softmax(reference(images), dim=1)
+    target = _log_probabilities(reference, images)
     widest = [count - 1 for count in candidate_counts]
     scores = np.full((len(candidate_counts), max(candidate_counts)), np.inf)
     moves = [(group, index) for group, count in enumerate(candidate_counts) for index in range(count - 1)]
@@ -64,6 +65,9 @@ def cached_group_sensitivity(key: Mapping[str, object], reference: nn.Module, me
 
 
 def _divergence(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> float:
+    return float(F.kl_div(_log_probabilities(model, images), target, log_target=True, reduction="batchmean"))
+
+
+def _log_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        log_probabilities = F.log_softmax(model(images), dim=1)
-    return float(F.kl_div(log_probabilities, target, log_target=True, reduction="batchmean"))
+        return torch.cat([F.log_softmax(model(fast_layout(batch)), dim=1) for batch in images.split(BATCH_SIZE)])
