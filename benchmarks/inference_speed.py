@@ -8,7 +8,7 @@ post-training quantized; images/s over the search split in NCHW and in channels_
 (quantize, calibrate, correct BN) and score it on `eval_images`, median of repeats, and the measured
 group sensitivity computed before its search.
 
-    python benchmarks/inference_speed.py [--images 1000] [--repeats 5]
+    python benchmarks/inference_speed.py [--part layout|trial|all] [--images 1000] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -62,9 +62,16 @@ def trial_row(repeats: int) -> dict:
     config = load_study_config(QUICKSTART)
     config.model.checkpoint = str(SHARED / "models" / "resnet20_cifar10jpeg.pt")
     config.data.root = str(SHARED / "data" / "cifar10")
+    previous = os.environ.get(CACHE_ENV)
     with tempfile.TemporaryDirectory() as cache:  # measured sensitivity computed, not read from a cache
         os.environ[CACHE_ENV] = cache
-        prepared = prepare(config)
+        try:
+            prepared = prepare(config)
+        finally:  # never leave the variable naming the deleted folder
+            if previous is None:
+                del os.environ[CACHE_ENV]
+            else:
+                os.environ[CACHE_ENV] = previous
     objective = prepared.objective
     names = prepared.space.parameter_names
     plans = [objective.plan_and_cost([params[name] for name in names])[0] for params, _ in prepared.seeds]
@@ -115,6 +122,7 @@ def main() -> None:
                   f"group's sensitivity on {trial['measured_sensitivity_images']} images took "
                   f"{trial['measured_sensitivity_s']:.0f} s."]
     write_results(f"inference_speed{'' if args.part == 'all' else '_' + args.part}", rows, "\n".join(lines))
+
 
 if __name__ == "__main__":
     main()

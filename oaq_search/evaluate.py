@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .data import ImageSplit
 from .layout import fast_layout
 
-BATCH_SIZE = 100  # on CPU 1.5x faster per image than 500: activations stay in cache (benchmarks/inference_speed.py)
+BATCH_SIZE = 100  # on CPU 1.6-2.2x faster per image than 500: activations stay in cache (benchmarks/inference_speed.py)
 
 
 def accuracy(model: nn.Module, split: ImageSplit, batch_size: int = BATCH_SIZE, progress: bool | None = None) -> float:

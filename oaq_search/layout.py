@@ -1,5 +1,5 @@
 """The memory layout images go into the model in: channels_last, where CPU convolutions run about
-1.5x faster than in NCHW (benchmarks/inference_speed.py). Only inputs are converted; each layer's
+1.2x faster than in NCHW (benchmarks/inference_speed.py). Only inputs are converted; each layer's
 output follows its input, and weights stay as they are (fake-quantized weights change every trial).
 A model must then reshape with `flatten`/`reshape`, not `view`, as fine-tuning already asks."""
 
