@@ -15,6 +15,10 @@ and tests each of them (--jobs at once, one torch thread each). `all` does both.
     python benchmarks/headline.py --stage plans --folder F --models resnet20 --bits 3 2.4 2 --trials 40
     python benchmarks/headline.py --stage finetune --folder F --mode qat --epochs 1 --jobs 2
     python benchmarks/headline.py --stage finetune --folder F --mode qat --epochs 3 --jobs 2 --bits 2.4 2 --methods search 'uniform OAQ'
+    python benchmarks/headline.py --stage plans --folder G --models resnet20 --bits 2 --trials 40 --cost-model memory-base3
+
+With a `--cost-model` other than memory (memory-base3: 2-bit layers' ternary codes five to a byte),
+budgets stay the same bytes and the results' name says the cost model.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--activation-bits", type=int, default=4)
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--eval-images", type=int, default=1000, help="search-split images scored per trial")
+    parser.add_argument("--cost-model", default="memory", help="plans: the cost model the budgets are in")
     parser.add_argument("--mode", choices=("scale", "qat"), default="scale", help="the fine-tune every plan gets")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--finetune-images", type=int, default=None,
@@ -66,18 +71,20 @@ def main() -> None:
     print(f"headline folder: {folder}", flush=True)
     if args.stage in ("all", "plans"):
         make_plans(folder, args.models, args.bits or [4.0, 3.0, 2.5, 2.0], args.activation_bits, args.trials,
-                   args.eval_images)
+                   args.eval_images, args.cost_model)
     if args.stage in ("all", "finetune"):
         config = FinetuneConfig(mode=args.mode, epochs=args.epochs, images_per_epoch=args.finetune_images)
         finetune_plans(folder, config, args.jobs, args.bits, args.methods)
 
 
 def make_plans(folder: Path, models: list[str], bits_list: list[float], activation_bits: int, trials: int,
-               eval_images: int) -> None:
+               eval_images: int, cost_model_name: str) -> None:
     """Search each (model, bits) and write its candidate plans and their costs to folder/plans.json."""
     index_path = folder / INDEX
-    settings = {"trials": trials, "eval_images": eval_images, "activation_bits": activation_bits}
+    settings = {"trials": trials, "eval_images": eval_images, "activation_bits": activation_bits,
+                "cost_model": cost_model_name}
     index = json.loads(index_path.read_text()) if index_path.is_file() else {**settings, "entries": []}
+    index.setdefault("cost_model", "memory")  # indexes written before the option
     changed = [key for key in settings if index[key] != settings[key]]
     if changed:  # every row of the results table is labelled with the index's one set of settings
         raise SystemExit(f"{index_path} holds plans made with other {', '.join(changed)}: use the same settings "
@@ -85,7 +92,7 @@ def make_plans(folder: Path, models: list[str], bits_list: list[float], activati
     for model in models:
         for bits in bits_list:
             config = with_budget("headline", model, bits, trials, folder, eval_images=eval_images,
-                                 activation_bits=activation_bits)
+                                 activation_bits=activation_bits, cost_model=cost_model_name)
             prepared, study = run(config)  # resumes a study left in folder
             candidates = {"search": finish(prepared, study).plan, "integer program": Plan.from_dict(
                 next(t for t in study.trials if t.user_attrs.get("seed") == "integer_program").user_attrs["plan"])}
@@ -93,7 +100,8 @@ def make_plans(folder: Path, models: list[str], bits_list: list[float], activati
             fitting = [b for b in config.search.weight_bits
                        if cost_model.evaluate(prepared.graph, factory.uniform(b)).totals["weight_bytes"] <= budget]
             if fitting:  # vanilla has no (s, T) to choose, so its factory needs no calibration images
-                vanilla = PlanFactory(model, prepared.model, prepared.graph, "vanilla")
+                vanilla = PlanFactory(model, prepared.model, prepared.graph, "vanilla",
+                                      code_packing=cost_model.code_packing)
                 candidates[f"uniform vanilla W{max(fitting)}"] = vanilla.uniform(max(fitting), activation_bits)
                 candidates[f"uniform OAQ W{max(fitting)}"] = factory.uniform(max(fitting), activation_bits)
             index["entries"] = [e for e in index["entries"] if (e["model"], e["average_bits"]) != (model, bits)]
@@ -141,13 +149,16 @@ def finetune_plans(folder: Path, config: FinetuneConfig, jobs: int, bits: list[f
         row["finetuned_as"] = distinct[keys[entry["name"]]]["name"]
         rows.append(row)
     models = list(dict.fromkeys(row["model"] for row in rows))
-    suffix = "" if config.mode == "scale" else f"_{config.mode}_e{config.epochs}"
+    cost_model = index.get("cost_model", "memory")
+    suffix = ("" if cost_model == "memory" else f"_{cost_model}") + \
+        ("" if config.mode == "scale" else f"_{config.mode}_e{config.epochs}")
     command = invocation()
     if "plans_command" in index and index["plans_command"] != command:  # the table depends on both stages
         command = f"{index['plans_command']} && {command}"
-    write_results(f"headline_{'_'.join(models)}{suffix}", rows, markdown(rows),
+    write_results(f"headline_{'_'.join(models)}{suffix}", rows, markdown(rows, cost_model),
                   {"finetune": {"mode": config.mode, "epochs": config.epochs, "images_per_epoch": config.images_per_epoch},
-                   "trials": index["trials"], "eval_images": index["eval_images"]}, command)
+                   "trials": index["trials"], "eval_images": index["eval_images"],
+                   "cost_model": cost_model}, command)
 
 
 def finetune_entry(folder: Path, entry: dict, config: FinetuneConfig) -> dict:
@@ -177,7 +188,7 @@ def _splits() -> CifarSplits:
     return load_cifar10(SHARED / "data/cifar10")
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], cost_model: str = "memory") -> str:
     lines = [("| model | avg bits (budget KiB) | method | plan KiB | post-training change | fine-tuned change | "
               "fine-tune s |"), "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -188,6 +199,9 @@ def markdown(rows: list[dict]) -> str:
     lines.append(f"Changes are test-split points against full precision ({rows[0]['fp_test']:.2f} % for "
                  f"{rows[0]['model']}); activations at {rows[0]['activation_bits']} bits (first and last layer inputs "
                  f"at 8). Identical plans (at 2 bits every method is uniform W2) are fine-tuned once.")
+    if cost_model != "memory":
+        lines.append(f"Plan sizes by cost model {cost_model}" + (": 2-bit layers' ternary codes packed five to a byte."
+                                                                  if cost_model == "memory-base3" else "."))
     return "\n".join(lines)
 
 

@@ -14,11 +14,13 @@ of the search split (4,000 images, apart from the 512 the measured sensitivity p
     python benchmarks/search_quality.py --part quality --model resnet56 --bits 2.5 --eval-images 2000 --screen-images 500
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 --eval-images 1000 --score kl
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 2.5 --eval-images 1000 --score kl
+    python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 2.5 --eval-images 2000 --screen-images 500 --cost-model memory-base3
     python benchmarks/search_quality.py --part efficiency --model resnet20 --bits 3 --eval-images 4000 --screen-images 500 --jobs 2
 
 Part A writes benchmarks/results/search_quality_<model>.json, or ..._<model>_<bits>bits.json for
 budgets other than the default 3 and 2.5, so runs for one budget do not overwrite each other; with
-`--score kl` (trials scored by KL from full precision, no screening) the name ends in _kl.
+`--score kl` (trials scored by KL from full precision, no screening) the name ends in _kl, and with
+another `--cost-model` (memory-base3: 2-bit layers' ternary codes five to a byte) in its name.
 """
 
 from __future__ import annotations
@@ -97,11 +99,11 @@ def with_budget(label: str, model: str, bits: float, n_trials: int, folder: Path
 
 
 def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eval_images: int,
-            screen_images: int, score: str) -> list[dict]:
+            screen_images: int, score: str, cost_model: str) -> list[dict]:
     rows = []
     for bits in bits_list:
-        config = with_budget(f"seeded-{score}", model, bits, n_trials, folder, eval_images=eval_images,
-                             screen_images=screen_images, score=score)
+        config = with_budget(f"seeded-{score}-{cost_model}", model, bits, n_trials, folder, eval_images=eval_images,
+                             screen_images=screen_images, score=score, cost_model=cost_model)
         prepared, study = run(config)
         result = finish(prepared, study)
         test_split = prepared.splits.test
@@ -114,7 +116,7 @@ def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eva
         uniform_bits = max(b for b in config.search.weight_bits if b <= bits)
         uniform = prepared.objective.factory.uniform(uniform_bits)
         rows.append({
-            "model": model, "average_bits": bits, "score": score, "budget_kib": budget_bytes(model, bits) / 1024,
+            "model": model, "average_bits": bits, "score": score, "cost_model": cost_model, "budget_kib": budget_bytes(model, bits) / 1024,
             "trials": len(study.trials), "fp_test": fp,
             "search_test": result.test_accuracy, "search_kib": result.plan.totals["weight_bytes"] / 1024,
             "search_trial": result.plan.metadata["trial"], "search_seed": result.plan.metadata["seed"],
@@ -179,12 +181,14 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=1000, help="search-split images scored per trial")
     parser.add_argument("--screen-images", type=int, default=0, help="score this many first; Optuna prunes there")
     parser.add_argument("--score", choices=SCORES, default="accuracy", help="quality: what trials are scored by")
+    parser.add_argument("--cost-model", default="memory", help="quality: the cost model the budget is in")
     parser.add_argument("--jobs", type=int, default=1, help="efficiency: sampler seeds run at once, one thread each")
     parser.add_argument("--folder", type=Path, help="studies' folder: an interrupted benchmark resumes its studies")
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp(prefix="oaq-bench-"))
     if args.part == "quality":
-        rows = quality(args.model, args.bits, args.trials, folder, args.eval_images, args.screen_images, args.score)
+        rows = quality(args.model, args.bits, args.trials, folder, args.eval_images, args.screen_images, args.score,
+                       args.cost_model)
         lines = ["| model | avg bits | budget KiB | uniform OAQ (bits, KiB) test | integer program test | search test "
                  "(KiB, trial) | FP test |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['average_bits']} | {r['budget_kib']:.1f} | {r['uniform_test']:.2f} "
@@ -192,7 +196,8 @@ def main() -> None:
                   f"{r['search_test']:.2f} ({r['search_kib']:.1f}, #{r['search_trial']}) | {r['fp_test']:.2f} |" for r in rows]
         budgets = "" if args.bits == parser.get_default("bits") else "_" + "_".join(f"{b:g}" for b in args.bits) + "bits"
         scored = "" if args.score == "accuracy" else f"_{args.score}"
-        write_results(f"search_quality_{args.model}{budgets}{scored}", rows, "\n".join(lines))
+        costed = "" if args.cost_model == "memory" else f"_{args.cost_model}"
+        write_results(f"search_quality_{args.model}{budgets}{scored}{costed}", rows, "\n".join(lines))
     else:
         rows = efficiency(args.model, args.bits[0], args.trials, folder, args.seeds, args.eval_images,
                           args.screen_images, args.jobs)

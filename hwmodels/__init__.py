@@ -11,16 +11,16 @@ from oaq_search.errors import UserError
 from oaq_search.plugins import entry_point_names, entry_point_object, import_named
 
 from .base import CostModel, CostReport
-from .memory import MemoryModel
+from .memory import MemoryModel, TernaryPackedMemoryModel
 from .shift import ShiftModel
 from .target import TARGETS_DIR, TargetModel, load_target
 
 ENTRY_POINT_GROUP = "oaq_search.hwmodels"
-BUILTIN = {MemoryModel.name: MemoryModel, ShiftModel.name: ShiftModel}
+BUILTIN = {model.name: model for model in (MemoryModel, TernaryPackedMemoryModel, ShiftModel)}
 TARGET_PREFIX = "target:"  # "target:path/to/table.toml" loads a table file the user names
 
-__all__ = ["CostModel", "CostReport", "MemoryModel", "ShiftModel", "TargetModel", "available", "get_cost_model",
-           "load_target"]
+__all__ = ["CostModel", "CostReport", "MemoryModel", "ShiftModel", "TargetModel", "TernaryPackedMemoryModel",
+           "available", "get_cost_model", "load_target"]
 
 
 def available() -> list[str]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from oaq_search.graph import LayerGraph
-from oaq_search.plan import LayerPlan, Plan
+from oaq_search.plan import LayerPlan, Plan, packing_for
 
 
 @dataclass
@@ -24,6 +24,7 @@ class CostModel(ABC):
 
     name: str = "abstract"
     units: dict[str, str] = {}  # metric name -> unit, e.g. {"weight_bytes": "B"}
+    code_packing: str = "fields"  # how the target stores 2-bit (ternary) codes: "fields" or "base3" (packing.py)
 
     @abstractmethod
     def evaluate(self, graph: LayerGraph, plan: Plan) -> CostReport:
@@ -43,7 +44,8 @@ class CostModel(ABC):
         rows = []
         for index, bits in enumerate(np.asarray(weight_bits)):
             acts = None if activation_bits is None else np.asarray(activation_bits)[index]
-            layers = [LayerPlan(name, int(b), None if acts is None else int(acts[i]))
+            layers = [LayerPlan(name, int(b), None if acts is None else int(acts[i]),
+                                code_packing=packing_for(self.code_packing, int(b)))
                       for i, (name, b) in enumerate(zip(graph.names, bits))]
             rows.append(self.evaluate(graph, Plan("batch", layers)).totals)
         return {metric: np.array([row[metric] for row in rows]) for metric in rows[0]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from oaq_search.graph import LayerGraph
-from oaq_search.packing import packed_weight_bytes
+from oaq_search.packing import code_bytes, packed_weight_bytes
 from oaq_search.plan import Plan
 
 from .base import CostModel, CostReport
@@ -30,7 +30,8 @@ class MemoryModel(CostModel):
             input_bits = layer.activation_bits or FULL_PRECISION_BITS
             activation_bits[layer.name] = input_bits
             per_layer[layer.name] = {
-                "weight_bytes": packed_weight_bytes(info.weight_count, layer.weight_bits, scale_count, bias_count),
+                "weight_bytes": packed_weight_bytes(info.weight_count, layer.weight_bits, scale_count, bias_count,
+                                                    layer.code_packing),
                 "bops": info.macs * layer.weight_bits * input_bits,
             }
         planned = set(per_layer)
@@ -55,5 +56,12 @@ class MemoryModel(CostModel):
         extras = sum(packed_weight_bytes(0, 8, 1, info.params - info.weight_count) for info in infos)
         bits = np.asarray(weight_bits, dtype=np.int64)
         acts = np.full(bits.shape, FULL_PRECISION_BITS) if activation_bits is None else np.asarray(activation_bits)
-        weight_bytes = (-(-(counts * bits) // 8)).sum(axis=1) + extras
+        weight_bytes = code_bytes(counts, bits, self.code_packing).sum(axis=1) + extras
         return {"weight_bytes": weight_bytes.astype(np.float64), "bops": (macs * bits * acts).sum(axis=1)}
+
+
+class TernaryPackedMemoryModel(MemoryModel):
+    """`memory` for a target that stores 2-bit layers' ternary codes five to a byte: 1.6 bits a weight."""
+
+    name = "memory-base3"
+    code_packing = "base3"

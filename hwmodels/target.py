@@ -2,7 +2,8 @@
 
 A target file has four parts (see hwmodels/targets/*.toml):
   [target]        name, description, default_activation_bits (for layers the plan leaves float)
-  [capabilities]  weight_bits / activation_bits per op ("conv2d", "linear"), scale_formats
+  [capabilities]  weight_bits / activation_bits per op ("conv2d", "linear"), scale_formats, and
+                  code_packing ("fields", or "base3": ternary codes five to a byte; packing.py)
   [rates]         per op, per bit pair "w{W}a{A}": macs_per_s, and optionally joules_per_mac
   [[layers]]      optional exact entries (op, shape, bits) with latency_s / energy_j, e.g. measured
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from oaq_search.errors import UserError
 from oaq_search.graph import LayerGraph, LayerInfo
-from oaq_search.plan import LayerPlan, Plan
+from oaq_search.plan import CODE_PACKINGS, TERNARY_BITS, LayerPlan, Plan, packing_for
 from oaq_search.schema import read_document
 
 from .base import CostModel, CostReport
@@ -52,6 +53,7 @@ class TargetTable:
     activation_bits: dict[str, list[int]]
     scale_formats: list[str]
     rates: dict[str, list[Rate]]
+    code_packing: str = "fields"
     layer_overhead_s: float = 0.0
     other_ops_s: float = 0.0  # time of everything that is not a quantizable layer (measured tables)
     layers: dict[tuple, dict[str, float]] = field(default_factory=dict)
@@ -105,6 +107,10 @@ def _parse(data: dict, path: Path) -> TargetTable:
                 raise UserError(f"target table {path}: key 'capabilities.{kind}.{op}' must list bit-widths "
                                 f"from 1 to 32, got {values!r}")
             bits[kind][op] = sorted(values)
+    code_packing = capabilities.get("code_packing", "fields")
+    if code_packing not in CODE_PACKINGS:
+        raise UserError(f"target table {path}: key 'capabilities.code_packing' must be one of "
+                        f"{', '.join(CODE_PACKINGS)}, got {code_packing!r}")
     rates = {}
     for op in OPS:
         entries = need(rates_table, op, dict, "rates.")
@@ -134,6 +140,7 @@ def _parse(data: dict, path: Path) -> TargetTable:
         default_activation_bits=int(target.get("default_activation_bits", 8)),
         weight_bits=bits["weight_bits"], activation_bits=bits["activation_bits"],
         scale_formats=list(capabilities.get("scale_formats", ["float32", "pow2"])), rates=rates,
+        code_packing=code_packing,
         layer_overhead_s=float(rates_table.get("layer_overhead_s", 0.0)),
         other_ops_s=float(target.get("other_ops_s", 0.0)), layers=layers)
 
@@ -144,6 +151,7 @@ class TargetModel(CostModel):
     def __init__(self, spec: str | Path):
         self.table = load_target(spec)
         self.name = self.table.name
+        self.code_packing = self.table.code_packing
         energy = all(rate.joules_per_mac is not None for rates in self.table.rates.values() for rate in rates)
         self.units = {**MemoryModel.units, "latency_s": "s", "shift_mac_share": "fraction",
                       "multiply_layers": "layers", "multiply_penalty": "penalty", **({"energy_j": "J"} if energy else {})}
@@ -167,6 +175,9 @@ class TargetModel(CostModel):
             if layer.scale_format not in self.table.scale_formats:
                 raise UserError(f"layer {layer.name} uses scale_format {layer.scale_format!r}; target {self.name} "
                                 f"supports {self.table.scale_formats}")
+            if layer.code_packing != packing_for(self.code_packing, layer.weight_bits):
+                raise UserError(f"layer {layer.name} packs its codes as {layer.code_packing!r}; target {self.name} "
+                                f"reads {self.code_packing!r} at {TERNARY_BITS} bits (capabilities.code_packing)")
 
     def layer_cost(self, info: LayerInfo, layer: LayerPlan) -> dict[str, float]:
         activation_bits = layer.activation_bits or self.table.default_activation_bits

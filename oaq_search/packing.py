@@ -2,6 +2,11 @@
 
 `packed_weight_bytes` is the single size formula: the memory cost model uses it to predict and
 `pack_model` produces files whose layer payloads have exactly that many bytes.
+
+Codes are packed one of two ways (a layer's `code_packing`): "fields", each code in its own b-bit
+field; or "base3", for 2-bit layers only, whose codes are ternary (-1, 0, 1): five of them as the
+base-3 digits of one byte (3^5 = 243 <= 256), 1.6 bits a weight instead of 2, decoded on the
+target with a 256-entry table.
 """
 
 from __future__ import annotations
@@ -16,27 +21,45 @@ from torch import nn
 from .fake_quant import quantized_layers
 from .files import save_atomically
 from .oaq import QuantizedWeight, quantize_weight
-from .plan import Plan
+from .plan import TERNARY_BITS, Plan, check_code_packing
 
 FLOAT_BYTES = 4  # scales, offsets and biases are stored as float32
+PACKED_FORMAT = "oaq-packed-2"  # 2: layers say their code packing
+TRITS_PER_BYTE = 5
+_TRIT_WEIGHTS = 3 ** np.arange(TRITS_PER_BYTE)
 
 
-def packed_weight_bytes(weight_count: int, bits: int, scale_count: int = 1, bias_count: int = 0) -> int:
+def code_bytes(weight_count, bits, packing: str = "fields"):
+    """Bytes of packed codes; `weight_count` and `bits` may be numpy arrays (base3 applies where bits == 2)."""
+    fields = -(-np.asarray(weight_count) * bits // 8)
+    if packing == "base3":
+        return np.where(np.asarray(bits) == TERNARY_BITS, -(-np.asarray(weight_count) // TRITS_PER_BYTE), fields)
+    return fields
+
+
+def packed_weight_bytes(weight_count: int, bits: int, scale_count: int = 1, bias_count: int = 0,
+                        packing: str = "fields") -> int:
     """Bytes of one layer's packed codes plus its float32 scales, offsets and bias."""
-    return math.ceil(weight_count * bits / 8) + FLOAT_BYTES * (2 * scale_count + bias_count)
+    return int(code_bytes(weight_count, bits, packing)) + FLOAT_BYTES * (2 * scale_count + bias_count)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed codes -> `bits`-bit unsigned fields (code + 2^(b-1) - 1), densely packed into uint8."""
+def pack_codes(codes: torch.Tensor, bits: int, packing: str = "fields") -> torch.Tensor:
+    """Signed codes -> unsigned (code + 2^(b-1) - 1) packed into uint8: dense `bits`-bit fields, or base-3 digits."""
     unsigned = (codes.flatten().to(torch.int16) + 2 ** (bits - 1) - 1).numpy().astype(np.uint8)
+    if check_code_packing(packing, bits) == "base3":
+        digits = np.pad(unsigned, (0, -len(unsigned) % TRITS_PER_BYTE)).reshape(-1, TRITS_PER_BYTE)
+        return torch.from_numpy((digits @ _TRIT_WEIGHTS).astype(np.uint8))
     bit_matrix = np.unpackbits(unsigned[:, None], axis=1)[:, 8 - bits :]
     return torch.from_numpy(np.packbits(bit_matrix.flatten()))
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...], packing: str = "fields") -> torch.Tensor:
     count = math.prod(shape)
-    bit_matrix = np.unpackbits(packed.numpy())[: count * bits].reshape(count, bits)
-    unsigned = np.packbits(np.pad(bit_matrix, ((0, 0), (8 - bits, 0))), axis=1).flatten()
+    if check_code_packing(packing, bits) == "base3":
+        unsigned = (packed.numpy()[:, None].astype(np.int64) // _TRIT_WEIGHTS % 3).flatten()[:count]
+    else:
+        bit_matrix = np.unpackbits(packed.numpy())[: count * bits].reshape(count, bits)
+        unsigned = np.packbits(np.pad(bit_matrix, ((0, 0), (8 - bits, 0))), axis=1).flatten()
     return torch.from_numpy(unsigned.astype(np.int16) - (2 ** (bits - 1) - 1)).to(torch.int8).reshape(shape)
 
 
@@ -49,11 +72,13 @@ def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
     for layer in quantized_layers(model):
         quantized: QuantizedWeight = quantize_weight(layer.layer.weight, layer.weight_quantizer, layer.name)
         bits = layer.weight_quantizer.bits
+        packing = plan.layer(layer.name).code_packing
         bias = layer.layer.bias
         entry = {
-            "codes": pack_codes(quantized.codes, bits),
+            "codes": pack_codes(quantized.codes, bits, packing),
             "shape": list(quantized.codes.shape),
             "bits": bits,
+            "packing": packing,
             "grid": layer.weight_quantizer.grid,
             "scale": quantized.scale.float(),
             "offset": quantized.offset.float(),
@@ -65,5 +90,5 @@ def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
                           + (bias.numel() if bias is not None else 0)))
     quantized_names = {f"{name}.layer.{suffix}" for name in layers for suffix in ("weight", "bias")}
     rest = {k: v for k, v in model.state_dict().items() if k not in quantized_names}
-    save_atomically({"format": "oaq-packed-1", "plan": plan.to_json(), "layers": layers, "state": rest}, path)
+    save_atomically({"format": PACKED_FORMAT, "plan": plan.to_json(), "layers": layers, "state": rest}, path)
     return payload_bytes

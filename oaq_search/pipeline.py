@@ -93,7 +93,8 @@ def prepare(config: StudyConfig) -> Prepared:
     calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
     factory = PlanFactory(config.model.name, model, graph, search.method, search.grid, search.per_channel,
                           calibration if search.outlier_rule == "output_error" else None,
-                          uniform_activation_bits(graph, search.activation_bits, search.first_last_bits))
+                          uniform_activation_bits(graph, search.activation_bits, search.first_last_bits),
+                          cost_model.code_packing)
     problem = allocation_problem(space, factory, cost_model, graph, budget, sensitivity, search.sensitivity_metric,
                                  search.method)
     check_feasible(problem)

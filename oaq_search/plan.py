@@ -17,6 +17,21 @@ from .schema import parse, read_document, to_dict
 
 PLAN_SCHEMA_VERSION = 1
 SCALE_FORMATS = ("float32", "pow2")
+CODE_PACKINGS = ("fields", "base3")  # how codes are stored: see oaq_search/packing.py
+TERNARY_BITS = 2  # 2-bit codes are ternary (-1, 0, 1), so base3 can pack them
+
+
+def check_code_packing(packing: str, bits: int) -> str:
+    if packing not in CODE_PACKINGS:
+        raise UserError(f"code_packing must be one of {', '.join(CODE_PACKINGS)}, got {packing!r}")
+    if packing == "base3" and bits != TERNARY_BITS:
+        raise UserError(f"code_packing 'base3' holds ternary (2-bit) codes only, not {bits}-bit ones: use 'fields'")
+    return packing
+
+
+def packing_for(code_packing: str, weight_bits: int) -> str:
+    """A layer's packing where ternary codes are packed `code_packing`: other bit-widths are always fields."""
+    return code_packing if weight_bits == TERNARY_BITS else "fields"
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,7 @@ class LayerPlan:
     threshold: float | None = None  # OAQ's T in sigma units; None: the Gaussian default for the bits
     per_channel: bool = False
     scale_format: str = "float32"
+    code_packing: str = "fields"  # "base3": 2-bit layers' ternary codes five to a byte (packing.py)
     activation_range: list[float] | None = None  # [low, high] of the input, e.g. learned; None: calibrate
     tie_group: int | None = None
     cost: dict[str, float] = field(default_factory=dict)
@@ -45,6 +61,7 @@ class LayerPlan:
             if not (len(bounds) == 2 and bounds[1] > 0 and bounds[0] in (0.0, -bounds[1])):
                 raise UserError(f"layer {self.name}: activation_range must be [0, high] or [-high, high] with "
                                 f"high > 0, got {self.activation_range}")
+        check_code_packing(self.code_packing, self.weight_bits)
         if self.scale_format not in SCALE_FORMATS:
             raise UserError(f"scale_format must be one of {', '.join(SCALE_FORMATS)}, got {self.scale_format!r}")
 

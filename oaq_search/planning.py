@@ -21,7 +21,7 @@ from .oaq import (
     choose_outlier_settings_by_output,
 )
 from .observe import observe_inputs
-from .plan import LayerPlan, Plan
+from .plan import LayerPlan, Plan, packing_for
 
 OUTPUT_ERROR_IMAGES = 32  # calibration images whose layer inputs score (s, T) candidates
 STORED_INPUT_VALUES = 50_000_000  # at most this many input values kept (200 MB): fewer images for large inputs
@@ -32,8 +32,9 @@ class PlanFactory:
 
     def __init__(self, model_name: str, model: nn.Module, graph: LayerGraph, method: str = "oaq",
                  grid: str = "uniform", per_channel: bool = False, calibration: torch.Tensor | None = None,
-                 activation_bits: Mapping[str, int] | None = None):
+                 activation_bits: Mapping[str, int] | None = None, code_packing: str = "fields"):
         self.model_name, self.graph = model_name, graph
+        self.code_packing = code_packing  # how the cost model's target stores ternary codes
         self.activation_bits = activation_bits  # per layer, for plans that do not say otherwise
         self.method, self.grid, self.per_channel = method, grid, per_channel
         modules = dict(model.named_modules())
@@ -61,6 +62,7 @@ class PlanFactory:
             chosen = self.settings(name, weight_bits[name])
             layers.append(LayerPlan(name, chosen.bits, activation_bits.get(name), chosen.grid, chosen.method,
                                     chosen.scale_factor, chosen.threshold, chosen.per_channel,
+                                    code_packing=packing_for(self.code_packing, chosen.bits),
                                     tie_group=(tie_groups or {}).get(name)))
         return Plan(self.model_name, layers)
 

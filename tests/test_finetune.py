@@ -49,7 +49,7 @@ def test_algorithm_1_learns_only_s_and_ranges_and_apply_rebuilds_it(resnet20, tm
     for name, tensor in before.items():  # weights and BN affine frozen; BN statistics were corrected (PTQ)
         if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
             assert torch.equal(saved[name], tensor), name
-    assert torch.load(result.files["packed"], weights_only=True)["format"] == "oaq-packed-1"
+    assert torch.load(result.files["packed"], weights_only=True)["format"] == "oaq-packed-2"
     rebuilt = post_training_quantize(load_model("resnet20", result.files["checkpoint"]),
                                      Plan.load(result.files["plan"]), splits.search, bn_correction=False)
     assert torch.allclose(outputs(rebuilt, splits), outputs(result.model, splits), atol=1e-5)

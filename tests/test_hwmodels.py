@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import hwmodels
-from hwmodels import MemoryModel, ShiftModel, TargetModel, get_cost_model
+from hwmodels import MemoryModel, ShiftModel, TargetModel, TernaryPackedMemoryModel, get_cost_model
 from oaq_search.errors import UserError
 from oaq_search.graph import build_layer_graph
-from oaq_search.plan import LayerPlan, Plan
+from oaq_search.plan import LayerPlan, Plan, packing_for
 
 
 class ConvChain(nn.Module):
@@ -47,14 +47,28 @@ def test_memory_and_bops_by_hand(chain):
     assert report.totals["peak_activation_bytes"] == (1536 + 1024) // 8
 
 
-def test_vectorized_path_matches_the_per_plan_path(chain):
-    bits = np.array([[2, 8], [3, 5], [8, 8]])
+@pytest.mark.parametrize("model", [MemoryModel(), TernaryPackedMemoryModel(), TargetModel("bitfusion")],
+                         ids=lambda model: model.name)
+def test_vectorized_path_matches_the_per_plan_path(chain, model):
+    bits = np.array([[2, 8], [4, 2], [8, 8]])
     acts = np.array([[8, 8], [4, 4], [8, 2]])
-    many = MemoryModel().evaluate_many(chain, bits, acts)
+    many = model.evaluate_many(chain, bits, acts)
     for row in range(3):
-        single = MemoryModel().evaluate(chain, plan(LayerPlan("a", int(bits[row, 0]), int(acts[row, 0])),
-                                                    LayerPlan("b", int(bits[row, 1]), int(acts[row, 1])))).totals
+        layers = [LayerPlan(name, int(b), int(a), code_packing=packing_for(model.code_packing, int(b)))
+                  for name, b, a in zip("ab", bits[row], acts[row])]
+        single = model.evaluate(chain, plan(*layers)).totals
         assert many["weight_bytes"][row] == single["weight_bytes"] and many["bops"][row] == single["bops"]
+
+
+def test_ternary_packing_stores_five_codes_a_byte(chain):
+    fields = MemoryModel().evaluate(chain, plan(LayerPlan("a", 2), LayerPlan("b", 8))).per_layer["a"]
+    base3 = TernaryPackedMemoryModel().evaluate(chain, plan(LayerPlan("a", 2, code_packing="base3"),
+                                                            LayerPlan("b", 8))).per_layer["a"]
+    assert fields["weight_bytes"] == 27 + 8 and base3["weight_bytes"] == 22 + 8  # 108 codes: 108*2/8 vs ceil(108/5)
+    with pytest.raises(UserError, match="ternary"):
+        LayerPlan("a", 3, code_packing="base3")
+    with pytest.raises(UserError, match="reads 'fields'"):  # bitfusion's 2-bit bricks read plain 2-bit fields
+        TargetModel("bitfusion").evaluate(chain, plan(LayerPlan("a", 2, code_packing="base3"), LayerPlan("b", 2)))
 
 
 def test_shift_friendliness(chain):

@@ -8,6 +8,7 @@ from oaq_search.errors import UserError
 from oaq_search.fake_quant import calibrate_activations, quantize_
 from oaq_search.graph import build_layer_graph
 from oaq_search.models import build_model
+from oaq_search.oaq import quantize_weight
 from oaq_search.packing import pack_codes, pack_model, unpack_codes
 from oaq_search.plan import Plan
 
@@ -19,6 +20,29 @@ def test_codes_pack_densely_and_unpack_exactly(bits):
     packed = pack_codes(codes, bits)
     assert packed.numel() == -(-codes.numel() * bits // 8)
     assert torch.equal(unpack_codes(packed, bits, tuple(codes.shape)), codes)
+
+
+def test_ternary_codes_pack_five_to_a_byte_and_unpack_exactly():
+    codes = torch.randint(-1, 2, (7, 3, 3, 3), dtype=torch.int8)  # 189 codes: the last byte holds 4
+    packed = pack_codes(codes, 2, "base3")
+    assert packed.numel() == 38
+    assert torch.equal(unpack_codes(packed, 2, tuple(codes.shape), "base3"), codes)
+
+
+def test_ternary_packed_file_matches_its_cost_model(tmp_path):
+    model = build_model("resnet20")
+    graph = build_layer_graph(model, (3, 32, 32))
+    plan = Plan.uniform("resnet20", graph, 2, code_packing="base3").with_layers(
+        {"conv1": {"weight_bits": 8, "code_packing": "fields"}, "layer1.0.conv1": {"weight_bits": 3, "code_packing": "fields"}})
+    quantized = quantize_(copy.deepcopy(model), plan)
+    payload = pack_model(quantized, plan, tmp_path / "model.pt")
+    assert payload == get_cost_model("memory-base3").evaluate(graph, plan).totals["weight_bytes"]
+    layers = torch.load(tmp_path / "model.pt", weights_only=True)["layers"]
+    entry = layers["layer3.2.conv2"]
+    assert entry["packing"] == "base3" and entry["codes"].numel() == -(-64 * 64 * 9 // 5)
+    assert torch.equal(unpack_codes(entry["codes"], 2, tuple(entry["shape"]), "base3"),
+                       quantize_weight(quantized.layer3[2].conv2.layer.weight,
+                                       quantized.layer3[2].conv2.weight_quantizer).codes)
 
 
 def test_packed_file_matches_the_memory_model_and_loads_safely(tmp_path):

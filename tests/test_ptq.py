@@ -1,4 +1,5 @@
 import copy
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -101,6 +102,15 @@ def test_plans_can_be_built_from_an_already_quantized_model():
     plan = PlanFactory("resnet20", model, graph).uniform(4)
     assert torch.equal(model.layer1[0].conv1.weight, model.layer1[0].conv1.layer.weight)
     assert plan.layer("layer1.0.conv1").weight_bits == 4
+
+
+def test_plans_pack_ternary_layers_the_way_the_cost_model_stores_them():
+    model = load_model("resnet20")
+    graph = layer_graph("resnet20", model)
+    plan = PlanFactory("resnet20", model, graph, code_packing="base3").uniform(2)
+    packings = {layer.name: layer.code_packing for layer in plan.layers}
+    assert packings["layer1.0.conv1"] == "base3" and packings["conv1"] == packings["linear"] == "fields"  # 8-bit ends
+    assert Plan.from_dict(json.loads(plan.to_json())).layer("layer1.0.conv1").code_packing == "base3"
 
 
 @pytest.mark.shared
