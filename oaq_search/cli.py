@@ -25,7 +25,7 @@ from .models import model_spec
 from .oaq import METHODS
 from .packing import pack_model
 from .pipeline import create_study, export_plans, finetune_and_test, layer_graph, load_model, run_study, run_worker
-from .plan import Plan
+from .plan import CODE_PACKINGS, Plan
 from .planning import PlanFactory
 from .ptq import CALIBRATION_IMAGES, post_training_quantize
 from .sensitivity import DEFAULT_METRICS, METRICS, compute_sensitivity, get_metric
@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--grid", choices=GRIDS, default="uniform")
     quantize.add_argument("--per-channel", action="store_true", help="per-output-channel statistics")
     quantize.add_argument("--first-last-bits", type=int, default=8, help="bits of the first and last layer")
+    quantize.add_argument("--code-packing", choices=CODE_PACKINGS, default="fields",
+                          help="base3: 2-bit layers' ternary codes five to a byte (1.6 bits a weight)")
     quantize.add_argument("--no-bn-correction", action="store_true", help="quantize weights data-free")
     quantize.add_argument("--out", help="write the packed model here (and the plan beside it)")
     quantize.set_defaults(handler=_quantize)
@@ -292,7 +294,8 @@ def _quantize(args: argparse.Namespace) -> int:
     splits = load_cifar10(args.data_root, args.search_size)
     if plan is None:  # with calibration data, (s, T) minimise each layer's output error; data-free, weight MSE
         calibration = None if args.no_bn_correction else next(splits.search.batches(CALIBRATION_IMAGES))[0]
-        factory = PlanFactory(args.model, model, graph, args.method, args.grid, args.per_channel, calibration)
+        factory = PlanFactory(args.model, model, graph, args.method, args.grid, args.per_channel, calibration,
+                              code_packing=args.code_packing)
         plan = factory.uniform(args.wbits, args.abits, args.first_last_bits)
     quantized = post_training_quantize(model, plan, splits.search, not args.no_bn_correction)
     split = getattr(splits, args.split)

@@ -78,6 +78,15 @@ def test_quantize_command_writes_a_safe_packed_model(tmp_path, synthetic_cifar, 
     assert Plan.load(tmp_path / "q.plan.json").layer("layer1.0.conv1").activation_bits == 4
 
 
+def test_quantize_command_packs_ternary_layers_five_codes_a_byte(tmp_path, synthetic_cifar, capsys):
+    argv = ["quantize", "--model", "resnet20", "--data-root", str(synthetic_cifar), "--search-size", "50",
+            "--wbits", "2", "--code-packing", "base3", "--out", str(tmp_path / "q.pt")]
+    assert main(argv) == 0
+    layer = torch.load(tmp_path / "q.pt", weights_only=True)["layers"]["layer3.0.conv2"]
+    assert layer["packing"] == "base3" and layer["codes"].numel() == 64 * 64 * 9 // 5 + 1
+    assert Plan.load(tmp_path / "q.plan.json").layer("layer3.0.conv2").code_packing == "base3"
+
+
 def test_hwmodels_imports_on_its_own():
     assert subprocess.run([sys.executable, "-c", "import hwmodels"], capture_output=True).returncode == 0
 
