@@ -114,7 +114,9 @@ class Plan:
 
     def key(self) -> str:
         """A hash of the quantization settings alone (not costs or metadata): equal plans, equal keys."""
-        settings = [{k: v for k, v in to_dict(layer).items() if k not in ("cost", "tie_group")} for layer in self.layers]
+        # code_packing came later: left out at its default, so plans written before it keep their keys
+        settings = [{k: v for k, v in to_dict(layer).items()
+                     if k not in ("cost", "tie_group") and (k, v) != ("code_packing", "fields")} for layer in self.layers]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:

@@ -120,6 +120,7 @@ def test_plans_pack_ternary_layers_the_way_the_cost_model_stores_them():
     packings = {layer.name: layer.code_packing for layer in plan.layers}
     assert packings["layer1.0.conv1"] == "base3" and packings["conv1"] == packings["linear"] == "fields"  # 8-bit ends
     assert Plan.from_dict(json.loads(plan.to_json())).layer("layer1.0.conv1").code_packing == "base3"
+    assert plan.key() != PlanFactory("resnet20", model, graph).uniform(2).key()  # the same bits, packed otherwise
 
 
 @pytest.mark.shared
