@@ -71,6 +71,16 @@ def test_ternary_packing_stores_five_codes_a_byte(chain):
         TargetModel("bitfusion").evaluate(chain, plan(LayerPlan("a", 2, code_packing="base3"), LayerPlan("b", 2)))
 
 
+def test_target_table_can_pack_ternary_codes(tmp_path, chain):
+    text = (hwmodels.TARGETS_DIR / "mcu.toml").read_text().replace("[capabilities]\n", "[capabilities]\ncode_packing = 'base3'\n")
+    (tmp_path / "mcu3.toml").write_text(text)
+    target = get_cost_model(f"target:{tmp_path / 'mcu3.toml'}")
+    report = target.evaluate(chain, plan(LayerPlan("a", 2, code_packing="base3"), LayerPlan("b", 4)))
+    assert report.per_layer["a"]["weight_bytes"] == 22 + 8
+    many = target.evaluate_many(chain, np.array([[2, 4]]))
+    assert many["weight_bytes"][0] == report.totals["weight_bytes"]
+
+
 def test_shift_friendliness(chain):
     totals = ShiftModel().evaluate(chain, plan(LayerPlan("a", 4, grid="pot"), LayerPlan("b", 4))).totals
     assert totals["shift_mac_share"] == pytest.approx(6912 / (6912 + 512))
@@ -112,6 +122,8 @@ def test_illegal_plan_names_layer_and_allowed_bits(chain):
      "[rates]\nconv2d={ eight = { macs_per_s = 1 } }\nlinear={}\n", r"'rates\.conv2d\.eight' must be named w<bits>a<bits>"),
     ("[target]\nname='x'\n[capabilities]\nweight_bits={conv2d=[4],linear=[4]}\nactivation_bits={conv2d=[8],linear=[8]}\n"
      "[rates]\nconv2d={ w4a8 = { speed = 1 } }\nlinear={}\n", r"missing key 'rates\.conv2d\.w4a8\.macs_per_s'"),
+    ("[target]\nname='x'\n[capabilities]\nweight_bits={conv2d=[4],linear=[4]}\nactivation_bits={conv2d=[8],linear=[8]}\n"
+     "code_packing='nibbles'\n[rates]\n", r"'capabilities\.code_packing' must be one of fields, base3"),
     ("not toml [", "is not valid TOML"),
 ])
 def test_malformed_target_table_names_file_key_and_expectation(tmp_path, text, pattern):
