@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from _common import SHARED, write_results
@@ -62,16 +63,8 @@ def trial_row(repeats: int) -> dict:
     config = load_study_config(QUICKSTART)
     config.model.checkpoint = str(SHARED / "models" / "resnet20_cifar10jpeg.pt")
     config.data.root = str(SHARED / "data" / "cifar10")
-    previous = os.environ.get(CACHE_ENV)
-    with tempfile.TemporaryDirectory() as cache:  # measured sensitivity computed, not read from a cache
-        os.environ[CACHE_ENV] = cache
-        try:
-            prepared = prepare(config)
-        finally:  # never leave the variable naming the deleted folder
-            if previous is None:
-                del os.environ[CACHE_ENV]
-            else:
-                os.environ[CACHE_ENV] = previous
+    with tempfile.TemporaryDirectory() as cache, patch.dict(os.environ, {CACHE_ENV: cache}):
+        prepared = prepare(config)  # measured sensitivity computed, not read from a cache; the variable restored
     objective = prepared.objective
     names = prepared.space.parameter_names
     plans = [objective.plan_and_cost([params[name] for name in names])[0] for params, _ in prepared.seeds]

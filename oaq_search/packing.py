@@ -31,9 +31,10 @@ _TRIT_WEIGHTS = 3 ** np.arange(TRITS_PER_BYTE)
 
 def code_bytes(weight_count, bits, packing: str = "fields"):
     """Bytes of packed codes; `weight_count` and `bits` may be numpy arrays (base3 applies where bits == 2)."""
-    fields = -(-np.asarray(weight_count) * bits // 8)
+    counts = np.asarray(weight_count)
+    fields = -(-counts * bits // 8)
     if packing == "base3":
-        return np.where(np.asarray(bits) == TERNARY_BITS, -(-np.asarray(weight_count) // TRITS_PER_BYTE), fields)
+        return np.where(np.asarray(bits) == TERNARY_BITS, -(-counts // TRITS_PER_BYTE), fields)
     return fields
 
 
