@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS = REPOSITORY / "benchmarks" / "results"
+SHARED = REPOSITORY.parent / "shared"
 
 
 def machine() -> dict[str, object]:
@@ -31,8 +32,12 @@ def machine() -> dict[str, object]:
 
 
 def invocation() -> str:
-    """This process's command line, shell-quoted so it copy-pastes as run."""
-    return shlex.join([Path(sys.executable).name, *sys.argv])
+    """This process's command line as run from the repository root (whatever folder it was started
+    in), shell-quoted so it copy-pastes."""
+    script = Path(sys.argv[0]).resolve()
+    if script.is_relative_to(REPOSITORY):
+        script = script.relative_to(REPOSITORY)
+    return shlex.join([Path(sys.executable).name, str(script), *sys.argv[1:]])
 
 
 def write_results(name: str, rows: list[dict], markdown: str, extra: dict | None = None,
