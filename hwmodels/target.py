@@ -175,7 +175,7 @@ class TargetModel(CostModel):
             if layer.scale_format not in self.table.scale_formats:
                 raise UserError(f"layer {layer.name} uses scale_format {layer.scale_format!r}; target {self.name} "
                                 f"supports {self.table.scale_formats}")
-            if layer.code_packing != packing_for(self.code_packing, layer.weight_bits):
+            if layer.code_packing != packing_for(self.code_packing, layer.weight_bits, layer.grid):
                 raise UserError(f"layer {layer.name} packs its codes as {layer.code_packing!r}; target {self.name} "
                                 f"reads {self.code_packing!r} at {TERNARY_BITS} bits (capabilities.code_packing)")
 

@@ -1,9 +1,13 @@
-"""Signed quantization grids on [-1, 1] with 2^b - 1 levels: uniform, power-of-two, inverse PoT.
+"""Signed quantization grids on [-1, 1]: uniform, power-of-two, inverse PoT, and mid-rise uniform.
 
-Rounding is to the nearest level with ties away from zero. Exponent grids run out of float
-precision at high bit-widths: IPoT's 1 - 2^-j equals 1 for j >= 53 in float64 (j >= 24 in float32),
-so IPoT above 6 bits has fewer distinct levels than 2^b - 1; use uniform there. Gradients pass straight through the
-rounding (STE), so the same functions serve post-training quantization and fine-tuning.
+The first three are mid-tread: 2^b - 1 levels, zero among them, codes -(2^(b-1) - 1) .. 2^(b-1) - 1
+(at 2 bits they are ternary). `midrise` uses every b-bit code: 2^b levels (k + 1/2) / (2^(b-1) - 1/2)
+for codes k = -2^(b-1) .. 2^(b-1) - 1, and no zero; at 2 bits it has four levels where the others
+have three. Rounding is to the nearest level with ties away from zero. Exponent grids run out of
+float precision at high bit-widths: IPoT's 1 - 2^-j equals 1 for j >= 53 in float64 (j >= 24 in
+float32), so IPoT above 6 bits has fewer distinct levels than 2^b - 1; use uniform there. Gradients
+pass straight through the rounding (STE), so the same functions serve post-training quantization
+and fine-tuning.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 
 from .errors import UserError
 
-GRIDS = ("uniform", "pot", "ipot")
+GRIDS = ("uniform", "pot", "ipot", "midrise")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -30,12 +34,26 @@ def check_grid(grid: str) -> str:
     return grid
 
 
+def code_range(grid: str, bits: int) -> tuple[int, int]:
+    """The smallest and largest signed code of `grid` at `bits`."""
+    half = 2 ** (bits - 1)
+    return (-half, half - 1) if grid == "midrise" else (1 - half, half - 1)
+
+
+def is_ternary(grid: str, bits: int) -> bool:
+    """Whether codes take three values (-1, 0, 1): what base-3 packing needs."""
+    low, high = code_range(grid, bits)
+    return high - low + 1 == 3
+
+
 @functools.cache
 def positive_levels(grid: str, bits: int) -> torch.Tensor:
-    """The 2^(b-1) non-negative levels (0 first, 1 last) in float64; negatives mirror them."""
+    """The 2^(b-1) levels of a magnitude in float64, ascending, 1 last (0 first unless midrise)."""
     check_grid(grid)
     check_bits(bits)
-    count = 2 ** (bits - 1) - 1  # non-zero levels per sign
+    count = 2 ** (bits - 1) - 1  # non-zero levels per sign of the mid-tread grids
+    if grid == "midrise":
+        return torch.tensor([(k + 0.5) / (count + 0.5) for k in range(count + 1)], dtype=torch.float64)
     if grid == "uniform":
         levels = [k / count for k in range(1, count + 1)]
     elif grid == "pot":
@@ -45,25 +63,37 @@ def positive_levels(grid: str, bits: int) -> torch.Tensor:
     return torch.tensor([0.0] + sorted(levels), dtype=torch.float64)
 
 
+def levels(grid: str, bits: int) -> torch.Tensor:
+    """Every signed level of `grid` at `bits`, ascending, in float64."""
+    positive = positive_levels(grid, bits)
+    negative = -positive.flip(0) if grid == "midrise" else -positive[1:].flip(0)
+    return torch.cat([negative, positive])
+
+
 def level_index(x: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
-    """Signed integer codes: sign(x) * index of |x|'s nearest non-negative level (ties away from 0)."""
+    """Signed integer codes of x's nearest levels, ties away from zero (see `code_range`)."""
     magnitude = x.abs().clamp(max=1.0)
+    if grid == "midrise":  # the magnitude's level index, then codes k >= 0 above zero and -k - 1 below
+        count = 2 ** (bits - 1)
+        index = torch.floor(magnitude * (count - 0.5)).clamp(max=count - 1)
+        return torch.where(x < 0, -index - 1, index)
     if grid == "uniform":
         count = 2 ** (bits - 1) - 1
         index = torch.floor(magnitude * count + 0.5)
     else:
-        levels = positive_levels(grid, bits)
-        midpoints = ((levels[1:] + levels[:-1]) / 2).to(x.device, x.dtype)
+        midpoints = ((positive_levels(grid, bits)[1:] + positive_levels(grid, bits)[:-1]) / 2).to(x.device, x.dtype)
         index = torch.bucketize(magnitude, midpoints, right=True).to(x.dtype)
     return torch.sign(x) * index
 
 
 def codes_to_values(codes: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
     """Grid values in [-1, 1] for signed integer codes from `level_index`."""
+    if grid == "midrise":
+        return (codes + 0.5) / (2 ** (bits - 1) - 0.5)
     if grid == "uniform":
         return codes / (2 ** (bits - 1) - 1)
-    levels = positive_levels(grid, bits).to(codes.device, codes.dtype)
-    return torch.sign(codes) * levels[codes.abs().long()]
+    positive = positive_levels(grid, bits).to(codes.device, codes.dtype)
+    return torch.sign(codes) * positive[codes.abs().long()]
 
 
 def quantize(x: torch.Tensor, grid: str, bits: int) -> torch.Tensor:

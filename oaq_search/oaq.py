@@ -18,9 +18,15 @@ from . import grids
 from .errors import UserError
 
 METHODS = ("oaq", "vanilla", "literal")
-# Gaussian-MSE-optimal clipping thresholds (sigma units) of a symmetric uniform grid with 2^b - 1
-# levels (the method note's 1.7/2.2/2.6/4.0 fit 2^b levels); tests/test_oaq.py re-derives them.
+# Gaussian-MSE-optimal clipping thresholds (sigma units) of the symmetric uniform grids: 2^b - 1
+# levels (mid-tread, also used for pot and ipot) and 2^b levels (midrise); the method note's
+# 1.7/2.2/2.6/4.0 are neither. tests/test_quantizers.py re-derives both.
 DEFAULT_THRESHOLDS = {2: 1.22, 3: 1.95, 4: 2.47, 5: 2.90, 6: 3.27, 7: 3.61, 8: 3.92}
+MIDRISE_THRESHOLDS = {2: 1.49, 3: 2.05, 4: 2.51, 5: 2.92, 6: 3.28, 7: 3.61, 8: 3.92}
+
+
+def default_threshold(grid: str, bits: int) -> float:
+    return (MIDRISE_THRESHOLDS if grid == "midrise" else DEFAULT_THRESHOLDS)[bits]
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class WeightQuantizer:
     grid: str = "uniform"
     method: str = "oaq"
     scale_factor: float = 1.0
-    threshold: float | None = None  # None: DEFAULT_THRESHOLDS[bits]
+    threshold: float | None = None  # None: default_threshold(grid, bits)
     per_channel: bool = False
 
     def __post_init__(self):
@@ -46,7 +52,7 @@ class WeightQuantizer:
 
     @property
     def effective_threshold(self) -> float:
-        return self.threshold if self.threshold is not None else DEFAULT_THRESHOLDS[self.bits]
+        return self.threshold if self.threshold is not None else default_threshold(self.grid, self.bits)
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,8 @@ SCALE_FACTOR_CANDIDATES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 THRESHOLD_MULTIPLIERS = (0.75, 1.0, 1.25, 1.5, 2.0)
 
 
-def candidate_thresholds(bits: int) -> list[float]:
-    return [round(DEFAULT_THRESHOLDS[bits] * m, 4) for m in THRESHOLD_MULTIPLIERS]
+def candidate_thresholds(grid: str, bits: int) -> list[float]:
+    return [round(default_threshold(grid, bits) * m, 4) for m in THRESHOLD_MULTIPLIERS]
 
 
 def choose_outlier_settings(weight: torch.Tensor, quantizer: WeightQuantizer) -> WeightQuantizer:
@@ -138,7 +144,7 @@ def choose_outlier_settings(weight: torch.Tensor, quantizer: WeightQuantizer) ->
         return quantizer
     if not torch.isfinite(weight).all():
         raise UserError("weights have NaN or inf values: fix the checkpoint before quantizing")
-    thresholds = candidate_thresholds(quantizer.bits)
+    thresholds = candidate_thresholds(quantizer.grid, quantizer.bits)
     with torch.no_grad():
         z, _, sigma = normalize(weight, quantizer.per_channel)
         rows = z.shape[0] if quantizer.per_channel else 1
@@ -177,7 +183,7 @@ def choose_outlier_settings_by_output(weight: torch.Tensor, quantizer: WeightQua
     if quantizer.method == "vanilla":
         return quantizer
     candidates = [replace(quantizer, scale_factor=factor, threshold=threshold)
-                  for threshold in candidate_thresholds(quantizer.bits) for factor in SCALE_FACTOR_CANDIDATES]
+                  for threshold in candidate_thresholds(quantizer.grid, quantizer.bits) for factor in SCALE_FACTOR_CANDIDATES]
     errors = []
     with torch.no_grad():
         for start in range(0, len(candidates), _CANDIDATES_PER_PASS):

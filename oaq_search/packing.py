@@ -4,7 +4,7 @@
 `pack_model` produces files whose layer payloads have exactly that many bytes.
 
 Codes are packed one of two ways (a layer's `code_packing`): "fields", each code in its own b-bit
-field; or "base3", for 2-bit layers only, whose codes are ternary (-1, 0, 1): five of them as the
+field; or "base3", for ternary layers only (2 bits on a grid with a zero level, codes -1, 0, 1): five as the
 base-3 digits of one byte (3^5 = 243 <= 256), 1.6 bits a weight instead of 2, decoded on the
 target with a 256-entry table.
 """
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .fake_quant import quantized_layers
+from .grids import code_range
 from .files import save_atomically
 from .oaq import QuantizedWeight, quantize_weight
 from .plan import TERNARY_BITS, Plan, check_code_packing
@@ -44,24 +45,26 @@ def packed_weight_bytes(weight_count: int, bits: int, scale_count: int = 1, bias
     return int(code_bytes(weight_count, bits, packing)) + FLOAT_BYTES * (2 * scale_count + bias_count)
 
 
-def pack_codes(codes: torch.Tensor, bits: int, packing: str = "fields") -> torch.Tensor:
-    """Signed codes -> unsigned (code + 2^(b-1) - 1) packed into uint8: dense `bits`-bit fields, or base-3 digits."""
-    unsigned = (codes.flatten().to(torch.int16) + 2 ** (bits - 1) - 1).numpy().astype(np.uint8)
-    if check_code_packing(packing, bits) == "base3":
+def pack_codes(codes: torch.Tensor, bits: int, packing: str = "fields", grid: str = "uniform") -> torch.Tensor:
+    """Signed codes -> unsigned (code minus the grid's lowest code) packed into uint8: dense `bits`-bit
+    fields, or base-3 digits."""
+    unsigned = (codes.flatten().to(torch.int16) - code_range(grid, bits)[0]).numpy().astype(np.uint8)
+    if check_code_packing(packing, bits, grid) == "base3":
         digits = np.pad(unsigned, (0, -len(unsigned) % TRITS_PER_BYTE)).reshape(-1, TRITS_PER_BYTE)
         return torch.from_numpy((digits @ _TRIT_WEIGHTS).astype(np.uint8))
     bit_matrix = np.unpackbits(unsigned[:, None], axis=1)[:, 8 - bits :]
     return torch.from_numpy(np.packbits(bit_matrix.flatten()))
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...], packing: str = "fields") -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...], packing: str = "fields",
+                 grid: str = "uniform") -> torch.Tensor:
     count = math.prod(shape)
-    if check_code_packing(packing, bits) == "base3":
+    if check_code_packing(packing, bits, grid) == "base3":
         unsigned = (packed.numpy()[:, None].astype(np.int64) // _TRIT_WEIGHTS % 3).flatten()[:count]
     else:
         bit_matrix = np.unpackbits(packed.numpy())[: count * bits].reshape(count, bits)
         unsigned = np.packbits(np.pad(bit_matrix, ((0, 0), (8 - bits, 0))), axis=1).flatten()
-    return torch.from_numpy(unsigned.astype(np.int16) - (2 ** (bits - 1) - 1)).to(torch.int8).reshape(shape)
+    return torch.from_numpy(unsigned.astype(np.int16) + code_range(grid, bits)[0]).to(torch.int8).reshape(shape)
 
 
 def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
@@ -76,7 +79,7 @@ def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
         packing = plan.layer(layer.name).code_packing
         bias = layer.layer.bias
         entry = {
-            "codes": pack_codes(quantized.codes, bits, packing),
+            "codes": pack_codes(quantized.codes, bits, packing, layer.weight_quantizer.grid),
             "shape": list(quantized.codes.shape),
             "bits": bits,
             "packing": packing,

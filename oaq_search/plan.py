@@ -11,27 +11,28 @@ from typing import Any
 from .errors import UserError
 from .files import write_text_atomically
 from .graph import LayerGraph
-from .grids import check_bits
+from .grids import check_bits, is_ternary
 from .oaq import WeightQuantizer
 from .schema import parse, read_document, to_dict
 
 PLAN_SCHEMA_VERSION = 1
 SCALE_FORMATS = ("float32", "pow2")
 CODE_PACKINGS = ("fields", "base3")  # how codes are stored: see oaq_search/packing.py
-TERNARY_BITS = 2  # 2-bit codes are ternary (-1, 0, 1), so base3 can pack them
+TERNARY_BITS = 2  # 2-bit codes of the mid-tread grids are ternary (-1, 0, 1), so base3 can pack them
 
 
-def check_code_packing(packing: str, bits: int) -> str:
+def check_code_packing(packing: str, bits: int, grid: str = "uniform") -> str:
     if packing not in CODE_PACKINGS:
         raise UserError(f"code_packing must be one of {', '.join(CODE_PACKINGS)}, got {packing!r}")
-    if packing == "base3" and bits != TERNARY_BITS:
-        raise UserError(f"code_packing 'base3' holds ternary (2-bit) codes only, not {bits}-bit ones: use 'fields'")
+    if packing == "base3" and not is_ternary(grid, bits):
+        raise UserError(f"code_packing 'base3' holds ternary codes only (2 bits, a grid with zero), not {bits}-bit "
+                        f"{grid} ones: use 'fields'")
     return packing
 
 
-def packing_for(code_packing: str, weight_bits: int) -> str:
-    """A layer's packing where ternary codes are packed `code_packing`: other bit-widths are always fields."""
-    return code_packing if weight_bits == TERNARY_BITS else "fields"
+def packing_for(code_packing: str, weight_bits: int, grid: str = "uniform") -> str:
+    """A layer's packing where ternary codes are packed `code_packing`: other codes are always fields."""
+    return code_packing if is_ternary(grid, weight_bits) else "fields"
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class LayerPlan:
             if not (len(bounds) == 2 and bounds[1] > 0 and bounds[0] in (0.0, -bounds[1])):
                 raise UserError(f"layer {self.name}: activation_range must be [0, high] or [-high, high] with "
                                 f"high > 0, got {self.activation_range}")
-        check_code_packing(self.code_packing, self.weight_bits)
+        check_code_packing(self.code_packing, self.weight_bits, self.grid)
         if self.scale_format not in SCALE_FORMATS:
             raise UserError(f"scale_format must be one of {', '.join(SCALE_FORMATS)}, got {self.scale_format!r}")
 

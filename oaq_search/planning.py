@@ -62,7 +62,7 @@ class PlanFactory:
             chosen = self.settings(name, weight_bits[name])
             layers.append(LayerPlan(name, chosen.bits, activation_bits.get(name), chosen.grid, chosen.method,
                                     chosen.scale_factor, chosen.threshold, chosen.per_channel,
-                                    code_packing=packing_for(self.code_packing, chosen.bits),
+                                    code_packing=packing_for(self.code_packing, chosen.bits, chosen.grid),
                                     tie_group=(tie_groups or {}).get(name)))
         return Plan(self.model_name, layers)
 

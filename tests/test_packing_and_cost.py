@@ -4,22 +4,33 @@ import pytest
 import torch
 
 from hwmodels import MemoryModel, get_cost_model
+from oaq_search import grids
 from oaq_search.errors import UserError
 from oaq_search.fake_quant import calibrate_activations, quantize_
 from oaq_search.graph import build_layer_graph
 from oaq_search.models import build_model
-from oaq_search.oaq import quantize_weight
+from oaq_search.oaq import QuantizedWeight, dequantize, quantize_weight
 from oaq_search.packing import pack_codes, pack_model, unpack_codes
-from oaq_search.plan import Plan
+from oaq_search.plan import LayerPlan, Plan, packing_for
 
 
+@pytest.mark.parametrize("grid", ["uniform", "midrise"])
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_codes_pack_densely_and_unpack_exactly(bits):
-    limit = 2 ** (bits - 1) - 1
-    codes = torch.randint(-limit, limit + 1, (7, 3, 3, 3), dtype=torch.int8)
-    packed = pack_codes(codes, bits)
+def test_codes_pack_densely_and_unpack_exactly(bits, grid):
+    low, high = grids.code_range(grid, bits)
+    codes = torch.randint(low, high + 1, (7, 3, 3, 3), dtype=torch.int8)
+    codes.view(-1)[:2] = torch.tensor([low, high])  # both ends of the range
+    packed = pack_codes(codes, bits, grid=grid)
     assert packed.numel() == -(-codes.numel() * bits // 8)
-    assert torch.equal(unpack_codes(packed, bits, tuple(codes.shape)), codes)
+    assert torch.equal(unpack_codes(packed, bits, tuple(codes.shape), grid=grid), codes)
+
+
+def test_midrise_two_bit_codes_are_not_ternary_so_base3_refuses_them():
+    with pytest.raises(UserError, match="ternary codes only"):
+        pack_codes(torch.tensor([-2, -1, 0, 1], dtype=torch.int8), 2, "base3", "midrise")
+    with pytest.raises(UserError, match="ternary codes only"):
+        LayerPlan("conv1", 2, grid="midrise", code_packing="base3")
+    assert packing_for("base3", 2, "midrise") == "fields" and packing_for("base3", 2, "uniform") == "base3"
 
 
 def test_ternary_codes_pack_five_to_a_byte_and_unpack_exactly():
@@ -48,7 +59,8 @@ def test_ternary_packed_file_matches_its_cost_model(tmp_path):
 def test_packed_file_matches_the_memory_model_and_loads_safely(tmp_path):
     model = build_model("resnet20")
     graph = build_layer_graph(model, (3, 32, 32))
-    plan = Plan.uniform("resnet20", graph, 3).with_layers({"conv1": {"weight_bits": 8, "per_channel": True}})
+    plan = Plan.uniform("resnet20", graph, 3).with_layers({"conv1": {"weight_bits": 8, "per_channel": True},
+                                                           "layer2.0.conv1": {"grid": "midrise"}})
     quantized = quantize_(copy.deepcopy(model), plan)
     payload = pack_model(quantized, plan, tmp_path / "model.pt")
     report = MemoryModel().evaluate(graph, plan)
@@ -58,6 +70,11 @@ def test_packed_file_matches_the_memory_model_and_loads_safely(tmp_path):
     assert report.totals["weight_bytes"] == codes + 4 * (2 * 16 + 2 * 19 + 10)
     loaded = torch.load(tmp_path / "model.pt", weights_only=True)
     assert loaded["layers"]["layer1.0.conv1"]["bits"] == 3 and Plan.from_dict(__import__("json").loads(loaded["plan"]))
+    entry, layer = loaded["layers"]["layer2.0.conv1"], quantized.layer2[0].conv1  # midrise: 8 codes, no zero
+    codes = unpack_codes(entry["codes"], 3, tuple(entry["shape"]), grid=entry["grid"])
+    assert entry["grid"] == "midrise" and codes.min() == -4 and codes.max() == 3
+    rebuilt = dequantize(QuantizedWeight(codes, entry["scale"], entry["offset"]), layer.weight_quantizer)
+    assert torch.allclose(rebuilt, layer.quantized_weight(), atol=1e-6)
 
 
 def test_memory_model_counts_bops_and_activation_bits():

@@ -4,8 +4,8 @@ import torch
 
 from oaq_search import grids
 from oaq_search.errors import UserError
-from oaq_search.oaq import (DEFAULT_THRESHOLDS, WeightQuantizer, choose_outlier_settings, dequantize,
-                            fake_quantize_weight, normalize, quantize_weight)
+from oaq_search.oaq import (DEFAULT_THRESHOLDS, MIDRISE_THRESHOLDS, WeightQuantizer, choose_outlier_settings,
+                            dequantize, fake_quantize_weight, normalize, quantize_weight)
 
 
 def heavy_tailed(shape=(16, 8, 3, 3)):
@@ -15,12 +15,16 @@ def heavy_tailed(shape=(16, 8, 3, 3)):
 
 @pytest.mark.parametrize("grid", grids.GRIDS)
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_grids_have_two_to_the_b_minus_one_distinct_levels(grid, bits):
-    levels = grids.positive_levels(grid, bits)
-    signed = torch.cat([-levels[1:], levels]).unique()
+def test_mid_tread_grids_have_two_to_the_b_minus_one_levels_and_midrise_two_to_the_b(grid, bits):
+    levels = grids.levels(grid, bits)
     representable = not (grid == "ipot" and 2 ** (bits - 1) - 2 >= 53)  # 1 - 2^-53 == 1 in float64
-    assert (len(signed) == 2**bits - 1) == representable
-    assert levels[0] == 0 and levels[-1] == 1
+    expected = 2**bits if grid == "midrise" else 2**bits - 1
+    assert (len(levels.unique()) == expected) == representable
+    assert levels[0] == -1 and levels[-1] == 1 and bool((levels == 0).any()) == (grid != "midrise")
+    low, high = grids.code_range(grid, bits)
+    codes = torch.arange(low, high + 1, dtype=torch.float64)
+    assert torch.equal(grids.codes_to_values(codes, grid, bits), levels)  # every code is a level, in order
+    assert grids.is_ternary(grid, bits) == (bits == 2 and grid != "midrise")
 
 
 @pytest.mark.parametrize("grid", grids.GRIDS)
@@ -36,7 +40,7 @@ def test_quantization_is_idempotent_and_lands_on_levels(grid, bits):
     rebuilt = dequantize(quantized, quantizer)
     again = grids.level_index((rebuilt - quantized.offset) / quantized.scale, grid, bits)
     assert torch.equal(again.to(torch.int8), quantized.codes)
-    assert quantized.codes.unique().numel() <= 2**bits - 1
+    assert quantized.codes.unique().numel() <= len(grids.levels(grid, bits))
 
 
 def test_ties_round_away_from_zero():
@@ -44,6 +48,9 @@ def test_ties_round_away_from_zero():
     assert grids.level_index(x, "uniform", 2).tolist() == [1, -1, 0, 0]
     # PoT 3 bits: levels 0, 0.25, 0.5, 1 -> midpoint 0.375 goes up to 0.5
     assert grids.codes_to_values(grids.level_index(torch.tensor([0.375, -0.375]), "pot", 3), "pot", 3).tolist() == [0.5, -0.5]
+    # midrise 2 bits: levels -1, -1/3, 1/3, 1; zero goes up, the midpoints 2/3 go outward
+    assert grids.codes_to_values(grids.level_index(torch.tensor([0.0, 2 / 3, -2 / 3]), "midrise", 2), "midrise", 2
+                                 ).tolist() == pytest.approx([1 / 3, 1.0, -1.0])
 
 
 def test_scale_factor_one_is_vanilla_max_range():
@@ -148,18 +155,17 @@ def test_data_free_choice_is_never_worse_than_vanilla():
 
 
 def test_default_thresholds_are_gaussian_mse_optimal():
-    """Re-derive DEFAULT_THRESHOLDS: the clip minimising E[(x - Q(x))^2] for x ~ N(0, 1)."""
+    """Re-derive both tables: the clip minimising E[(x - Q(x))^2] for x ~ N(0, 1) on each grid."""
     from scipy import optimize, stats
 
-    x = np.linspace(-10, 10, 200_001)
-    density = stats.norm.pdf(x)
+    x = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+    density = stats.norm.pdf(x.numpy())
 
-    def mse(threshold, bits):
-        m = 2 ** (bits - 1) - 1
-        step = threshold / m
-        q = np.sign(x) * np.minimum(np.floor(np.abs(x) / step + 0.5), m) * step
-        return np.trapezoid((x - q) ** 2 * density, x)
+    def mse(threshold, grid, bits):
+        q = threshold * grids.codes_to_values(grids.level_index(x / threshold, grid, bits), grid, bits)
+        return np.trapezoid((x - q).numpy() ** 2 * density, x.numpy())
 
-    for bits, threshold in DEFAULT_THRESHOLDS.items():
-        best = optimize.minimize_scalar(lambda t: mse(t, bits), bounds=(0.5, 8), method="bounded").x
-        assert best == pytest.approx(threshold, abs=0.01)
+    for grid, table in (("uniform", DEFAULT_THRESHOLDS), ("midrise", MIDRISE_THRESHOLDS)):
+        for bits, threshold in table.items():
+            best = optimize.minimize_scalar(lambda t: mse(t, grid, bits), bounds=(0.5, 8), method="bounded").x
+            assert best == pytest.approx(threshold, abs=0.01), (grid, bits)
