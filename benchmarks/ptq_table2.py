@@ -6,8 +6,9 @@ the weight-MSE rule, as the paper's "w/o FT"), and with 500 search-split calibra
 choose s and T by each layer's output error and correct BatchNorm statistics. First and last
 layers stay at 8 bits (counted in the size).
 
-    python benchmarks/ptq_table2.py --models resnet20                  # all three grids
+    python benchmarks/ptq_table2.py --models resnet20                  # the paper's three grids
     python benchmarks/ptq_table2.py --models resnet56 --grids uniform
+    python benchmarks/ptq_table2.py --models resnet20 --grids uniform midrise --bits 4 3 2
     python benchmarks/ptq_table2.py --models --densenet-checkpoint PATH  # DenseNet-BC-100, given a checkpoint
 """
 
@@ -21,6 +22,7 @@ from _common import SHARED, write_results
 from hwmodels import MemoryModel
 from oaq_search.data import load_cifar10
 from oaq_search.evaluate import accuracy
+from oaq_search.grids import GRIDS
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import CALIBRATION_IMAGES, post_training_quantize
@@ -39,7 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["resnet20", "resnet56"])
     parser.add_argument("--densenet-checkpoint", help="add DenseNet-BC-100 from this checkpoint")
-    parser.add_argument("--grids", nargs="+", default=["uniform", "pot", "ipot"])
+    parser.add_argument("--grids", nargs="+", choices=GRIDS, default=["uniform", "pot", "ipot"])
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3], help="weight bit-widths")
     parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
     args = parser.parse_args()
     checkpoints = {name: CHECKPOINTS[name] for name in args.models}
@@ -57,7 +60,7 @@ def main() -> None:
             for method in ("vanilla", "oaq"):
                 factories = {False: PlanFactory(name, model, graph, method, grid),  # data-free: weight MSE
                              True: PlanFactory(name, model, graph, method, grid, calibration=calibration)}
-                for weight_bits in (8, 4, 3):
+                for weight_bits in args.bits:
                     for bn_correction in ((False, True) if grid == "uniform" else (True,)):
                         plan = factories[bn_correction].uniform(weight_bits, activation_bits=8)
                         started = time.perf_counter()
@@ -76,7 +79,15 @@ def main() -> None:
                         print(f"  {grid:7} {method:7} W{weight_bits}A8 bn_correction={bn_correction!s:5} "
                               f"{top1:.2f} % ({top1 - fp:+.2f}) in {quantize_s:.1f} s", flush=True)
         # after every model, so a stopped run keeps its results
-        write_results(f"ptq_table2_{'_'.join(checkpoints)}", rows, markdown(rows))
+        write_results(results_name(parser, args, checkpoints), rows, markdown(rows))
+
+
+def results_name(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoints: dict) -> str:
+    """ptq_table2_<models>, then the grids and bits where they are not the defaults."""
+    name = f"ptq_table2_{'_'.join(checkpoints)}"
+    if (args.grids, args.bits) != (parser.get_default("grids"), parser.get_default("bits")):
+        name += f"_{'_'.join(args.grids)}_w{''.join(map(str, args.bits))}"
+    return name
 
 
 def markdown(rows: list[dict]) -> str:
