@@ -47,7 +47,7 @@ def candidates(prepared, count: int, seed: int) -> dict[str, Plan]:
     while len(plans) < count:
         choice = list(seeds["integer_program"])
         for group in generator.sample(range(len(choice)), generator.randint(1, 4)):
-            top = len(space.candidate_bits[group]) - 1
+            top = len(space.settings[group]) - 1
             choice[group] = min(max(choice[group] + generator.choice((-1, 1)), 0), top)
         plan, _ = objective.plan_and_cost(objective.settle(choice))
         plans.setdefault(plan.key(), plan)

@@ -72,7 +72,7 @@ def validate(name: str, methods: list[str], splits, scored: ImageSplit) -> None:
             started = time.perf_counter()
             drops, losses = [], []
             for layer in graph.names:
-                chosen = factory.settings(layer, bits)
+                chosen = factory.weight_quantizer(layer, bits)
                 plan = Plan(name, [LayerPlan(layer, bits, method=method, scale_factor=chosen.scale_factor,
                                              threshold=chosen.threshold)])
                 accuracy, loss = accuracy_and_loss(quantize_(probe, plan), scored)

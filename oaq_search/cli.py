@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
           f"in {result.storage_url}")
     print(f"budget: {budget}; best plan (trial {plan.metadata['trial']}, seed: {plan.metadata['seed'] or 'sampled'}) "
           f"uses {format_quantity('weight_bytes', totals['weight_bytes'])} of weights")
-    print("weight bits: " + " ".join(f"{layer.name}={layer.weight_bits}" for layer in plan.layers))
+    print("bits: " + ", ".join(f"{layer.name} {layer.summary()}" for layer in plan.layers))
     score, rescored = plan.metadata["score"], plan.metadata.get("finalist_score")
     whole_split = "" if rescored is None else f" (whole search split {format_score(score, rescored)})"
     print(f"scores: trial {format_score(score, result.search_score)}{whole_split}, test {result.test_accuracy:.2f} % "

@@ -40,9 +40,10 @@ class SearchConfig:
     n_trials: int = 20
     weight_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
     first_last_bits: int | None = 8  # pin the first and last layer (None: search them too)
-    activation_bits: int | None = None  # every layer's input at this many bits (ends at >= first_last_bits)
+    # every layer's input at this many bits (ends at >= first_last_bits); a list: searched per tie group
+    activation_bits: int | list[int] | None = None
     method: str = "oaq"
-    grid: str = "uniform"
+    grid: str | list[str] = "uniform"  # a list: each tie group takes whichever measures best at its bits
     per_channel: bool = False
     eval_images: int = 1000  # images of the search split scored per trial
     score: str = "accuracy"  # accuracy | kl: minus the KL from full precision's predictions, far less noisy on few images
@@ -71,12 +72,20 @@ class SearchConfig:
             check_bits(bits, "weight_bits")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
-        if self.activation_bits is not None:
-            check_bits(self.activation_bits, "activation_bits")
+        if self.activation_bits == []:
+            raise UserError("activation_bits lists no bit-width: give at least one, or leave it out (full precision)")
+        for bits in self.searched_activation_bits or ([] if self.activation_bits is None else [self.activation_bits]):
+            check_bits(bits, "activation_bits")
         if self.method not in METHODS:
             raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.grid not in GRIDS:
-            raise UserError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        for grid in self.grids:
+            if grid not in GRIDS:
+                raise UserError(f"grid must be one of {', '.join(GRIDS)} (or a list of them), got {grid!r}")
+        if not self.grids or len(set(self.grids)) < len(self.grids):
+            raise UserError(f"grid must name at least one grid, each once, got {self.grid!r}")
+        if (len(self.grids) > 1 or self.searched_activation_bits) and not self.measured_sensitivity_images:
+            raise UserError("searching grids or activation bits ranks each group's settings by measured sensitivity: "
+                            "set measured_sensitivity_images above 0")
         for name in ("n_trials", "eval_images", "finalists", "batch_size", "heartbeat_seconds", "grace_seconds"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -98,6 +107,21 @@ class SearchConfig:
         unknown = sorted(set(self.seeds) - set(SEEDS))
         if unknown:
             raise UserError(f"unknown seed {unknown[0]!r}: choose from {', '.join(SEEDS)}")
+
+    @property
+    def grids(self) -> list[str]:
+        """The grids a tie group may take: `grid`, or each grid it lists."""
+        return [self.grid] if isinstance(self.grid, str) else list(self.grid)
+
+    @property
+    def searched_activation_bits(self) -> list[int] | None:
+        """The input bit-widths searched per tie group (`activation_bits` a list), else None."""
+        return sorted(set(self.activation_bits)) if isinstance(self.activation_bits, list) else None
+
+    @property
+    def default_activation_bits(self) -> int | None:
+        """Every layer's input bits when they are not searched; else the widest, for the pinned ends."""
+        return max(self.activation_bits) if isinstance(self.activation_bits, list) else self.activation_bits
 
 
 @dataclass

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,15 +34,16 @@ from .graph import LayerGraph, build_layer_graph
 from .models import build_model, model_spec
 from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
-from .ptq import CALIBRATION_IMAGES, post_training_quantize
+from .ptq import CALIBRATION_IMAGES, post_training_quantize, requantize
 from .pruning import ScreeningPruner
 from .queue import fill_queue, work
 from .samplers import make_sampler
-from .search import (Objective, SearchSpace, allocation_problem, best_trial, check_feasible, finalist_score,
-                     incumbent_params, pareto_trials)
+from .search import (Objective, allocation_problem, best_trial, check_feasible, finalist_score, incumbent_params,
+                     pareto_trials)
 from .seeds import greedy_seed, integer_program_seed, uniform_seed
 from .sensitivity import SensitivityTable, compute_sensitivity
 from .sensitivity.measured import cached_group_sensitivity, measure_group_sensitivity
+from .space import SearchSpace
 from .storage import open_storage
 
 SEED_BUILDERS = {"integer_program": integer_program_seed, "greedy": greedy_seed, "uniform": uniform_seed}
@@ -86,35 +88,42 @@ def prepare(config: StudyConfig) -> Prepared:
     budget = parse_budget(config.budget)
     loaded = time.perf_counter()
     sensitivity = compute_sensitivity(model, graph, [search.sensitivity_metric], methods=[search.method],
-                                      grid=search.grid, data=splits.search)
+                                      grid=search.grids[0], data=splits.search)
     sensitivity_s = time.perf_counter() - loaded
     space = SearchSpace.from_graph(graph, search.weight_bits, search.first_last_bits, sensitivity,
-                                   search.sensitivity_metric, search.method, search.prune_sensitivity, cost_model)
+                                   search.sensitivity_metric, search.method, search.prune_sensitivity, cost_model,
+                                   search.grids, search.searched_activation_bits)
     calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
-    factory = PlanFactory(config.model.name, model, graph, search.method, search.grid, search.per_channel,
+    factory = PlanFactory(config.model.name, model, graph, search.method, search.grids[0], search.per_channel,
                           calibration if search.outlier_rule == "output_error" else None,
-                          uniform_activation_bits(graph, search.activation_bits, search.first_last_bits),
+                          uniform_activation_bits(graph, search.default_activation_bits, search.first_last_bits),
                           cost_model.code_packing)
     problem = allocation_problem(space, factory, cost_model, graph, budget, sensitivity, search.sensitivity_metric,
-                                 search.method)
+                                 search.method, [search.pareto_metric] if search.pareto_metric else [])
     check_feasible(problem)
     corrector = BatchNormCorrector(model, calibration) if search.bn_correction else None
-    scored = splits.search.subset(search.eval_images)
-    scorers = [split_scorer(search.score, scored, model, search.batch_size)]
-    if 0 < search.screen_images < search.eval_images:
-        scorers.insert(0, split_scorer(search.score, splits.search.subset(search.screen_images), model,
-                                       search.batch_size))
-    objective = Objective(copy.deepcopy(model), graph, space, factory, cost_model, budget, problem, scorers,
-                          corrector, search.pareto_metric, calibration, search.fill_budget)
-    quantizer = {"groups": space.groups, "bits": space.candidate_bits, "pinned": space.pinned,
+    trial_model = copy.deepcopy(model)  # wrapped and re-quantized in place by every trial
+    quantizer = {"groups": space.groups, "bits": space.describe(), "pinned": space.pinned,
                  "method": search.method, "grid": search.grid, "per_channel": search.per_channel,
                  "bn_correction": search.bn_correction, "activation_bits": search.activation_bits,
                  "outlier_rule": search.outlier_rule, "measured_sensitivity_images": search.measured_sensitivity_images}
     measuring = time.perf_counter()
     if search.measured_sensitivity_images:
-        problem.sensitivity = _measured_sensitivity(objective, model, splits.search, search.measured_sensitivity_images,
+        def quantized(choice: list[int]) -> nn.Module:
+            return requantize(trial_model, factory.from_settings(space.layer_settings(choice)), calibration, corrector)
+
+        problem.sensitivity = _measured_sensitivity(quantized, [len(s) for s in space.settings], model, splits.search,
+                                                    search.measured_sensitivity_images,
                                                     {**quantizer, "model": config.model.name})
     measured_s = time.perf_counter() - measuring
+    space, problem = space.without_dominated(problem)
+    scored = splits.search.subset(search.eval_images)
+    scorers = [split_scorer(search.score, scored, model, search.batch_size)]
+    if 0 < search.screen_images < search.eval_images:
+        scorers.insert(0, split_scorer(search.score, splits.search.subset(search.screen_images), model,
+                                       search.batch_size))
+    objective = Objective(trial_model, graph, space, factory, cost_model, budget, problem, scorers,
+                          corrector, search.pareto_metric, calibration, search.fill_budget)
     seeds = []
     for name in search.seeds:
         choice = SEED_BUILDERS[name](problem)
@@ -126,7 +135,9 @@ def prepare(config: StudyConfig) -> Prepared:
         "search split": scored.fingerprint(),
         "search space": json.dumps({**quantizer, "score": search.score, "screen_images": search.screen_images,
                                     "pareto_metric": search.pareto_metric, "sampler": search.sampler,
-                                    "local_search": search.local_search, "fill_budget": search.fill_budget},
+                                    "local_search": search.local_search, "fill_budget": search.fill_budget,
+                                    # the settings kept: measured on each machine, so workers must agree on them
+                                    **({} if space.weight_bits_only else {"settings kept": space.describe()})},
                                    sort_keys=True),
         "cost model": cost_model.fingerprint(),
         "budget": json.dumps(budget, sort_keys=True),
@@ -136,16 +147,13 @@ def prepare(config: StudyConfig) -> Prepared:
     return Prepared(config, model, splits, graph, space, objective, sensitivity, seeds, fingerprint, seconds)
 
 
-def _measured_sensitivity(objective: Objective, model: nn.Module, search_split: ImageSplit, images: int,
-                          settings: dict) -> np.ndarray:
-    """Per group and candidate, the output KL with only that group quantized, on the search split's last
+def _measured_sensitivity(quantized: Callable[[list[int]], nn.Module], counts: list[int], model: nn.Module,
+                          search_split: ImageSplit, images: int, settings: dict) -> np.ndarray:
+    """Per group and setting, the output KL with only that group quantized, on the search split's last
     `images` (cached on disk by `settings`, the data and the weights)."""
     probe = next(search_split.last(images).batches(images))[0]
-    counts = [len(candidates) for candidates in objective.space.candidate_bits]
-    return cached_group_sensitivity(
-        {**settings, "search split": search_split.fingerprint()}, model,
-        lambda: measure_group_sensitivity(lambda choice: objective.apply(objective.plan_and_cost(choice)[0]),
-                                          counts, model, probe))
+    return cached_group_sensitivity({**settings, "search split": search_split.fingerprint()}, model,
+                                    lambda: measure_group_sensitivity(quantized, counts, model, probe))
 
 
 def open_study(prepared: Prepared, create: bool, worker_index: int = 0) -> tuple[optuna.Study, optuna.storages.BaseStorage]:

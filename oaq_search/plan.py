@@ -66,6 +66,11 @@ class LayerPlan:
         if self.scale_format not in SCALE_FORMATS:
             raise UserError(f"scale_format must be one of {', '.join(SCALE_FORMATS)}, got {self.scale_format!r}")
 
+    def summary(self) -> str:
+        """Bits in brief: "w4" (float input), "w4a8", with the grid when not uniform ("w2a8 midrise")."""
+        inputs = "" if self.activation_bits is None else f"a{self.activation_bits}"
+        return f"w{self.weight_bits}{inputs}" + ("" if self.grid == "uniform" else f" {self.grid}")
+
     def weight_quantizer(self) -> WeightQuantizer:
         return WeightQuantizer(self.weight_bits, self.grid, self.method, self.scale_factor, self.threshold,
                                self.per_channel)

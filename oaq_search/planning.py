@@ -1,4 +1,5 @@
-"""From bit-widths to complete plans: OAQ's (s, T) chosen once per layer and bit-width.
+"""From per-layer settings (weight bits, grid, input bits) to complete plans: OAQ's (s, T) chosen
+once per layer, bit-width and grid.
 
 Without calibration images the choice is data-free (weight MSE); with them, it minimises the
 layer's output error on those images (see `oaq.choose_outlier_settings_by_output`).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -27,8 +29,18 @@ OUTPUT_ERROR_IMAGES = 32  # calibration images whose layer inputs score (s, T) c
 STORED_INPUT_VALUES = 50_000_000  # at most this many input values kept (200 MB): fewer images for large inputs
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What the search chooses for a layer (its whole tie group): weight bits, their grid and the
+    input's bits; None: the factory's default for the layer."""
+
+    weight_bits: int
+    grid: str | None = None
+    activation_bits: int | None = None
+
+
 class PlanFactory:
-    """Per-layer weight bits -> a Plan, each layer's (s, T) picked once per bit-width and cached."""
+    """Per-layer settings -> a Plan, each layer's (s, T) picked once per bit-width and grid, and cached."""
 
     def __init__(self, model_name: str, model: nn.Module, graph: LayerGraph, method: str = "oaq",
                  grid: str = "uniform", per_channel: bool = False, calibration: torch.Tensor | None = None,
@@ -41,30 +53,38 @@ class PlanFactory:
         self._weights = {name: modules[name].weight.detach() for name in graph.names}
         self._output_errors = None if calibration is None or method == "vanilla" else \
             _output_error_functions(model, graph, calibration)
-        self._settings: dict[tuple[str, int], WeightQuantizer] = {}
+        self._quantizers: dict[tuple[str, int, str], WeightQuantizer] = {}
 
-    def settings(self, layer: str, bits: int) -> WeightQuantizer:
-        key = (layer, bits)
-        if key not in self._settings:
-            base = WeightQuantizer(bits, self.grid, self.method, per_channel=self.per_channel)
+    def weight_quantizer(self, layer: str, bits: int, grid: str | None = None) -> WeightQuantizer:
+        """The layer's quantizer at `bits` on `grid` (default: the factory's), its (s, T) chosen once."""
+        key = (layer, bits, grid or self.grid)
+        if key not in self._quantizers:
+            base = WeightQuantizer(bits, key[2], self.method, per_channel=self.per_channel)
             if self._output_errors is None:
-                self._settings[key] = choose_outlier_settings(self._weights[layer], base)
+                self._quantizers[key] = choose_outlier_settings(self._weights[layer], base)
             else:
-                self._settings[key] = choose_outlier_settings_by_output(self._weights[layer], base,
+                self._quantizers[key] = choose_outlier_settings_by_output(self._weights[layer], base,
                                                                         self._output_errors[layer])
-        return self._settings[key]
+        return self._quantizers[key]
 
     def __call__(self, weight_bits: Mapping[str, int], activation_bits: Mapping[str, int] | None = None,
-                 tie_groups: Mapping[str, int] | None = None) -> Plan:
-        activation_bits = activation_bits or self.activation_bits or {}
+                 tie_groups: Mapping[str, int] | None = None, grids: Mapping[str, str] | None = None) -> Plan:
+        """A plan with these per-layer weight bits; input bits and grids where given, else the defaults."""
+        activation_bits = {**(self.activation_bits or {}), **(activation_bits or {})}
         layers = []
         for name in self.graph.names:
-            chosen = self.settings(name, weight_bits[name])
+            chosen = self.weight_quantizer(name, weight_bits[name], (grids or {}).get(name))
             layers.append(LayerPlan(name, chosen.bits, activation_bits.get(name), chosen.grid, chosen.method,
                                     chosen.scale_factor, chosen.threshold, chosen.per_channel,
                                     code_packing=packing_for(self.code_packing, chosen.bits, chosen.grid),
                                     tie_group=(tie_groups or {}).get(name)))
         return Plan(self.model_name, layers)
+
+    def from_settings(self, settings: Mapping[str, Setting], tie_groups: Mapping[str, int] | None = None) -> Plan:
+        """A plan from every layer's `Setting`."""
+        return self({name: s.weight_bits for name, s in settings.items()},
+                    {name: s.activation_bits for name, s in settings.items() if s.activation_bits is not None},
+                    tie_groups, {name: s.grid for name, s in settings.items() if s.grid is not None})
 
     def uniform(self, weight_bits: int, activation_bits: int | None = None, first_last_bits: int | None = 8) -> Plan:
         """Every layer at `weight_bits` (and `activation_bits`), the first and last at `first_last_bits`."""

@@ -31,6 +31,14 @@ def post_training_quantize(model: nn.Module, plan: Plan, calibration: ImageSplit
     return calibrate_and_correct(quantized, images, corrector, ranges_from_data=needs_calibration(quantized))
 
 
+def requantize(wrapped: nn.Module, plan: Plan, images: torch.Tensor | None,
+               corrector: BatchNormCorrector | None = None) -> nn.Module:
+    """`wrapped` (a model `quantize_` has wrapped before) quantized in place by `plan`, its activation
+    ranges calibrated on `images` and BatchNorm corrected: one search trial's model, no copy made."""
+    quantize_(wrapped, plan)
+    return calibrate_and_correct(wrapped, images, corrector)
+
+
 def calibrate_and_correct(quantized: nn.Module, images: torch.Tensor | None, corrector: BatchNormCorrector | None = None,
                           ranges_from_data: bool = True) -> nn.Module:
     """Fit activation ranges on `images`, correct BatchNorm statistics, then re-fit the ranges to them.

@@ -81,7 +81,7 @@ def layer_reasons(prepared: Prepared, plan: Plan, best: optuna.trial.FrozenTrial
             rank = ranking.index(layer.name) + 1
             level = "among the most" if rank <= len(ranking) / 3 else "among the least" if rank > 2 * len(ranking) / 3 else "moderately"
             why = f"{level} sensitive ({metric} rank {rank} of {len(ranking)} at {probe_bits} bits)"
-        sentences.append(f"{layer.name}: {layer.weight_bits} bits; {share:.1f} % of the weight bytes; {why}.")
+        sentences.append(f"{layer.name}: {layer.summary()}; {share:.1f} % of the weight bytes; {why}.")
     return sentences
 
 

@@ -1,14 +1,14 @@
-"""The search: Optuna over per-group weight bits, plans repaired onto the budget, scored on data.
+"""The search: Optuna over per-group settings, plans repaired onto the budget, scored on data.
 
-Pieces, each small: `SearchSpace` maps tie groups to Optuna parameters (hopeless bit-widths pruned
-by sensitivity); `Objective` scores one trial: repair onto the budget, then its score (accuracy, or
-KL from full precision), cheap subset first (multi-fidelity, Optuna pruning) and cached by plan key.
-Seeds come from `seeds`, the trial queue from `queue`; `pipeline` wires them to study files.
+Pieces, each small: `space.SearchSpace` maps tie groups to Optuna parameters; `allocation_problem`
+gives every group's settings their costs and sensitivity; `Objective` scores one trial: repair onto
+the budget, then its score (accuracy, or KL from full precision), cheap subset first (multi-fidelity,
+Optuna pruning) and cached by plan key. Seeds come from `seeds`, the trial queue from `queue`;
+`pipeline` wires them to study files.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -21,97 +21,43 @@ from hwmodels.base import CostModel, CostReport
 from .bn_correction import BatchNormCorrector
 from .budget import format_quantity
 from .errors import UserError
-from .fake_quant import quantize_
 from .graph import LayerGraph
 from .plan import Plan
-from .planning import PlanFactory, end_layers
-from .ptq import calibrate_and_correct
+from .planning import PlanFactory
+from .ptq import requantize
 from .samplers import EVALUATED_PARAMS
 from .schema import to_dict
 from .seeds import AllocationProblem
 from .sensitivity import SensitivityTable
+from .space import SearchSpace
 
 Scorer = Callable[[nn.Module], float]  # a quantized model -> its score (evaluate.split_scorer), higher is better
 FINALIST_SCORES = "finalist_scores"  # study attribute: trial number -> score on the whole search split
 
 
-@dataclass
-class SearchSpace:
-    """One ordinal weight-bits parameter per tie group over that group's candidates; pinned layers fixed."""
-
-    groups: list[list[str]]
-    candidate_bits: list[list[int]]  # per group, ascending
-    pinned: dict[str, int]
-
-    @classmethod
-    def from_graph(cls, graph: LayerGraph, candidate_bits: Sequence[int], first_last_bits: int | None,
-                   sensitivity: SensitivityTable | None = None, metric: str = "", method: str = "oaq",
-                   prune_above: float | None = None, cost_model: CostModel | None = None) -> "SearchSpace":
-        """Tie groups of `graph`, each with the candidates its target runs; a bit-width is dropped
-        when the group's sensitivity exceeds `prune_above`."""
-        pinned = {name: first_last_bits for name in end_layers(graph, first_last_bits)}
-        groups = [g for g in ([n for n in group if n not in pinned] for group in graph.tie_groups()) if g]
-        bits = sorted(set(candidate_bits))
-        per_group = []
-        for group in groups:
-            keep = bits
-            if cost_model is not None:
-                for name in group:
-                    legal = cost_model.legal_bits(graph.info(name).op_type, "weight_bits")
-                    keep = [b for b in keep if legal is None or b in legal]
-                if not keep:
-                    raise UserError(f"none of weight_bits {bits} runs on cost model {cost_model.name} for layer "
-                                    f"{group[0]}: allowed {cost_model.legal_bits(graph.info(group[0]).op_type, 'weight_bits')}")
-            if prune_above is not None and sensitivity is not None:
-                keep = [b for b in bits if max(sensitivity.score(metric, method, n, b) for n in group) <= prune_above]
-                keep = keep or bits[-1:]  # never empty: the widest candidate always stays
-            per_group.append(keep)
-        return cls(groups, per_group, pinned)
-
-    @property
-    def parameter_names(self) -> list[str]:
-        return [f"weight_bits/{group[0]}" for group in self.groups]
-
-    def layer_bits(self, choice: Sequence[int]) -> dict[str, int]:
-        """Per-layer bits from one candidate index per group."""
-        bits = dict(self.pinned)
-        for group, candidates, index in zip(self.groups, self.candidate_bits, choice):
-            bits.update({layer: candidates[index] for layer in group})
-        return bits
-
-    def suggest(self, trial: optuna.Trial) -> list[int]:
-        """A candidate index per group; indices into the ascending candidates keep bits ordinal."""
-        return [trial.suggest_int(name, 0, len(candidates) - 1)
-                for name, candidates in zip(self.parameter_names, self.candidate_bits)]
-
-    def params(self, choice: Sequence[int]) -> dict[str, int]:
-        return dict(zip(self.parameter_names, choice))
-
-    def tie_group_of(self) -> dict[str, int]:
-        return {name: index for index, group in enumerate(self.groups) for name in group}
-
-
 def allocation_problem(space: SearchSpace, factory: PlanFactory, cost_model: CostModel, graph: LayerGraph,
                        budget: Mapping[str, float], sensitivity: SensitivityTable | None, metric: str,
-                       method: str) -> AllocationProblem:
-    """Per group and candidate: summed layer sensitivity and additive costs, from the cost model."""
-    widest = max(len(c) for c in space.candidate_bits)
-    base = cost_model.evaluate(graph, factory(space.layer_bits([0] * len(space.groups)))).per_layer
-    metrics = [m for m in budget if m in base[graph.names[0]]]  # additive per-layer metrics only
+                       method: str, compared: Sequence[str] = ()) -> AllocationProblem:
+    """Per group and setting: summed layer sensitivity (from the table, by weight bits) and additive
+    costs from the cost model, of the budgeted metrics and of `compared` ones (e.g. a Pareto cost)."""
+    widest = max(len(c) for c in space.settings)
+    base = cost_model.evaluate(graph, factory.from_settings(space.layer_settings([0] * len(space.groups)))).per_layer
+    per_layer_metrics = base[graph.names[0]]  # additive per-layer metrics only
+    metrics = list(dict.fromkeys(m for m in [*budget, *compared] if m in per_layer_metrics))
     costs = {m: np.full((len(space.groups), widest), np.inf) for m in metrics}
     scores = np.full((len(space.groups), widest), np.inf)
     fixed = {m: sum(base[n][m] for n in graph.names if n in space.pinned) for m in metrics}
     for k in range(widest):
-        choice = [min(k, len(c) - 1) for c in space.candidate_bits]
-        per_layer = cost_model.evaluate(graph, factory(space.layer_bits(choice))).per_layer
+        choice = [min(k, len(c) - 1) for c in space.settings]
+        per_layer = cost_model.evaluate(graph, factory.from_settings(space.layer_settings(choice))).per_layer
         for g, group in enumerate(space.groups):
-            if k >= len(space.candidate_bits[g]):
+            if k >= len(space.settings[g]):
                 continue
             for m in metrics:
                 costs[m][g][k] = sum(per_layer[n][m] for n in group)
-            bits = space.candidate_bits[g][k]
+            bits = space.settings[g][k].weight_bits
             scores[g][k] = sum(sensitivity.score(metric, method, n, bits) for n in group) if sensitivity else -bits
-    return AllocationProblem(space.candidate_bits, scores, costs, fixed, {m: budget[m] for m in metrics})
+    return AllocationProblem(space.settings, scores, costs, fixed, {m: budget[m] for m in budget if m in costs})
 
 
 def violations(report: CostReport, budget: Mapping[str, float]) -> dict[str, float]:
@@ -142,7 +88,7 @@ class Objective:
         self.cache: dict[str, float] = {}
 
     def plan_and_cost(self, choice: Sequence[int]) -> tuple[Plan, CostReport]:
-        plan = self.factory(self.space.layer_bits(choice), tie_groups=self.space.tie_group_of())
+        plan = self.factory.from_settings(self.space.layer_settings(choice), self.space.tie_group_of())
         return plan, self.cost_model.evaluate(self.graph, plan)
 
     def settle(self, sampled: Sequence[int]) -> list[int]:
@@ -187,9 +133,7 @@ class Objective:
 
     def apply(self, plan: Plan) -> nn.Module:
         """The model quantized by `plan`, activation ranges calibrated and BatchNorm corrected."""
-        quantize_(self.model, plan)
-        calibrate_and_correct(self.model, self.calibration, self.corrector)
-        return self.model
+        return requantize(self.model, plan, self.calibration, self.corrector)
 
     def rescore_finalists(self, study: optuna.Study, count: int, scorer: Scorer) -> None:
         """Score the `count` best feasible trials again with `scorer` (the whole search split).
@@ -217,9 +161,8 @@ class Objective:
 
 def check_feasible(problem: AllocationProblem) -> None:
     """Stop before searching when even the smallest plan breaks a budget, saying what is reachable."""
-    smallest = [0] * len(problem.candidate_bits)
     for metric, limit in problem.budget.items():
-        needed = problem.total(smallest, metric)
+        needed = problem.fixed[metric] + float(problem.costs[metric].min(axis=1).sum())
         if needed > limit:
             raise UserError(f"budget {metric} <= {format_quantity(metric, limit)} is infeasible: the smallest plan in "
                             f"the search space needs {format_quantity(metric, needed)} (raise the budget or allow "

@@ -1,10 +1,10 @@
 """Plans that already fit the budget, to start the search from: integer program, greedy, uniform.
 
-All three read one `AllocationProblem`: per tie group and candidate bit-width, a sensitivity (to
-minimise) and a cost per budgeted metric (additive over layers). The integer program is exact
-(scipy's `milp`, HiGHS); the greedy lowers, step by step, whichever group gives the most budget
-per unit of sensitivity, then fills what slack is left; the same steps move sampled plans onto the
-budget.
+All three read one `AllocationProblem`: per tie group and candidate setting (weight bits, and the
+grid and input bits where those are searched), a sensitivity (to minimise) and a cost per budgeted
+metric (additive over layers). The integer program is exact (scipy's `milp`, HiGHS); the greedy
+lowers, step by step, whichever group gives the most budget per unit of sensitivity, then fills
+what slack is left; the same steps move sampled plans onto the budget.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from .planning import Setting
+
 
 @dataclass
 class AllocationProblem:
-    """sensitivity[g][k] and costs[metric][g][k] for group g at candidate_bits[k]; fixed costs aside."""
+    """sensitivity[g][k] and costs[metric][g][k] for group g at candidates[g][k]; fixed costs aside."""
 
-    candidate_bits: list[list[int]]  # per group, ascending
+    candidates: list[list[Setting]]  # per group, ascending cost
     sensitivity: np.ndarray  # (groups, widest candidate list); inf where a group has fewer candidates
     costs: dict[str, np.ndarray]  # metric -> (groups, candidates)
     fixed: dict[str, float]  # metric -> cost of everything not searched (pinned layers)
@@ -48,7 +50,7 @@ class AllocationProblem:
         choice = list(choice)
         while True:
             steps = {group: self._step(group, index + 1) for group, index in enumerate(choice)
-                     if index + 1 < len(self.candidate_bits[group])}
+                     if index + 1 < len(self.candidates[group])}
             steps = {group: (spent, removed) for group, (spent, removed) in steps.items()
                      if removed > 0 and self.fits(choice[:group] + [choice[group] + 1] + choice[group + 1:])}
             if not steps:
@@ -65,21 +67,38 @@ class AllocationProblem:
 
 def greedy_seed(problem: AllocationProblem) -> list[int] | None:
     """Every group at its widest, lowered until the plan fits, then its slack filled."""
-    choice = problem.raise_while_fits(problem.lower_until_fits([len(c) - 1 for c in problem.candidate_bits]))
+    choice = problem.raise_while_fits(problem.lower_until_fits([len(c) - 1 for c in problem.candidates]))
     return choice if problem.fits(choice) else None
 
 
 def uniform_seed(problem: AllocationProblem) -> list[int] | None:
-    """The highest single bit-width, for every group that has it (others: their nearest below), that fits."""
-    for bits in sorted({b for c in problem.candidate_bits for b in c}, reverse=True):
-        choice = [max((i for i, b in enumerate(c) if b <= bits), default=0) for c in problem.candidate_bits]
+    """The best plan that fits with one weight (and input) bit-width everywhere: per group the least
+    sensitive setting at those bits (a group without them: its nearest below); highest bits on ties."""
+    def at(bits: tuple[int, int], group: int) -> int:
+        below = [k for k, s in enumerate(problem.candidates[group])
+                 if all(have <= limit for have, limit in zip(_bits(s), bits))]
+        if not below:
+            return 0
+        nearest = max(_bits(problem.candidates[group][k]) for k in below)
+        return min((k for k in below if _bits(problem.candidates[group][k]) == nearest),
+                   key=lambda k: problem.sensitivity[group][k])
+
+    fitting = []
+    for bits in sorted({_bits(s) for c in problem.candidates for s in c}, reverse=True):
+        choice = [at(bits, group) for group in range(len(problem.candidates))]
         if problem.fits(choice):
-            return choice
-    return None
+            fitting.append(choice)
+    if not fitting:
+        return None
+    return min(fitting, key=lambda c: sum(problem.sensitivity[g][k] for g, k in enumerate(c)))  # first of equals
+
+
+def _bits(setting: Setting) -> tuple[int, int]:
+    return setting.weight_bits, setting.activation_bits or 0
 
 
 def integer_program_seed(problem: AllocationProblem) -> list[int] | None:
-    """Minimise total sensitivity subject to every budget, one bit-width per group (exact)."""
+    """Minimise total sensitivity subject to every budget, one setting per group (exact)."""
     groups, candidates = problem.sensitivity.shape
     missing = ~np.isfinite(problem.sensitivity)  # groups with fewer candidates: forbid the padding
     objective = np.where(missing, 0.0, problem.sensitivity).flatten()

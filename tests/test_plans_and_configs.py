@@ -52,6 +52,11 @@ def test_study_file_round_trips_through_toml(tmp_path):
     (STUDY.replace("n_trials = 3", 'n_trials = 3\nscore = "loss"'), r"score must be one of accuracy, kl, got 'loss'"),
     (STUDY.replace("n_trials = 3", 'n_trials = 3\nscore = "kl"\nscreen_images = 100'),
      r"with score = 'kl' set screen_images = 0"),
+    (STUDY.replace("n_trials = 3", 'n_trials = 3\ngrid = ["uniform", "hex"]'), r"grid must be one of .*got 'hex'"),
+    (STUDY.replace("n_trials = 3", 'n_trials = 3\ngrid = ["uniform", "uniform"]'), r"each once"),
+    (STUDY.replace("n_trials = 3", "n_trials = 3\nactivation_bits = [4, 16]"), r"activation_bits must be an integer"),
+    (STUDY.replace("n_trials = 3", "n_trials = 3\nactivation_bits = [4, 8]\nmeasured_sensitivity_images = 0"),
+     r"searching grids or activation bits .* set measured_sensitivity_images above 0"),
 ])
 def test_malformed_study_files_name_the_key(tmp_path, text, pattern):
     with pytest.raises(UserError, match=pattern) as error:

@@ -146,7 +146,7 @@ def test_output_error_rule_never_loses_to_weight_mse_or_vanilla_on_the_layer_out
             delta = fake_quantize_weight(conv.weight, quantizer) - conv.weight
             return float(conv._conv_forward(x, delta, None).square().sum())
 
-        chosen, data_free = by_output.settings(name, 3), by_weight.settings(name, 3)
+        chosen, data_free = by_output.weight_quantizer(name, 3), by_weight.weight_quantizer(name, 3)
         vanilla = replace(chosen, scale_factor=1.0)
         assert output_error(chosen) <= min(output_error(data_free), output_error(vanilla)) * (1 + 1e-6), name
         differs += (chosen.scale_factor, chosen.threshold) != (data_free.scale_factor, data_free.threshold)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from oaq_search.cli import main
-from oaq_search.config import dump_study_config
+from oaq_search.config import DataConfig, ModelConfig, SearchConfig, StudyConfig, dump_study_config
 from oaq_search.data import ImageSplit
 from oaq_search.evaluate import split_scorer
 from oaq_search.pipeline import export_plans, layer_graph, load_model, run_study
 from oaq_search.plan import Plan
-from oaq_search.planning import PlanFactory
+from oaq_search.planning import PlanFactory, Setting
 from oaq_search.ptq import post_training_quantize
 from oaq_search.pruning import ScreeningPruner
 from oaq_search.samplers import EVALUATED_PARAMS, NeighborhoodSampler
@@ -21,11 +21,11 @@ from oaq_search.seeds import AllocationProblem, greedy_seed, integer_program_see
 
 def toy_problem(budget=20.0):
     rng = np.random.default_rng(3)
-    candidate_bits = [[2, 4, 8]] * 5
+    candidates = [[Setting(2), Setting(4), Setting(8)]] * 5
     sizes = rng.integers(1, 5, size=5)
     costs = np.array([[s * b / 2 for b in (2, 4, 8)] for s in sizes], dtype=float)
     sensitivity = np.array([[w * 4.0, w * 1.0, 0.0] for w in rng.random(5)])
-    return AllocationProblem(candidate_bits, sensitivity, {"weight_bytes": costs}, {"weight_bytes": 2.0},
+    return AllocationProblem(candidates, sensitivity, {"weight_bytes": costs}, {"weight_bytes": 2.0},
                              {"weight_bytes": budget})
 
 
@@ -172,8 +172,8 @@ def test_prune_sensitivity_drops_hopeless_bit_widths(config):
 
     config.search.prune_sensitivity = 0.2
     prepared = prepare(config)
-    assert any(len(c) < len(config.search.weight_bits) for c in prepared.space.candidate_bits)
-    assert all(c for c in prepared.space.candidate_bits)
+    assert any(len(c) < len(config.search.weight_bits) for c in prepared.space.settings)
+    assert all(c for c in prepared.space.settings)
 
 
 def test_missing_study_for_worker_says_create_first(tmp_path, synthetic_cifar, capsys):
@@ -277,3 +277,98 @@ def test_kl_scorer_is_zero_for_the_reference_and_negative_once_quantized():
                                                           "oaq", "uniform", False).uniform(2), bn_correction=False)
     assert scorer(model) == pytest.approx(0.0, abs=1e-6)
     assert scorer(quantized) < -1e-4
+
+
+def test_dominated_settings_are_dropped_and_the_rest_ordered_by_cost():
+    from oaq_search.space import SearchSpace
+
+    settings = [[Setting(4, activation_bits=4), Setting(4, activation_bits=8), Setting(8, activation_bits=4),
+                 Setting(8, activation_bits=8)]]
+    latency = np.array([[1.0, 2.0, 2.0, 4.0]])
+    # (8, a4) costs what (4, a8) costs and moves the output further: dominated; the others trade off
+    sensitivity = np.array([[3.0, 1.0, 2.0, 0.5]])
+    problem = AllocationProblem(settings, sensitivity, {"latency_s": latency}, {"latency_s": 0.0}, {"latency_s": 3.0})
+    space, pruned = SearchSpace([["a"]], settings, {}, "setting").without_dominated(problem)
+    assert space.settings == [[Setting(4, activation_bits=4), Setting(4, activation_bits=8), Setting(8, activation_bits=8)]]
+    assert pruned.sensitivity.tolist() == [[3.0, 1.0, 0.5]] and pruned.costs["latency_s"].tolist() == [[1.0, 2.0, 4.0]]
+    assert space.parameter_names == ["setting/a"] and uniform_seed(pruned) == [1]  # w4a8: the best that fits
+    assert integer_program_seed(pruned) == [1] and pruned.lower_until_fits([2]) == [1]
+
+
+def test_a_setting_costing_no_budget_less_but_damaging_more_never_stays():
+    """Under a weight-memory budget, fewer input bits save nothing: only the widest inputs remain."""
+    from oaq_search.space import SearchSpace
+
+    settings = [[Setting(2, activation_bits=4), Setting(2, activation_bits=8), Setting(8, activation_bits=4),
+                 Setting(8, activation_bits=8)]] * 2
+    memory = np.array([[2.0, 2.0, 8.0, 8.0]] * 2)
+    sensitivity = np.array([[5.0, 4.0, 1.0, 0.0], [6.0, 6.0, 2.0, 0.0]])  # group 1: a tie at 2 bits keeps the first
+    problem = AllocationProblem(settings, sensitivity, {"weight_bytes": memory}, {"weight_bytes": 0.0},
+                                {"weight_bytes": 12.0})
+    space, _ = SearchSpace([["a"], ["b"]], settings, {}, "setting").without_dominated(problem)
+    assert space.settings == [[Setting(2, activation_bits=8), Setting(8, activation_bits=8)],
+                              [Setting(2, activation_bits=4), Setting(8, activation_bits=8)]]
+
+
+def synthetic_study(root, tmp_path, **search) -> StudyConfig:
+    """A study on an untrained ResNet-20 and random images: seconds, for what does not need accuracy."""
+    search = {"n_trials": 3, "eval_images": 20, "finalists": 1, "measured_sensitivity_images": 16,
+              "sensitivity_metric": "mse", **search}
+    return StudyConfig("synthetic", ModelConfig("resnet20"), DataConfig(str(root), search_size=50, test_images=20),
+                       SearchConfig(**search), output_dir=str(tmp_path / "run"))
+
+
+def assert_each_step_buys_less_damage_for_more_budget(prepared):
+    problem = prepared.objective.problem
+    for group, settings in enumerate(prepared.space.settings):
+        cost = problem.costs["weight_bytes"][group][:len(settings)]
+        damage = problem.sensitivity[group][:len(settings)]
+        assert np.all(np.diff(cost) > 0) and np.all(np.diff(damage) < 0)
+
+
+def test_input_bits_searched_under_a_memory_budget_leave_one_setting_per_weight_bit_width(synthetic_cifar, tmp_path):
+    """Input bits cost no weight memory, so of a group's settings at one weight bit-width only the
+    one that moves the output least stays (on a trained model, the widest inputs)."""
+    from oaq_search.pipeline import prepare
+
+    config = synthetic_study(synthetic_cifar, tmp_path, weight_bits=[8], activation_bits=[4, 8])
+    config.budget = {"memory": "300KiB"}
+    prepared = prepare(config)
+    problem = prepared.objective.problem
+    assert [len(settings) for settings in prepared.space.settings] == [1] * len(prepared.space.groups)
+    assert prepared.space.parameter_names[0] == "setting/layer1.0.conv1"
+    assert prepared.fingerprint["search space"] != prepare(synthetic_study(synthetic_cifar, tmp_path)).fingerprint[
+        "search space"]  # the settings kept are part of the study's fingerprint
+    assert np.isfinite(problem.sensitivity).all()
+
+
+def test_weight_and_input_bits_are_searched_together_under_a_latency_budget(synthetic_cifar, tmp_path):
+    import hwmodels
+
+    config = synthetic_study(synthetic_cifar, tmp_path, weight_bits=[4, 8], activation_bits=[4, 8],
+                             cost_model="bitfusion")
+    config.budget = {"latency": "75us"}  # between uniform W4A4 (61 us) and W4A8 (100 us) on this target
+    result = run_study(config, progress=False)
+    target = hwmodels.get_cost_model("bitfusion")
+    graph = layer_graph("resnet20", load_model("resnet20"))
+    assert target.evaluate(graph, result.plan).totals["latency_s"] <= 75e-6  # legal on the target, and fits
+    inputs = {layer.activation_bits for layer in result.plan.layers[1:-1]}
+    assert inputs <= {4, 8} and result.plan.layers[0].activation_bits == 8
+    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    assert all(name.startswith("setting/") for name in study.trials[0].params)
+
+
+def test_grids_searched_per_group_keep_one_grid_per_bit_width_when_they_cost_the_same(synthetic_cifar, tmp_path):
+    from oaq_search.pipeline import prepare
+
+    config = synthetic_study(synthetic_cifar, tmp_path, weight_bits=[2, 3], grid=["uniform", "midrise"])
+    config.budget = {"memory": "90KiB"}
+    fields = prepare(config)
+    widths = [[s.weight_bits for s in settings] for settings in fields.space.settings]
+    assert all(len(set(w)) == len(w) for w in widths)  # the two grids cost the same: the worse one went
+    assert_each_step_buys_less_damage_for_more_budget(fields)
+    config.search.cost_model = "memory-base3"  # ternary 2-bit codes now cost less than midrise's four levels
+    assert_each_step_buys_less_damage_for_more_budget(prepare(config))
+    plan = run_study(config, progress=False).plan
+    assert all(layer.code_packing == ("base3" if (layer.weight_bits, layer.grid) == (2, "uniform") else "fields")
+               for layer in plan.layers)
