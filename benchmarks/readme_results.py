@@ -79,21 +79,24 @@ def search_section() -> list[str]:
     if not found:
         return []
     lines = ["### Mixed-precision search (100 trials, test split, BatchNorm correction everywhere)", "",
-             "| model | average bits | trials scored by | cost model | budget | uniform OAQ | integer-program seed | "
-             "best of the search | FP |", "|---|---|---|---|---|---|---|---|---|"]
-    rows = sorted(({"score": "accuracy", "cost_model": "memory", **r} for data in found for r in data["rows"]),
-                  key=lambda r: (r["model"], -r["average_bits"], r["cost_model"], r["score"]))  # older rows: defaults
+             "| model | average bits | trials scored by | cost model | weight grids | budget | uniform OAQ | "
+             "integer-program seed | best of the search | FP |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = sorted(({"score": "accuracy", "cost_model": "memory", "grids": ["uniform"], **r}  # older rows: defaults
+                   for data in found for r in data["rows"]),
+                  key=lambda r: (r["model"], -r["average_bits"], r["cost_model"], r["grids"], r["score"]))
     for r in rows:
-        lines.append(f"| {r['model']} | {r['average_bits']} | {r['score']} | {r['cost_model']} | {r['budget_kib']:.1f} KiB | "
+        lines.append(f"| {r['model']} | {r['average_bits']} | {r['score']} | {r['cost_model']} | {' + '.join(r['grids'])} | "
+                     f"{r['budget_kib']:.1f} KiB | "
                      f"{r['uniform_test']:.2f} % "
                      f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {r['integer_program_test']:.2f} % | "
                      f"{r['search_test']:.2f} % ({r['search_kib']:.1f} KiB) | {r['fp_test']:.2f} % |")
-    gains = "; ".join(f"{r['model']} at {r['average_bits']} bits ({r['score']}, {r['cost_model']}): "
+    gains = "; ".join(f"{r['model']} at {r['average_bits']} bits ({r['score']}, {r['cost_model']}, {'+'.join(r['grids'])}): "
                       f"{r['search_test'] - r['uniform_test']:+.2f} against "
                       f"uniform (W{r['uniform_bits']}), {r['search_test'] - r['integer_program_test']:+.2f} against the "
                       f"seed" for r in rows)
     lines += ["", "Cost model memory-base3 packs 2-bit layers' ternary codes five to a byte (1.6 bits a weight), "
-              "memory two bits a weight; budgets are the same bytes.",
+              "memory two bits a weight; budgets are the same bytes. With two weight grids, each tie group takes, at "
+              "each bit-width, the one whose measured output KL is lower (midrise: all 2^b codes, four levels at 2 bits).",
               "", f"The search's best plan, in points on the test split: {gains}. Sources: "
               + "; ".join(source(data) for data in found) + "."]
     efficiency = load("search_efficiency_resnet20")
@@ -108,6 +111,25 @@ def search_section() -> list[str]:
                       f"medians {median['seeded']:g}, {median['seeded_tpe']:g} and {median['random']:g}, "
                       f"{len(rows[0]['curves']['tpe']) + 1} meaning not matched). The target is the best of 100 noisy scores, so the counts also measure luck. "
                       f"Source: {source(efficiency)}."]
+    return lines
+
+
+def latency_section() -> list[str]:
+    found = {path.stem: load(path.stem) for path in sorted(RESULTS.glob("latency_search_*.json"))}
+    if not found:
+        return []
+    lines = ["### Hardware-aware search under a latency budget: weight and input bits together", "",
+             "| model | target | latency budget | plan | test accuracy | change vs FP | integer-program seed | latency | "
+             "weights |", "|---|---|---|---|---|---|---|---|---|"]
+    for stem, data in sorted(found.items(), key=lambda item: float(item[0].rsplit("_", 1)[1].removesuffix("us"))):
+        _, _, model, target, budget = stem.split("_")  # latency_search_<model>_<target>_<budget>us
+        for r in data["rows"]:
+            seed = f"{r['integer_program_test']:.2f} %" if "integer_program_test" in r else ""
+            lines.append(f"| {model} | {target} | {budget.removesuffix('us')} us | {r['plan']} | {r['test']:.2f} % | "
+                         f"{r['test'] - r['fp_test']:+.2f} | {seed} | {r['latency_us']:.1f} us | {r['weight_kib']:.1f} KiB |")
+    lines += ["", "Post-training, test split; first and last layers at 8 bits, counted; every uniform plan that fits "
+                  "the budget is listed. Weights searched: inputs at 4 bits. Sources: "
+                  + "; ".join(source(data) for data in found.values()) + "."]
     return lines
 
 
@@ -287,7 +309,7 @@ def systems_section() -> list[str]:
 
 def main() -> None:
     body = []
-    for section in (ptq_section, sensitivity_section, search_section, finetune_section, headline_section,
+    for section in (ptq_section, sensitivity_section, search_section, latency_section, finetune_section, headline_section,
                     reference_section, systems_section):
         body += section() + [""]
     readme = ROOT / "README.md"

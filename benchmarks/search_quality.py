@@ -15,12 +15,14 @@ of the search split (4,000 images, apart from the 512 the measured sensitivity p
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 --eval-images 1000 --score kl
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 2.5 --eval-images 1000 --score kl
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 2.5 --eval-images 2000 --screen-images 500 --cost-model memory-base3
+    python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 2.5 --eval-images 2000 --screen-images 500 --grid uniform midrise
     python benchmarks/search_quality.py --part efficiency --model resnet20 --bits 3 --eval-images 4000 --screen-images 500 --jobs 2
 
 Part A writes benchmarks/results/search_quality_<model>.json, or ..._<model>_<bits>bits.json for
 budgets other than the default 3 and 2.5, so runs for one budget do not overwrite each other; with
 `--score kl` (trials scored by KL from full precision, no screening) the name ends in _kl, and with
-another `--cost-model` (memory-base3: 2-bit layers' ternary codes five to a byte) in its name.
+another `--cost-model` (memory-base3: 2-bit layers' ternary codes five to a byte) in its name, and with
+several `--grid`s (each tie group takes the grid that measures best at its bits) their names.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from _common import SHARED, write_results
 
 from oaq_search.config import StudyConfig, load_study_config
 from oaq_search.evaluate import SCORES, accuracy
+from oaq_search.grids import GRIDS
 from oaq_search.pipeline import finish, layer_graph, load_model, open_study, prepare
 from oaq_search.plan import Plan
 from oaq_search.ptq import post_training_quantize
@@ -99,11 +102,14 @@ def with_budget(label: str, model: str, bits: float, n_trials: int, folder: Path
 
 
 def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eval_images: int,
-            screen_images: int, score: str, cost_model: str) -> list[dict]:
+            screen_images: int, score: str, cost_model: str, grids: list[str]) -> list[dict]:
     rows = []
+    grid = grids[0] if len(grids) == 1 else grids
     for bits in bits_list:
-        config = with_budget(f"seeded-{score}-{cost_model}", model, bits, n_trials, folder, eval_images=eval_images,
-                             screen_images=screen_images, score=score, cost_model=cost_model)
+        label = f"seeded-{score}-{cost_model}" + ("" if grids == ["uniform"] else "-" + "-".join(grids))
+        config = with_budget(label, model, bits, n_trials, folder,
+                             eval_images=eval_images, screen_images=screen_images, score=score, cost_model=cost_model,
+                             grid=grid)
         prepared, study = run(config)
         result = finish(prepared, study)
         test_split = prepared.splits.test
@@ -116,7 +122,8 @@ def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eva
         uniform_bits = max(b for b in config.search.weight_bits if b <= bits)
         uniform = prepared.objective.factory.uniform(uniform_bits)
         rows.append({
-            "model": model, "average_bits": bits, "score": score, "cost_model": cost_model, "budget_kib": budget_bytes(model, bits) / 1024,
+            "model": model, "average_bits": bits, "score": score, "cost_model": cost_model, "grids": grids,
+            "budget_kib": budget_bytes(model, bits) / 1024,
             "trials": len(study.trials), "fp_test": fp,
             "search_test": result.test_accuracy, "search_kib": result.plan.totals["weight_bytes"] / 1024,
             "search_trial": result.plan.metadata["trial"], "search_seed": result.plan.metadata["seed"],
@@ -182,13 +189,15 @@ def main() -> None:
     parser.add_argument("--screen-images", type=int, default=0, help="score this many first; Optuna prunes there")
     parser.add_argument("--score", choices=SCORES, default="accuracy", help="quality: what trials are scored by")
     parser.add_argument("--cost-model", default="memory", help="quality: the cost model the budget is in")
+    parser.add_argument("--grid", nargs="+", choices=GRIDS, default=["uniform"],
+                        help="quality: the weight grids; several: each tie group takes the one that measures best")
     parser.add_argument("--jobs", type=int, default=1, help="efficiency: sampler seeds run at once, one thread each")
     parser.add_argument("--folder", type=Path, help="studies' folder: an interrupted benchmark resumes its studies")
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp(prefix="oaq-bench-"))
     if args.part == "quality":
         rows = quality(args.model, args.bits, args.trials, folder, args.eval_images, args.screen_images, args.score,
-                       args.cost_model)
+                       args.cost_model, args.grid)
         lines = ["| model | avg bits | budget KiB | uniform OAQ (bits, KiB) test | integer program test | search test "
                  "(KiB, trial) | FP test |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['average_bits']} | {r['budget_kib']:.1f} | {r['uniform_test']:.2f} "
@@ -197,7 +206,8 @@ def main() -> None:
         budgets = "" if args.bits == parser.get_default("bits") else "_" + "_".join(f"{b:g}" for b in args.bits) + "bits"
         scored = "" if args.score == "accuracy" else f"_{args.score}"
         costed = "" if args.cost_model == "memory" else f"_{args.cost_model}"
-        write_results(f"search_quality_{args.model}{budgets}{scored}{costed}", rows, "\n".join(lines))
+        gridded = "" if args.grid == ["uniform"] else "_" + "-".join(args.grid)
+        write_results(f"search_quality_{args.model}{budgets}{scored}{costed}{gridded}", rows, "\n".join(lines))
     else:
         rows = efficiency(args.model, args.bits[0], args.trials, folder, args.seeds, args.eval_images,
                           args.screen_images, args.jobs)
