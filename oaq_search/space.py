@@ -48,10 +48,11 @@ class SearchSpace:
         bits = sorted(set(candidate_bits))
         per_group = []
         for group in groups:
-            weights = _legal(bits, group, graph, cost_model, "weight_bits")
+            legal = _legal(bits, group, graph, cost_model, "weight_bits")
+            weights = legal
             if prune_above is not None and sensitivity is not None:
-                weights = [b for b in weights if max(sensitivity.score(metric, method, n, b) for n in group) <= prune_above]
-                weights = weights or _legal(bits, group, graph, cost_model, "weight_bits")[-1:]  # the widest stays
+                weights = [b for b in legal if max(sensitivity.score(metric, method, n, b) for n in group) <= prune_above]
+                weights = weights or legal[-1:]  # never empty: the widest stays
             inputs = [None] if activation_bits is None else \
                 _legal(sorted(set(activation_bits)), group, graph, cost_model, "activation_bits")
             options = [None] if len(grids) == 1 else list(grids)  # one grid: the factory's default
