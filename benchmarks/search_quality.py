@@ -124,7 +124,7 @@ def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eva
         rows.append({
             "model": model, "average_bits": bits, "score": score, "cost_model": cost_model, "grids": grids,
             "budget_kib": budget_bytes(model, bits) / 1024,
-            "trials": len(study.trials), "fp_test": fp,
+            "trials": len(study.trials), "eval_images": eval_images, "screen_images": screen_images, "fp_test": fp,
             "search_test": result.test_accuracy, "search_kib": result.plan.totals["weight_bytes"] / 1024,
             "search_trial": result.plan.metadata["trial"], "search_seed": result.plan.metadata["seed"],
             "integer_program_test": test_accuracy(Plan.from_dict(seed_trial.user_attrs["plan"])),
