@@ -110,7 +110,7 @@ def search_section() -> list[str]:
               "the plan the search split ranks first scores below the integer-program seed on the test split, "
               "although the seed is among its trials: near the seed, search-split scores rank plans poorly for the test "
               "split (`benchmarks/results/score_proxies_resnet20_3bits.md`), likely because the search split holds "
-              "images the base checkpoint was trained on (full precision: 92.54 % there, 88.20 % on test). Sources: "
+              "images the base checkpoint was trained on (ResNet-20 full precision scores 92.54 % there, per `../shared/models/PROVENANCE.md`). Sources: "
               + "; ".join(source(data) for data in found) + "."]
     efficiency = load("search_efficiency_resnet20")
     if efficiency:
