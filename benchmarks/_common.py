@@ -17,6 +17,12 @@ RESULTS = REPOSITORY / "benchmarks" / "results"
 SHARED = REPOSITORY.parent / "shared"
 
 
+def checkpoint(model: str) -> Path:
+    """A model's JPEG-domain checkpoint: the shared ResNets, else the reference models trained here."""
+    shared = SHARED / f"models/{model}_cifar10jpeg.pt"
+    return shared if shared.is_file() else REPOSITORY / f"benchmarks/checkpoints/{model}_cifar10jpeg.pt"
+
+
 def machine() -> dict[str, object]:
     cpu = platform.processor() or platform.machine()
     try:

@@ -84,15 +84,15 @@ def search_section() -> list[str]:
     found = [load(path.stem) for path in sorted(RESULTS.glob("search_quality_*.json"))]
     if not found:
         return []
-    lines = ["### Mixed-precision search (100 trials, test split, BatchNorm correction everywhere)", "",
-             "| model | average bits | trials scored by | images per trial | cost model | weight grids | budget | "
-             "uniform OAQ | integer-program seed | best of the search | FP |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["### Mixed-precision search (test split, BatchNorm correction everywhere)", "",
+             "| model | average bits | trials | scored by | images per trial | cost model | weight grids | budget | "
+             "uniform OAQ | integer-program seed | best of the search | FP |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(({"score": "accuracy", "cost_model": "memory", "grids": ["uniform"],  # older rows: defaults
                     "eval_images": option(data["command"], "--eval-images", 1000), **r}
                    for data in found for r in data["rows"]),
                   key=lambda r: (r["model"], -r["average_bits"], r["cost_model"], r["grids"], r["score"], r["eval_images"]))
     for r in rows:
-        lines.append(f"| {r['model']} | {r['average_bits']} | {r['score']} | {r['eval_images']} | {r['cost_model']} | "
+        lines.append(f"| {r['model']} | {r['average_bits']} | {r['trials']} | {r['score']} | {r['eval_images']} | {r['cost_model']} | "
                      f"{' + '.join(r['grids'])} | {r['budget_kib']:.1f} KiB | "
                      f"{r['uniform_test']:.2f} % "
                      f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {r['integer_program_test']:.2f} % | "

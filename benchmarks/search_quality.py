@@ -37,9 +37,9 @@ from pathlib import Path
 
 import optuna
 import torch
-from _common import SHARED, write_results
+from _common import SHARED, checkpoint, write_results
 
-from oaq_search.config import StudyConfig, load_study_config
+from oaq_search.config import SearchConfig, StudyConfig, load_study_config
 from oaq_search.evaluate import SCORES, accuracy
 from oaq_search.grids import GRIDS
 from oaq_search.pipeline import finish, layer_graph, load_model, open_study, prepare
@@ -51,7 +51,7 @@ from oaq_search.queue import work
 def study_config(label: str, model: str, bits: float, n_trials: int, folder: Path, **search) -> StudyConfig:
     config = load_study_config(Path(__file__).resolve().parents[1] / "studies/quickstart.toml")
     config.name = f"{model}-{bits}-{label}-{search.get('seed', 0)}"
-    config.model.name, config.model.checkpoint = model, str(SHARED / f"models/{model}_cifar10jpeg.pt")
+    config.model.name, config.model.checkpoint = model, str(checkpoint(model))
     config.data.root = str(SHARED / "data/cifar10")
     config.output_dir = str(folder / config.name)
     config.search.n_trials, config.search.weight_bits = n_trials, [2, 3, 4, 5, 6, 8]
@@ -102,14 +102,14 @@ def with_budget(label: str, model: str, bits: float, n_trials: int, folder: Path
 
 
 def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eval_images: int,
-            screen_images: int, score: str, cost_model: str, grids: list[str]) -> list[dict]:
+            screen_images: int, score: str, cost_model: str, grids: list[str], measured_images: int) -> list[dict]:
     rows = []
     grid = grids[0] if len(grids) == 1 else grids
     for bits in bits_list:
         label = f"seeded-{score}-{cost_model}" + ("" if grids == ["uniform"] else "-" + "-".join(grids))
         config = with_budget(label, model, bits, n_trials, folder,
                              eval_images=eval_images, screen_images=screen_images, score=score, cost_model=cost_model,
-                             grid=grid)
+                             grid=grid, measured_sensitivity_images=measured_images)
         prepared, study = run(config)
         result = finish(prepared, study)
         test_split = prepared.splits.test
@@ -124,7 +124,8 @@ def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eva
         rows.append({
             "model": model, "average_bits": bits, "score": score, "cost_model": cost_model, "grids": grids,
             "budget_kib": budget_bytes(model, bits) / 1024,
-            "trials": len(study.trials), "eval_images": eval_images, "screen_images": screen_images, "fp_test": fp,
+            "trials": len(study.trials), "eval_images": eval_images, "screen_images": screen_images,
+            "measured_images": measured_images, "fp_test": fp,
             "search_test": result.test_accuracy, "search_kib": result.plan.totals["weight_bytes"] / 1024,
             "search_trial": result.plan.metadata["trial"], "search_seed": result.plan.metadata["seed"],
             "integer_program_test": test_accuracy(Plan.from_dict(seed_trial.user_attrs["plan"])),
@@ -191,13 +192,15 @@ def main() -> None:
     parser.add_argument("--cost-model", default="memory", help="quality: the cost model the budget is in")
     parser.add_argument("--grid", nargs="+", choices=GRIDS, default=["uniform"],
                         help="quality: the weight grids; several: each tie group takes the one that measures best")
+    parser.add_argument("--measured-images", type=int, default=SearchConfig.measured_sensitivity_images,
+                        help="quality: images for each group's measured output KL (0: the sensitivity table seeds)")
     parser.add_argument("--jobs", type=int, default=1, help="efficiency: sampler seeds run at once, one thread each")
     parser.add_argument("--folder", type=Path, help="studies' folder: an interrupted benchmark resumes its studies")
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp(prefix="oaq-bench-"))
     if args.part == "quality":
         rows = quality(args.model, args.bits, args.trials, folder, args.eval_images, args.screen_images, args.score,
-                       args.cost_model, args.grid)
+                       args.cost_model, args.grid, args.measured_images)
         lines = ["| model | avg bits | budget KiB | uniform OAQ (bits, KiB) test | integer program test | search test "
                  "(KiB, trial) | FP test |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['average_bits']} | {r['budget_kib']:.1f} | {r['uniform_test']:.2f} "
