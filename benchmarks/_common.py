@@ -15,12 +15,13 @@ import torch
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results"
 SHARED = REPOSITORY.parent / "shared"
+CHECKPOINTS = REPOSITORY / "benchmarks" / "checkpoints"  # the reference models trained here
 
 
 def checkpoint(model: str) -> Path:
     """A model's JPEG-domain checkpoint: the shared ResNets, else the reference models trained here."""
     shared = SHARED / f"models/{model}_cifar10jpeg.pt"
-    return shared if shared.is_file() else REPOSITORY / f"benchmarks/checkpoints/{model}_cifar10jpeg.pt"
+    return shared if shared.is_file() else CHECKPOINTS / f"{model}_cifar10jpeg.pt"
 
 
 def machine() -> dict[str, object]:

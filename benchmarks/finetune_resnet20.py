@@ -21,7 +21,7 @@ import argparse
 import re
 import tomllib
 
-from _common import SHARED, write_results
+from _common import SHARED, checkpoint, write_results
 
 from oaq_search.config import FinetuneConfig
 from oaq_search.data import load_cifar10
@@ -57,7 +57,7 @@ def main() -> None:
         args.overrides = tomllib.loads("\n".join(args.finetune))
     except tomllib.TOMLDecodeError as error:
         raise SystemExit(f"--finetune takes study-file lines such as 'epochs = 3' or 'device = \"cuda\"': {error}")
-    model = load_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
+    model = load_model("resnet20", checkpoint("resnet20"))
     graph = layer_graph("resnet20", model)
     splits = load_cifar10(args.data_root)
     calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]

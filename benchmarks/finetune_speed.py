@@ -16,7 +16,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import SHARED, write_results
+from _common import SHARED, checkpoint, write_results
 
 from oaq_search.config import FinetuneConfig
 from oaq_search.data import load_cifar10
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    fp = load_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
+    fp = load_model("resnet20", checkpoint("resnet20"))
     splits = load_cifar10(SHARED / "data/cifar10")
     plan = PlanFactory("resnet20", fp, layer_graph("resnet20", fp)).uniform(4, 4)
     images, labels = next(splits.finetune.batches(BATCH, shuffle=True, augment=True))

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import SHARED, invocation, write_results
+from _common import SHARED, checkpoint, invocation, write_results
 from search_quality import budget_bytes, run, with_budget
 
 from oaq_search.config import FinetuneConfig
@@ -163,7 +163,7 @@ def finetune_plans(folder: Path, config: FinetuneConfig, jobs: int, bits: list[f
 
 def finetune_entry(folder: Path, entry: dict, config: FinetuneConfig) -> dict:
     """One plan fine-tuned (resuming a fine-tune left in its folder) and tested: what was measured."""
-    model = load_model(entry["model"], SHARED / f"models/{entry['model']}_cifar10jpeg.pt")
+    model = load_model(entry["model"], checkpoint(entry["model"]))
     splits = _splits()
     run_name = f"finetune-{config.mode}-{config.epochs}x{config.images_per_epoch or 'all'}"
     started = time.perf_counter()

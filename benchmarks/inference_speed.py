@@ -22,7 +22,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import torch
-from _common import SHARED, write_results
+from _common import SHARED, checkpoint, write_results
 
 from hwmodels.measure import median_seconds
 from oaq_search.config import load_study_config
@@ -42,7 +42,7 @@ def layout_rows(images: int, repeats: int) -> list[dict]:
     batch = next(splits.search.batches(images))[0]
     rows = []
     for name in ("resnet20", "resnet56"):
-        model = load_model(name, SHARED / f"models/{name}_cifar10jpeg.pt")
+        model = load_model(name, checkpoint(name))
         plan = PlanFactory(name, model, layer_graph(name, model)).uniform(3, activation_bits=4)
         quantized = post_training_quantize(model, plan, splits.search).eval()
         for layout, memory_format in LAYOUTS.items():
@@ -61,7 +61,7 @@ def layout_rows(images: int, repeats: int) -> list[dict]:
 
 def trial_row(repeats: int) -> dict:
     config = load_study_config(QUICKSTART)
-    config.model.checkpoint = str(SHARED / "models" / "resnet20_cifar10jpeg.pt")
+    config.model.checkpoint = str(checkpoint("resnet20"))
     config.data.root = str(SHARED / "data" / "cifar10")
     with tempfile.TemporaryDirectory() as cache, patch.dict(os.environ, {CACHE_ENV: cache}):
         prepared = prepare(config)  # measured sensitivity computed, not read from a cache; the variable restored

@@ -17,7 +17,7 @@ import itertools
 import tempfile
 from pathlib import Path
 
-from _common import SHARED, write_results
+from _common import SHARED, checkpoint, write_results
 from search_quality import run, study_config
 
 import hwmodels
@@ -31,7 +31,7 @@ from oaq_search.ptq import CALIBRATION_IMAGES, post_training_quantize
 
 def uniform_rows(model_name: str, target: str, latency_us: float) -> list[dict]:
     """Every uniform W/A plan the target runs (ends at 8 bits) within the budget, post-training test accuracy."""
-    model = load_model(model_name, SHARED / f"models/{model_name}_cifar10jpeg.pt")
+    model = load_model(model_name, checkpoint(model_name))
     graph = layer_graph(model_name, model)
     splits = load_cifar10(SHARED / "data/cifar10")
     factory = PlanFactory(model_name, model, graph, calibration=next(splits.search.batches(CALIBRATION_IMAGES))[0])

@@ -15,7 +15,7 @@ import copy
 import warnings
 
 import torch
-from _common import SHARED, write_results
+from _common import checkpoint, write_results
 from scipy import stats
 
 from hwmodels import TargetModel
@@ -43,7 +43,7 @@ def main() -> None:
 
     import tomli_w
 
-    model = load_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
+    model = load_model("resnet20", checkpoint("resnet20"))
     graph = layer_graph("resnet20", model)
     table_path = tempfile.mktemp(suffix=".toml")
     with open(table_path, "w") as handle:

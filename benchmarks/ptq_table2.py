@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import SHARED, write_results
+from _common import SHARED, checkpoint, write_results
 
 from hwmodels import MemoryModel
 from oaq_search.data import load_cifar10
@@ -27,7 +27,6 @@ from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import CALIBRATION_IMAGES, post_training_quantize
 
-CHECKPOINTS = {"resnet20": SHARED / "models/resnet20_cifar10jpeg.pt", "resnet56": SHARED / "models/resnet56_cifar10jpeg.pt"}
 # Paper Table 2 (absolute top-1 %). Its FP accuracy is stated only for ResNet-20 (92.60, Table 3).
 PAPER = {
     ("resnet20", "vanilla"): {8: 92.9, 4: 88.0, 3: 36.5}, ("resnet20", "oaq"): {8: 93.1, 4: 90.5, 3: 85.4},
@@ -45,13 +44,13 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3], help="weight bit-widths")
     parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
     args = parser.parse_args()
-    checkpoints = {name: CHECKPOINTS[name] for name in args.models}
+    checkpoints = {name: checkpoint(name) for name in args.models}
     if args.densenet_checkpoint:
         checkpoints["densenet100"] = args.densenet_checkpoint
     splits = load_cifar10(args.data_root)
     rows = []
-    for name, checkpoint in checkpoints.items():
-        model = load_model(name, checkpoint)
+    for name, path in checkpoints.items():
+        model = load_model(name, path)
         graph = layer_graph(name, model)
         calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
         fp = accuracy(model, splits.test)

@@ -13,7 +13,7 @@ import statistics
 import time
 
 import torch
-from _common import SHARED, write_results
+from _common import checkpoint, write_results
 
 from oaq_search.fake_quant import quantize_
 from oaq_search.pipeline import layer_graph, load_model
@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name in ("resnet20", "resnet56"):
-        model = load_model(name, SHARED / f"models/{name}_cifar10jpeg.pt")
+        model = load_model(name, checkpoint(name))
         graph = layer_graph(name, model)
         for grid in ("uniform", "pot"):
             factory = PlanFactory(name, model, graph, "oaq", grid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from _common import SHARED, write_results
+from _common import SHARED, checkpoint, write_results
 
 from oaq_search.data import load_cifar10
 from oaq_search.pipeline import layer_graph, load_model
@@ -20,7 +20,7 @@ def main() -> None:
     rows = []
     search = load_cifar10(SHARED / "data/cifar10").search
     for name in ("resnet20", "resnet56"):
-        model = load_model(name, SHARED / f"models/{name}_cifar10jpeg.pt")
+        model = load_model(name, checkpoint(name))
         graph = layer_graph(name, model)
         for metrics in (["ssim_weight", "ssim_distribution"], ["ssim_weight", "ssim_distribution", "mse"], ["hessian"]):
             started = time.perf_counter()

@@ -15,7 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import SHARED, write_results
+from _common import SHARED, checkpoint, write_results
 from scipy import stats
 
 from oaq_search.data import ImageSplit, load_cifar10
@@ -58,14 +58,14 @@ def main() -> None:
 def validate(name: str, methods: list[str], splits, scored: ImageSplit) -> None:
     """Ground truth and correlations for one model; writes sensitivity_validation_<name>."""
     rows = []
-    model = load_model(name, SHARED / "models" / f"{name}_cifar10jpeg.pt")
+    model = load_model(name, checkpoint(name))
     graph = layer_graph(name, model)
     table = compute_sensitivity(model, graph, METRICS, bits=[2, 3], methods=methods,
                                 data=splits.search, cache_dir=None)
     print(f"{name}: sensitivity computed in " + ", ".join(f"{k} {v:.2f} s" for k, v in table.seconds.items()),
           flush=True)
     fp_accuracy, fp_loss = accuracy_and_loss(model, scored)
-    probe = load_model(name, SHARED / "models" / f"{name}_cifar10jpeg.pt")
+    probe = load_model(name, checkpoint(name))
     for method in methods:
         factory = PlanFactory(name, model, graph, method)
         for bits in (2, 3):

@@ -13,7 +13,7 @@ with 4-bit quantization of the treated weights.
 from __future__ import annotations
 
 import torch
-from _common import SHARED, write_results
+from _common import checkpoint, write_results
 
 from oaq_search.oaq import DEFAULT_THRESHOLDS, WeightQuantizer, choose_outlier_settings, fake_quantize_weight, normalize, reshape_outliers
 from oaq_search.pipeline import layer_graph, load_model
@@ -54,7 +54,7 @@ def outlier_treated(weight: torch.Tensor, quantizer: WeightQuantizer) -> torch.T
 
 
 def main() -> None:
-    model = load_model("resnet20", SHARED / "models/resnet20_cifar10jpeg.pt")
+    model = load_model("resnet20", checkpoint("resnet20"))
     graph = layer_graph("resnet20", model)
     modules = dict(model.named_modules())
     trained = {name: modules[name].weight.detach() for name in graph.names}

@@ -19,15 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import SHARED, write_results
+from _common import CHECKPOINTS, SHARED, write_results
 
 from oaq_search.data import load_cifar10
 from oaq_search.evaluate import accuracy
 from oaq_search.files import save_atomically
 from oaq_search.finetune import training_device
 from oaq_search.models import build_model
-
-CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
 
 def main() -> None:
