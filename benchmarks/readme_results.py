@@ -92,8 +92,8 @@ def search_section() -> list[str]:
                    for data in found for r in data["rows"]),
                   key=lambda r: (r["model"], -r["average_bits"], r["cost_model"], r["grids"], r["score"], r["eval_images"]))
     for r in rows:
-        lines.append(f"| {r['model']} | {r['average_bits']} | {r['trials']} | {r['score']} | {r['eval_images']} | {r['cost_model']} | "
-                     f"{' + '.join(r['grids'])} | {r['budget_kib']:.1f} KiB | "
+        lines.append(f"| {r['model']} | {r['average_bits']} | {r['trials']} | {r['score']} | {r['eval_images']} | "
+                     f"{r['cost_model']} | {' + '.join(r['grids'])} | {r['budget_kib']:.1f} KiB | "
                      f"{r['uniform_test']:.2f} % "
                      f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {r['integer_program_test']:.2f} % | "
                      f"{r['search_test']:.2f} % ({r['search_kib']:.1f} KiB) | {r['fp_test']:.2f} % |")
@@ -110,7 +110,8 @@ def search_section() -> list[str]:
               "the plan the search split ranks first scores below the integer-program seed on the test split, "
               "although the seed is among its trials: near the seed, search-split scores rank plans poorly for the test "
               "split (`benchmarks/results/score_proxies_resnet20_3bits.md`), likely because the search split holds "
-              "images the base checkpoint was trained on (ResNet-20 full precision scores 92.54 % there, per `../shared/models/PROVENANCE.md`). Sources: "
+              "images the base checkpoint was trained on (ResNet-20 full precision scores 92.54 % there, per "
+              "`../shared/models/PROVENANCE.md`). Sources: "
               + "; ".join(source(data) for data in found) + "."]
     efficiency = load("search_efficiency_resnet20")
     if efficiency:
