@@ -7,6 +7,7 @@ On CUDA the steps run in bfloat16 autocast with channels_last. State is saved af
 and a re-run resumes; `--max-minutes` pauses after the epoch that passes it (re-run to go on).
 
     python benchmarks/train_reference.py --model densenet100 --epochs 100 --device cuda
+    python benchmarks/train_reference.py --model resnet20 --name resnet20_scratch --epochs 40 --weight-decay 5e-4
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from oaq_search.models import build_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="densenet100")
+    parser.add_argument("--name", default=None, help="the checkpoint is <name>_cifar10jpeg.pt (default: the model's)")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=0.1, help="peak, after the warm-up")
@@ -54,7 +56,7 @@ def main() -> None:
     warmup, total = round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / max(warmup, 1), 1.0) * 0.5 * (
         1 + math.cos(math.pi * min(max(step - warmup, 0) / max(total - warmup, 1), 1.0))))
-    state_path = Path(args.state or f"runs/reference/{args.model}.pt")
+    state_path = Path(args.state or f"runs/reference/{args.name or args.model}.pt")
     history = resume(state_path, training_recipe(args), model, optimizer, schedule)
     for epoch in range(len(history), args.epochs):
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
@@ -87,7 +89,8 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, splits, history: li
     """The plain state_dict under benchmarks/checkpoints/, and the recipe with its results."""
     model = model.float().to("cpu", memory_format=torch.contiguous_format).eval()
     CHECKPOINTS.mkdir(exist_ok=True)
-    path = CHECKPOINTS / f"{args.model}_cifar10jpeg.pt"
+    name = args.name or args.model
+    path = CHECKPOINTS / f"{name}_cifar10jpeg.pt"
     torch.save(model.state_dict(), path)
     test = accuracy(model, splits.test, progress=False)
     extra = {"checkpoint": str(path.relative_to(CHECKPOINTS.parent.parent)), "bytes": path.stat().st_size,
@@ -99,7 +102,7 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, splits, history: li
                 f"{last['search_accuracy']:.2f} % | {extra['epochs_seconds'] / 60:.1f} min |\n\n"
                 f"Checkpoint `{extra['checkpoint']}` ({extra['bytes']} bytes, sha256 {extra['sha256']}). Recipe: "
                 + ", ".join(f"{key} {value}" for key, value in extra["recipe"].items()) + ".")
-    write_results(f"reference_{args.model}", history, markdown, extra)
+    write_results(f"reference_{name}", history, markdown, extra)
     print(markdown)
 
 

@@ -26,8 +26,9 @@ def test_checkpoint_accuracy_matches_provenance(shared, test_split, name, checkp
     assert accuracy(model, test_split) == pytest.approx(expected, abs=0.05)
 
 
-def test_reference_densenet_checkpoint_loads_safely_and_classifies(test_split):
+@pytest.mark.parametrize("name, file", [("densenet100", "densenet100_cifar10jpeg.pt"),
+                                        ("resnet20", "resnet20_scratch_cifar10jpeg.pt")])
+def test_reference_checkpoint_loads_safely_and_classifies(test_split, name, file):
     """benchmarks/checkpoints/: trained here (PROVENANCE.md there); strict load, weights_only."""
-    checkpoint = Path(__file__).resolve().parents[1] / "benchmarks/checkpoints/densenet100_cifar10jpeg.pt"
-    model = load_model("densenet100", checkpoint)
+    model = load_model(name, Path(__file__).resolve().parents[1] / "benchmarks/checkpoints" / file)
     assert accuracy(model, test_split.subset(200)) > 80.0
