@@ -16,18 +16,22 @@ of the search split (4,000 images, apart from the 512 the measured sensitivity p
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 2.5 --eval-images 1000 --score kl
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 2.5 --eval-images 2000 --screen-images 500 --cost-model memory-base3
     python benchmarks/search_quality.py --part quality --model resnet20 --bits 3 2.5 --eval-images 2000 --screen-images 500 --grid uniform midrise
+    python benchmarks/search_quality.py --part quality --model resnet20 --checkpoint resnet20_scratch --bits 3 2.5 --eval-images 2000 --screen-images 500
     python benchmarks/search_quality.py --part efficiency --model resnet20 --bits 3 --eval-images 4000 --screen-images 500 --jobs 2
 
 Part A writes benchmarks/results/search_quality_<model>.json, or ..._<model>_<bits>bits.json for
 budgets other than the default 3 and 2.5, so runs for one budget do not overwrite each other; with
 `--score kl` (trials scored by KL from full precision, no screening) the name ends in _kl, and with
 another `--cost-model` (memory-base3: 2-bit layers' ternary codes five to a byte) in its name, and with
-several `--grid`s (each tie group takes the grid that measures best at its bits) their names.
+several `--grid`s (each tie group takes the grid that measures best at its bits) their names. With
+`--checkpoint resnet20_scratch` (benchmarks/checkpoints: a ResNet-20 that never saw the search split) the
+name starts search_quality_resnet20_scratch.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import statistics
 import tempfile
@@ -40,7 +44,8 @@ import torch
 from _common import SHARED, checkpoint, write_results
 
 from oaq_search.config import SearchConfig, StudyConfig, load_study_config
-from oaq_search.evaluate import SCORES, accuracy
+from oaq_search.data import ImageSplit
+from oaq_search.evaluate import SCORES, accuracy, logits
 from oaq_search.grids import GRIDS
 from oaq_search.pipeline import finish, layer_graph, load_model, open_study, prepare
 from oaq_search.plan import Plan
@@ -48,10 +53,12 @@ from oaq_search.ptq import post_training_quantize
 from oaq_search.queue import work
 
 
-def study_config(label: str, model: str, bits: float, n_trials: int, folder: Path, **search) -> StudyConfig:
+def study_config(label: str, model: str, bits: float, n_trials: int, folder: Path, weights: str | None = None,
+                 **search) -> StudyConfig:
+    """`weights`: the checkpoint's name (see --checkpoint); the model's own by default."""
     config = load_study_config(Path(__file__).resolve().parents[1] / "studies/quickstart.toml")
-    config.name = f"{model}-{bits}-{label}-{search.get('seed', 0)}"
-    config.model.name, config.model.checkpoint = model, str(checkpoint(model))
+    config.name = f"{weights or model}-{bits}-{label}-{search.get('seed', 0)}"
+    config.model.name, config.model.checkpoint = model, str(checkpoint(weights or model))
     config.data.root = str(SHARED / "data/cifar10")
     config.output_dir = str(folder / config.name)
     config.search.n_trials, config.search.weight_bits = n_trials, [2, 3, 4, 5, 6, 8]
@@ -95,19 +102,21 @@ def run(config: StudyConfig, stop_at: float | None = None):
     return prepared, study
 
 
-def with_budget(label: str, model: str, bits: float, n_trials: int, folder: Path, **search) -> StudyConfig:
-    config = study_config(label, model, bits, n_trials, folder, **search)
+def with_budget(label: str, model: str, bits: float, n_trials: int, folder: Path, weights: str | None = None,
+                **search) -> StudyConfig:
+    config = study_config(label, model, bits, n_trials, folder, weights, **search)
     config.budget = {"memory": f"{budget_bytes(model, bits):.0f}B"}
     return config
 
 
 def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eval_images: int,
-            screen_images: int, score: str, cost_model: str, grids: list[str], measured_images: int) -> list[dict]:
+            screen_images: int, score: str, cost_model: str, grids: list[str], measured_images: int,
+            weights: str | None = None) -> list[dict]:
     rows = []
     grid = grids[0] if len(grids) == 1 else grids
     for bits in bits_list:
         label = f"seeded-{score}-{cost_model}" + ("" if grids == ["uniform"] else "-" + "-".join(grids))
-        config = with_budget(label, model, bits, n_trials, folder,
+        config = with_budget(label, model, bits, n_trials, folder, weights,
                              eval_images=eval_images, screen_images=screen_images, score=score, cost_model=cost_model,
                              grid=grid, measured_sensitivity_images=measured_images)
         prepared, study = run(config)
@@ -119,19 +128,25 @@ def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eva
             return accuracy(post_training_quantize(prepared.model, plan, prepared.splits.search), test_split)
 
         seed_trial = next(t for t in study.trials if t.user_attrs.get("seed") == "integer_program")
+        seed_plan = Plan.from_dict(seed_trial.user_attrs["plan"])
         uniform_bits = max(b for b in config.search.weight_bits if b <= bits)
         uniform = prepared.objective.factory.uniform(uniform_bits)
         rows.append({
-            "model": model, "average_bits": bits, "score": score, "cost_model": cost_model, "grids": grids,
+            "model": model, "checkpoint": Path(config.model.checkpoint).name, "average_bits": bits, "score": score,
+            "cost_model": cost_model, "grids": grids,
             "budget_kib": budget_bytes(model, bits) / 1024,
             "trials": len(study.trials), "eval_images": eval_images, "screen_images": screen_images,
             "measured_images": measured_images, "fp_test": fp,
             "search_test": result.test_accuracy, "search_kib": result.plan.totals["weight_bytes"] / 1024,
             "search_trial": result.plan.metadata["trial"], "search_seed": result.plan.metadata["seed"],
-            "integer_program_test": test_accuracy(Plan.from_dict(seed_trial.user_attrs["plan"])),
+            "integer_program_test": test_accuracy(seed_plan),
             "integer_program_search": seed_trial.value,
             "uniform_test": test_accuracy(uniform), "uniform_bits": uniform_bits,
             "uniform_kib": prepared.objective.cost_model.evaluate(prepared.graph, uniform).totals["weight_bytes"] / 1024,
+            "search_minus_seed": {name: paired_difference(prepared.model, seed_plan, result.plan, prepared.splits.search,
+                                                          split)
+                                  for name, split in (("scored", prepared.splits.search.subset(eval_images)),
+                                                      ("search", prepared.splits.search), ("test", test_split))},
             "seconds": prepared.seconds,
         })
         print(rows[-1], flush=True)
@@ -179,10 +194,25 @@ def median_trials_to_match(rows: list[dict]) -> dict[str, float]:
             for label in ("seeded", "seeded_tpe", "random")}
 
 
+def paired_difference(model: torch.nn.Module, seed: Plan, pick: Plan, calibration: ImageSplit,
+                      split: ImageSplit) -> dict[str, float]:
+    """`pick`'s accuracy minus `seed`'s on `split`, image by image: the difference, the images they disagree
+    on, and the difference's standard error (points), which says whether the search's gain is more than noise."""
+    def correct(plan: Plan) -> torch.Tensor:
+        quantized = post_training_quantize(model, plan, calibration)
+        return (logits(quantized, split).argmax(1) == split.labels.cpu()).float()
+
+    gained = correct(pick) - correct(seed)
+    return {"difference": 100 * float(gained.mean()), "disagreements": int(gained.abs().sum()),
+            "standard_error": 100 * float(gained.std()) / math.sqrt(len(gained)), "images": len(gained)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("quality", "efficiency"), required=True)
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--checkpoint", help="quality: weights <name>_cifar10jpeg.pt from ../shared/models or "
+                        "benchmarks/checkpoints (default: the model's own)")
     parser.add_argument("--bits", type=float, nargs="+", default=[3.0, 2.5])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seeds", type=int, default=3)
@@ -200,17 +230,21 @@ def main() -> None:
     folder = args.folder or Path(tempfile.mkdtemp(prefix="oaq-bench-"))
     if args.part == "quality":
         rows = quality(args.model, args.bits, args.trials, folder, args.eval_images, args.screen_images, args.score,
-                       args.cost_model, args.grid, args.measured_images)
+                       args.cost_model, args.grid, args.measured_images, args.checkpoint)
         lines = ["| model | avg bits | budget KiB | uniform OAQ (bits, KiB) test | integer program test | search test "
-                 "(KiB, trial) | FP test |", "|---|---|---|---|---|---|---|"]
+                 "(KiB, trial) | search - seed: scored images, search split, test (± standard error) | FP test |",
+                 "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['average_bits']} | {r['budget_kib']:.1f} | {r['uniform_test']:.2f} "
                   f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f}) | {r['integer_program_test']:.2f} | "
-                  f"{r['search_test']:.2f} ({r['search_kib']:.1f}, #{r['search_trial']}) | {r['fp_test']:.2f} |" for r in rows]
+                  f"{r['search_test']:.2f} ({r['search_kib']:.1f}, #{r['search_trial']}) | "
+                  + ", ".join(f"{d['difference']:+.2f} ± {d['standard_error']:.2f}" for d in r["search_minus_seed"].values())
+                  + f" | {r['fp_test']:.2f} |" for r in rows]
         budgets = "" if args.bits == parser.get_default("bits") else "_" + "_".join(f"{b:g}" for b in args.bits) + "bits"
         scored = "" if args.score == "accuracy" else f"_{args.score}"
         costed = "" if args.cost_model == "memory" else f"_{args.cost_model}"
         gridded = "" if args.grid == ["uniform"] else "_" + "-".join(args.grid)
-        write_results(f"search_quality_{args.model}{budgets}{scored}{costed}{gridded}", rows, "\n".join(lines))
+        write_results(f"search_quality_{args.checkpoint or args.model}{budgets}{scored}{costed}{gridded}", rows,
+                      "\n".join(lines))
     else:
         rows = efficiency(args.model, args.bits[0], args.trials, folder, args.seeds, args.eval_images,
                           args.screen_images, args.jobs)
