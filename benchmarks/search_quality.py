@@ -25,7 +25,9 @@ budgets other than the default 3 and 2.5, so runs for one budget do not overwrit
 another `--cost-model` (memory-base3: 2-bit layers' ternary codes five to a byte) in its name, and with
 several `--grid`s (each tie group takes the grid that measures best at its bits) their names. With
 `--checkpoint resnet20_scratch` (benchmarks/checkpoints: a ResNet-20 that never saw the search split) the
-name starts search_quality_resnet20_scratch.
+name starts search_quality_resnet20_scratch. Results from runs where a finalist replaces the seed only
+when better by `--seed-margin` standard errors (the default since 2026-12-02) end in _seed-margin<m>;
+files without it come from the rule before, where the best re-scored finalist won.
 """
 
 from __future__ import annotations
@@ -111,14 +113,14 @@ def with_budget(label: str, model: str, bits: float, n_trials: int, folder: Path
 
 def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eval_images: int,
             screen_images: int, score: str, cost_model: str, grids: list[str], measured_images: int,
-            weights: str | None = None) -> list[dict]:
+            weights: str | None = None, seed_margin: float = SearchConfig.seed_margin) -> list[dict]:
     rows = []
     grid = grids[0] if len(grids) == 1 else grids
     for bits in bits_list:
         label = f"seeded-{score}-{cost_model}" + ("" if grids == ["uniform"] else "-" + "-".join(grids))
         config = with_budget(label, model, bits, n_trials, folder, weights,
                              eval_images=eval_images, screen_images=screen_images, score=score, cost_model=cost_model,
-                             grid=grid, measured_sensitivity_images=measured_images)
+                             grid=grid, measured_sensitivity_images=measured_images, seed_margin=seed_margin)
         prepared, study = run(config)
         result = finish(prepared, study)
         test_split = prepared.splits.test
@@ -136,7 +138,7 @@ def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eva
             "cost_model": cost_model, "grids": grids,
             "budget_kib": budget_bytes(model, bits) / 1024,
             "trials": len(study.trials), "eval_images": eval_images, "screen_images": screen_images,
-            "measured_images": measured_images, "fp_test": fp,
+            "measured_images": measured_images, "seed_margin": seed_margin, "fp_test": fp,
             "search_test": result.test_accuracy, "search_kib": result.plan.totals["weight_bytes"] / 1024,
             "search_trial": result.plan.metadata["trial"], "search_seed": result.plan.metadata["seed"],
             "integer_program_test": test_accuracy(seed_plan),
@@ -224,13 +226,15 @@ def main() -> None:
                         help="quality: the weight grids; several: each tie group takes the one that measures best")
     parser.add_argument("--measured-images", type=int, default=SearchConfig.measured_sensitivity_images,
                         help="quality: images for each group's measured output KL (0: the sensitivity table seeds)")
+    parser.add_argument("--seed-margin", type=float, default=SearchConfig.seed_margin,
+                        help="quality: standard errors a finalist must beat the integer-program seed by")
     parser.add_argument("--jobs", type=int, default=1, help="efficiency: sampler seeds run at once, one thread each")
     parser.add_argument("--folder", type=Path, help="studies' folder: an interrupted benchmark resumes its studies")
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp(prefix="oaq-bench-"))
     if args.part == "quality":
         rows = quality(args.model, args.bits, args.trials, folder, args.eval_images, args.screen_images, args.score,
-                       args.cost_model, args.grid, args.measured_images, args.checkpoint)
+                       args.cost_model, args.grid, args.measured_images, args.checkpoint, args.seed_margin)
         lines = ["| model | avg bits | budget KiB | uniform OAQ (bits, KiB) test | integer program test | search test "
                  "(KiB, trial) | search - seed: scored images, search split, test (± standard error) | FP test |",
                  "|---|---|---|---|---|---|---|---|"]
@@ -243,7 +247,8 @@ def main() -> None:
         scored = "" if args.score == "accuracy" else f"_{args.score}"
         costed = "" if args.cost_model == "memory" else f"_{args.cost_model}"
         gridded = "" if args.grid == ["uniform"] else "_" + "-".join(args.grid)
-        write_results(f"search_quality_{args.checkpoint or args.model}{budgets}{scored}{costed}{gridded}", rows,
+        kept = f"_seed-margin{args.seed_margin:g}" if args.seed_margin else ""
+        write_results(f"search_quality_{args.checkpoint or args.model}{budgets}{scored}{costed}{gridded}{kept}", rows,
                       "\n".join(lines))
     else:
         rows = efficiency(args.model, args.bits[0], args.trials, folder, args.seeds, args.eval_images,

@@ -49,6 +49,8 @@ class SearchConfig:
     score: str = "accuracy"  # accuracy | kl: minus the KL from full precision's predictions, far less noisy on few images
     screen_images: int = 0  # >0: score this many first, and let Optuna prune hopeless trials there
     finalists: int = 3  # the best few trials re-scored on the whole search split; the best of those wins (1: off)
+    # ... but replaces the integer-program seed only if better by this many standard errors (paired, per image)
+    seed_margin: float = 1.0
     bn_correction: bool = True  # match BatchNorm statistics to full precision (one search-split batch)
     outlier_rule: str = "output_error"  # how (s, T) are chosen: layer output error on search images, or weight MSE
     batch_size: int = BATCH_SIZE  # images per inference batch
@@ -89,6 +91,8 @@ class SearchConfig:
         for name in ("n_trials", "eval_images", "finalists", "batch_size", "heartbeat_seconds", "grace_seconds"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.seed_margin >= 0:
+            raise UserError(f"seed_margin must be 0 (the best re-scored finalist wins) or more, got {self.seed_margin}")
         if self.measured_sensitivity_images < 0:
             raise UserError(f"measured_sensitivity_images must be 0 (use the sensitivity table) or more, "
                             f"got {self.measured_sensitivity_images}")

@@ -40,12 +40,21 @@ SCORES = ("accuracy", "kl")  # what a trial is scored by on the search split; hi
 def split_scorer(score: str, split: ImageSplit, reference: nn.Module,
                  batch_size: int = BATCH_SIZE) -> Callable[[nn.Module], float]:
     """A model -> its score on `split`: top-1 accuracy in percent, or (kl) minus its mean KL divergence
-    in nats from `reference`'s predictions. Those are computed once, on first use: commands that build
-    a study's scorers without scoring (create, report) never pay for them."""
+    in nats from `reference`'s predictions."""
+    per_image = image_scorer(score, split, reference, batch_size)
+    return lambda model: float(per_image(model).mean())
+
+
+def image_scorer(score: str, split: ImageSplit, reference: nn.Module,
+                 batch_size: int = BATCH_SIZE) -> Callable[[nn.Module], torch.Tensor]:
+    """A model -> its score on each image of `split` (100 or 0 for accuracy; minus the KL for kl), whose
+    mean is `split_scorer`'s: two plans' paired differences show whether one is really better. The
+    reference's predictions are computed once, on first use: commands that build a study's scorers
+    without scoring (create, report) never pay for them."""
     if score == "accuracy":
-        return lambda model: accuracy(model, split, batch_size, progress=False)
+        return lambda model: 100.0 * (logits(model, split, batch_size).argmax(1) == split.labels.cpu()).double()
     reference_logits = functools.cache(lambda: logits(reference, split, batch_size))
-    return lambda model: -float(kl_per_image(reference_logits(), logits(model, split, batch_size)).mean())
+    return lambda model: -kl_per_image(reference_logits(), logits(model, split, batch_size)).double()
 
 
 def format_score(score: str, value: float) -> str:

@@ -28,7 +28,7 @@ from .checkpoints import load_checkpoint
 from .config import FinetuneConfig, StudyConfig
 from .data import CifarSplits, ImageSplit, load_cifar10
 from .errors import UserError
-from .evaluate import accuracy, split_scorer
+from .evaluate import accuracy, image_scorer, split_scorer
 from .finetune import FinetuneResult, finetune
 from .graph import LayerGraph, build_layer_graph
 from .models import build_model, model_spec
@@ -272,8 +272,9 @@ def finish(prepared: Prepared, study: optuna.Study) -> StudyResult:
     config = prepared.config
     started = time.perf_counter()
     if config.search.finalists > 1 and not config.search.pareto_metric:
-        prepared.objective.rescore_finalists(study, config.search.finalists, split_scorer(
-            config.search.score, prepared.splits.search, prepared.model, config.search.batch_size))
+        prepared.objective.rescore_finalists(study, config.search.finalists, image_scorer(
+            config.search.score, prepared.splits.search, prepared.model, config.search.batch_size),
+            config.search.seed_margin)
     best = best_trial(study)
     plan = Plan.from_dict(best.user_attrs["plan"])
     prepared.seconds["finalists"] = time.perf_counter() - started

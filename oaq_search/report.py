@@ -21,7 +21,7 @@ from .budget import format_quantity  # noqa: E402
 from .evaluate import format_score, score_label  # noqa: E402
 from .pipeline import Prepared  # noqa: E402
 from .plan import Plan  # noqa: E402
-from .search import best_trial, feasible_trials, finalist_score, pareto_trials  # noqa: E402
+from .search import FINALIST_SCORES, best_trial, feasible_trials, finalist_score, pareto_trials  # noqa: E402
 
 KIB = 1024
 
@@ -41,8 +41,13 @@ def write_report(prepared: Prepared, study: optuna.Study, folder: str | Path) ->
         f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
         f"<td>{format_quantity(metric, limit)}</td><td>{100 * best.user_attrs['costs'][metric] / limit:.1f} %</td></tr>"
         for metric, limit in prepared.objective.budget.items())
-    rescored = finalist_score(study, best)
-    finalist = "" if rescored is None else f" and {format_score(score, rescored)} on the whole search split (the best finalist)"
+    rescored, finalists = finalist_score(study, best), study.user_attrs.get(FINALIST_SCORES, {})
+    margin = f"{prepared.config.search.seed_margin:g} standard errors of their paired per-image difference"
+    finalist = "" if rescored is None else f" and {format_score(score, rescored)} on the whole search split " + (
+        "(the best finalist)" if rescored >= max(finalists.values()) else
+        f"(the integer-program seed, kept: no better finalist beat it by {margin})"
+        if best.user_attrs.get("seed") == "integer_program" else
+        f"(the best finalist that beat the integer-program seed by {margin})")
     reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(prepared, plan, best, per_layer))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>oaq-search: {html.escape(study.study_name)}</title>

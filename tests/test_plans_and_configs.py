@@ -49,6 +49,7 @@ def test_study_file_round_trips_through_toml(tmp_path):
     (STUDY + "\n[[oops", "not valid TOML"),
     (STUDY.replace("n_trials = 3", "n_trials = 3\nmeasured_sensitivity_images = -1"),
      r"measured_sensitivity_images must be 0 \(use the sensitivity table\) or more, got -1"),
+    (STUDY.replace("n_trials = 3", "n_trials = 3\nseed_margin = -1.0"), r"seed_margin must be 0 .* or more, got -1.0"),
     (STUDY.replace("n_trials = 3", 'n_trials = 3\nscore = "loss"'), r"score must be one of accuracy, kl, got 'loss'"),
     (STUDY.replace("n_trials = 3", 'n_trials = 3\nscore = "kl"\nscreen_images = 100'),
      r"with score = 'kl' set screen_images = 0"),

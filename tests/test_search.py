@@ -241,18 +241,24 @@ def test_search_with_activation_bits_calibrates_every_trial(config):
 
 
 @pytest.mark.shared
-def test_finalists_are_rescored_on_the_whole_search_split_and_the_best_is_exported(config):
-    config.search.n_trials, config.search.finalists = 3, 2
+def test_finalists_and_the_seed_are_rescored_and_the_seed_kept_unless_clearly_beaten(config):
+    config.search.n_trials, config.search.finalists, config.search.seed_margin = 3, 2, 0.0
     result = run_study(config)
     study = optuna.load_study(study_name=config.name, storage=config.storage_url)
     scores = study.user_attrs["finalist_scores"]
     distinct = {}  # the two best distinct plans, each by its first trial
     for trial in sorted((t for t in study.trials if t.values), key=lambda t: (-t.values[0], t.number)):
         distinct.setdefault(trial.user_attrs["plan_key"], trial)
-    assert sorted(scores) == sorted(str(t.number) for t in list(distinct.values())[:2])
+    seed = next(t for t in study.trials if t.user_attrs.get("seed") == "integer_program")
+    assert sorted(scores) == sorted({str(t.number) for t in list(distinct.values())[:2]} | {str(seed.number)})
+    # margin 0: the best re-score wins, as plain finalists would
     assert result.plan.metadata["finalist_score"] == max(scores.values())
     assert scores[str(result.plan.metadata["trial"])] == max(scores.values())
     assert export_plans(config)[0].metadata["trial"] == result.plan.metadata["trial"]
+
+    config.search.seed_margin = 1e9  # resumed with no trials left: only the choice is made again
+    assert run_study(config).plan.metadata["trial"] == seed.number
+    assert export_plans(config)[0].metadata["trial"] == seed.number
 
 
 @pytest.mark.shared
