@@ -102,7 +102,9 @@ def _pareto_figure(study: optuna.Study, best, score: str, path: Path) -> None:
         if t.user_attrs.get("seed"):
             axis.scatter(kib(t), t.values[0], marker="s" if t.user_attrs["seed"] == "uniform" else "^", s=60,
                          label=f"seed: {t.user_attrs['seed']}", zorder=3)
-    axis.scatter(kib(best), best.values[0], marker="*", s=200, c="#d62728", label="chosen", zorder=4)
+    # hollow, so a seed the search kept stays visible inside it
+    axis.scatter(kib(best), best.values[0], marker="*", s=320, facecolors="none", edgecolors="#d62728", linewidths=1.5,
+                 label="chosen", zorder=4)
     axis.set_xlabel("weight memory (KiB, packed)")
     axis.set_ylabel(score_label(score))
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
