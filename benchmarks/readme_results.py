@@ -94,7 +94,7 @@ def margin(row: dict) -> str:
     return f", seed margin {row['seed_margin']:g}" if row.get("seed_margin") else ""
 
 
-def mean_below_seed(rows: list[dict], margined: list[dict]) -> float:
+def mean_difference_from_seed(rows: list[dict], margined: list[dict]) -> float:
     """Test accuracy minus the seed's, on average, of the runs without a seed margin that match `margined`'s."""
     keys = ("checkpoint", "average_bits", "grids", "score", "cost_model", "eval_images")
     plain = [r for m in margined for r in rows
@@ -136,7 +136,7 @@ def search_section() -> list[str]:
             f"{len(margined)} runs keep their seed, and the search ends "
             f"{sum(r['search_test'] - r['integer_program_test'] for r in margined) / len(margined):+.2f} points from "
             f"it on test on average (the same runs' best re-scored finalists: "
-            f"{mean_below_seed(rows, margined):+.2f})." if margined else "")
+            f"{mean_difference_from_seed(rows, margined):+.2f})." if margined else "")
     paired = "; ".join(f"{weights(r)} at {r['average_bits']} bits ({'+'.join(r['grids'])}): " + ", ".join(
         f"{d['difference']:+.2f} ± {d['standard_error']:.2f} on {PAIRED_ON[split]} ({d['disagreements']} of "
         f"{d['images']} images scored differently)" for split, d in r["search_minus_seed"].items())

@@ -33,7 +33,6 @@ files without it come from the rule before, where the best re-scored finalist wo
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing
 import statistics
 import tempfile
@@ -47,7 +46,7 @@ from _common import SHARED, checkpoint, write_results
 
 from oaq_search.config import SearchConfig, StudyConfig, load_study_config
 from oaq_search.data import ImageSplit
-from oaq_search.evaluate import SCORES, accuracy, logits
+from oaq_search.evaluate import SCORES, accuracy, correct, paired_difference
 from oaq_search.grids import GRIDS
 from oaq_search.pipeline import finish, layer_graph, load_model, open_study, prepare
 from oaq_search.plan import Plan
@@ -145,7 +144,7 @@ def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eva
             "integer_program_search": seed_trial.value,
             "uniform_test": test_accuracy(uniform), "uniform_bits": uniform_bits,
             "uniform_kib": prepared.objective.cost_model.evaluate(prepared.graph, uniform).totals["weight_bytes"] / 1024,
-            "search_minus_seed": {name: paired_difference(prepared.model, seed_plan, result.plan, prepared.splits.search,
+            "search_minus_seed": {name: pick_minus_seed(prepared.model, seed_plan, result.plan, prepared.splits.search,
                                                           split)
                                   for name, split in (("scored", prepared.splits.search.subset(eval_images)),
                                                       ("search", prepared.splits.search), ("test", test_split))},
@@ -196,17 +195,17 @@ def median_trials_to_match(rows: list[dict]) -> dict[str, float]:
             for label in ("seeded", "seeded_tpe", "random")}
 
 
-def paired_difference(model: torch.nn.Module, seed: Plan, pick: Plan, calibration: ImageSplit,
+def pick_minus_seed(model: torch.nn.Module, seed: Plan, pick: Plan, calibration: ImageSplit,
                       split: ImageSplit) -> dict[str, float]:
     """`pick`'s accuracy minus `seed`'s on `split`, image by image: the difference, the images they disagree
     on, and the difference's standard error (points), which says whether the search's gain is more than noise."""
-    def correct(plan: Plan) -> torch.Tensor:
-        quantized = post_training_quantize(model, plan, calibration)
-        return (logits(quantized, split).argmax(1) == split.labels.cpu()).float()
+    def correct_on_split(plan: Plan) -> torch.Tensor:
+        return correct(post_training_quantize(model, plan, calibration), split)
 
-    gained = correct(pick) - correct(seed)
-    return {"difference": 100 * float(gained.mean()), "disagreements": int(gained.abs().sum()),
-            "standard_error": 100 * float(gained.std()) / math.sqrt(len(gained)), "images": len(gained)}
+    picked, seeded = correct_on_split(pick), correct_on_split(seed)
+    difference, standard_error = paired_difference(100.0 * picked.double(), 100.0 * seeded.double())
+    return {"difference": difference, "disagreements": int((picked != seeded).sum()),
+            "standard_error": standard_error, "images": len(picked)}
 
 
 def main() -> None:
@@ -247,8 +246,8 @@ def main() -> None:
         scored = "" if args.score == "accuracy" else f"_{args.score}"
         costed = "" if args.cost_model == "memory" else f"_{args.cost_model}"
         gridded = "" if args.grid == ["uniform"] else "_" + "-".join(args.grid)
-        kept = f"_seed-margin{args.seed_margin:g}" if args.seed_margin else ""
-        write_results(f"search_quality_{args.checkpoint or args.model}{budgets}{scored}{costed}{gridded}{kept}", rows,
+        margined = f"_seed-margin{args.seed_margin:g}" if args.seed_margin else ""
+        write_results(f"search_quality_{args.checkpoint or args.model}{budgets}{scored}{costed}{gridded}{margined}", rows,
                       "\n".join(lines))
     else:
         rows = efficiency(args.model, args.bits[0], args.trials, folder, args.seeds, args.eval_images,

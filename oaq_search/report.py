@@ -41,10 +41,10 @@ def write_report(prepared: Prepared, study: optuna.Study, folder: str | Path) ->
         f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
         f"<td>{format_quantity(metric, limit)}</td><td>{100 * best.user_attrs['costs'][metric] / limit:.1f} %</td></tr>"
         for metric, limit in prepared.objective.budget.items())
-    rescored, finalists = finalist_score(study, best), study.user_attrs.get(FINALIST_SCORES, {})
+    rescored, finalist_scores = finalist_score(study, best), study.user_attrs.get(FINALIST_SCORES, {})
     margin = f"{prepared.config.search.seed_margin:g} standard errors of their paired per-image difference"
     finalist = "" if rescored is None else f" and {format_score(score, rescored)} on the whole search split " + (
-        "(the best finalist)" if rescored >= max(finalists.values()) else
+        "(the best finalist)" if rescored >= max(finalist_scores.values()) else
         f"(the integer-program seed, kept: no better finalist beat it by {margin})"
         if best.user_attrs.get("seed") == "integer_program" else
         f"(the best finalist that beat the integer-program seed by {margin})")

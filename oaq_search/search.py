@@ -21,6 +21,7 @@ from hwmodels.base import CostModel, CostReport
 from .bn_correction import BatchNormCorrector
 from .budget import format_quantity
 from .errors import UserError
+from .evaluate import paired_difference
 from .graph import LayerGraph
 from .plan import Plan
 from .planning import PlanFactory
@@ -144,8 +145,9 @@ class Objective:
         The best of many noisy scores is usually lucky: among the finalists, the best larger-sample
         score wins, and it replaces the seed only when it beats it by `seed_margin` standard errors of
         their paired difference. On ResNet-20 the plans that outscored the seed differed from it on 1-6 %
-        of images and most scored below it on test (README, search benchmark). Scores are kept in the
-        study, so export, report and a resumed study agree; the same finalists are scored only once."""
+        of images and most scored below it on test (README, search benchmark). The scores and the choice
+        are kept in the study, so export, report and a resumed study agree; they are made again only
+        when the finalists or the margin changed (per-image scores are not stored)."""
         feasible = feasible_trials(study)
         top = {}  # plan key -> its first trial: a plan tried twice is one finalist
         for trial in sorted(feasible, key=_by_score, reverse=True):
@@ -216,9 +218,7 @@ def incumbent_params(study: optuna.Study) -> dict[str, int] | None:
 
 def _standard_errors_above(scores: torch.Tensor, reference: torch.Tensor) -> float:
     """How many standard errors of the paired per-image difference `scores` lie above `reference`."""
-    difference = scores - reference
-    error = float(difference.std()) / len(difference) ** 0.5 if len(difference) > 1 else 0.0
-    mean = float(difference.mean())
+    mean, error = paired_difference(scores, reference)
     return mean / error if error > 0 else (float("inf") if mean > 0 else 0.0)
 
 
