@@ -18,6 +18,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two workers on two cores: more threads would make torch 4-5x slower
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Every test starts from the same random state, so a failure seen once reproduces."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):
     """Sensitivity tables go to a throwaway cache, never the user's ~/.cache."""
