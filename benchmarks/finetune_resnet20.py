@@ -12,6 +12,7 @@ changes. Each row's fine-tune keeps its state under runs/benchmarks/, so a stopp
     python benchmarks/finetune_resnet20.py --part qat --epochs 1 --bits 4 3
     python benchmarks/finetune_resnet20.py --part qat --epochs 2 --bits 4 --activation-bits 4 --methods oaq
     python benchmarks/finetune_resnet20.py --part scale --epochs 3 --settings W4A4 --train-split all
+    python benchmarks/finetune_resnet20.py --part scale --epochs 3 --settings W4A8 W4A4 --per-channel
     python benchmarks/finetune_resnet20.py --part scale --settings W4A4 --finetune 'quantizer_learning_rate = 0.03'
 """
 
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=("vanilla", "oaq"), default=["vanilla", "oaq"], help="qat methods")
     parser.add_argument("--settings", nargs="+", choices=SCALE_SETTINGS, default=list(SCALE_SETTINGS),
                         help="scale settings")
+    parser.add_argument("--per-channel", action="store_true",
+                        help="weights normalized and ranged per output channel (the paper: per layer)")
     parser.add_argument("--train-split", choices=("finetune", "all"), default="finetune",
                         help="all: train on the search split too (images the checkpoint never saw)")
     parser.add_argument("--finetune", action="append", default=[], metavar="'KEY = VALUE'",
@@ -72,16 +75,17 @@ def main() -> None:
         settings = [(method, bits, args.activation_bits) for bits in args.bits for method in args.methods]
     rows = []
     for method, weight_bits, activation_bits in settings:
-        plan = PlanFactory("resnet20", model, graph, method, calibration=calibration).uniform(weight_bits,
-                                                                                               activation_bits)
+        plan = PlanFactory("resnet20", model, graph, method, per_channel=args.per_channel,
+                           calibration=calibration).uniform(weight_bits, activation_bits)
         label = f"W{weight_bits}" + (f"A{activation_bits}" if activation_bits else "")
-        folder = f"runs/benchmarks/finetune_{args.part}/{method}_{label}_e{args.epochs}_{args.train_split}{suffix(args)}"
+        folder = (f"runs/benchmarks/finetune_{args.part}/{method}_{label}_e{args.epochs}_{args.train_split}"
+                  f"{'_per_channel' if args.per_channel else ''}{suffix(args)}")
         result = finetune_and_test(model, plan, splits, config, folder)
         scores = result.scores
         paper_before, paper_after = PAPER_SCALE.get((weight_bits, activation_bits), (None, None)) \
             if args.part == "scale" else (None, None if activation_bits else PAPER_QAT[(method, weight_bits)])
         rows.append({"setting": label, "method": method, "mode": config.mode, "epochs": args.epochs,
-                     "train_split": config.train_split, "overrides": args.overrides,
+                     "train_split": config.train_split, "per_channel": args.per_channel, "overrides": args.overrides,
                      "distill": config.distill, "fp_accuracy": scores["fp_test_accuracy"],
                      "ptq_accuracy": scores["ptq_test_accuracy"], "finetuned_accuracy": scores["test_accuracy"],
                      "ptq_change": scores["ptq_test_accuracy"] - scores["fp_test_accuracy"],
@@ -101,6 +105,8 @@ def results_name(args: argparse.Namespace) -> str:
         parts = [] if args.settings == list(SCALE_SETTINGS) else [setting.lower() for setting in args.settings]
     else:
         parts = ["w" + "".join(map(str, args.bits)) + (f"a{args.activation_bits}" if args.activation_bits else "")]
+    if args.per_channel:
+        parts.append("per_channel")
     if args.train_split != "finetune":
         parts.append(f"train_{args.train_split}")
     return "_".join([f"finetune_{args.part}_resnet20", *parts]) + suffix(args)
@@ -119,7 +125,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         paper_before = "" if r["paper_ptq_change"] is None else f"{r['paper_ptq_change']:+.2f} -> "
         paper = "n/a" if r["paper_finetuned_change"] is None else f"{paper_before}{r['paper_finetuned_change']:+.2f}"
-        lines.append(f"| {r['setting']} | {r['method']} | {r['mode']}{' + KD' if r['distill'] else ''} | "
+        lines.append(f"| {r['setting']}{' per channel' if r.get('per_channel') else ''} | {r['method']} | {r['mode']}{' + KD' if r['distill'] else ''} | "
                      f"{r['epochs']} | {r['fp_accuracy']:.2f} | {r['ptq_accuracy']:.2f} | "
                      f"{r['finetuned_accuracy']:.2f} | {r['ptq_change']:+.2f} -> {r['finetuned_change']:+.2f} | "
                      f"{paper} | {r['finetune_s'] / 60:.1f} min |")
