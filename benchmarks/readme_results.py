@@ -199,7 +199,8 @@ def latency_section() -> list[str]:
 
 def finetune_section() -> list[str]:
     parts = [load(name) for name in ("finetune_scale_resnet20", "finetune_qat_resnet20_w2", "finetune_qat_resnet20_w43",
-                                     "finetune_qat_resnet20_w4a4", "finetune_scale_resnet20_w4a4_train_all")]
+                                     "finetune_qat_resnet20_w4a4", "finetune_scale_resnet20_w4a4_train_all",
+                                     "finetune_scale_resnet20_w4a8_w4a4_per_channel")]
     parts = [part for part in parts if part]
     if not parts:
         return []
@@ -212,7 +213,8 @@ def finetune_section() -> list[str]:
                 ("" if r["paper_ptq_change"] is None else f"{r['paper_ptq_change']:+.2f} -> ") + \
                 f"{r['paper_finetuned_change']:+.2f}"
             trained_on = "" if r.get("train_split", "finetune") == "finetune" else ", fine-tune + search splits"
-            lines.append(f"| {r['setting']} | {r['method']} | {r['mode']}, {r['epochs']} epoch(s){trained_on} | "
+            setting = r["setting"] + (" per channel" if r.get("per_channel") else "")
+            lines.append(f"| {setting} | {r['method']} | {r['mode']}, {r['epochs']} epoch(s){trained_on} | "
                          f"{r['ptq_change']:+.2f} | {r['finetuned_change']:+.2f} | {paper} | "
                          f"{r['finetune_s'] / 60:.0f} min |")
     lines += ["", f"Change in points against full precision ({parts[0]['rows'][0]['fp_accuracy']:.2f} %). Scale "
