@@ -259,7 +259,9 @@ def headline_section() -> list[str]:
     lines = ["### Headline: accuracy against weight memory, before -> after the same fine-tune", "",
              "`benchmarks/headline.py --stage plans --folder F` runs the searches and keeps every candidate plan; "
              "`--stage finetune --folder F` then fine-tunes each distinct plan once (`--jobs 2`, or on a GPU) and "
-             "resumes where it stopped.", ""]
+             "resumes where it stopped. At 3 bits and below a plan's accuracy moves by a few tenths of a point "
+             "with torch's thread count (sums taken in another order round some activations to a neighbouring "
+             "code), so compare rows of one run; `--jobs 2` gives each fine-tune one thread.", ""]
     for data in runs:
         if data["finetune"]["mode"] != "qat":
             lines += headline_table(data) + [""]
