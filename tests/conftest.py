@@ -70,6 +70,7 @@ def quick_study(shared, tmp_path):
     config.search.eval_images = 200
     config.search.finalists = 1  # re-scoring on the whole search split has its own test
     config.search.measured_sensitivity_images = 0  # minutes on ResNet-20; measured sensitivity has its own test
+    config.search.sensitivity_metric = "ssim_weight"  # a second; the Hessian table takes a minute (tested alone)
     config.data.test_images = 1000
     config.finetune.mode = "none"  # tests that fine-tune turn it back on, shrunk
     return config

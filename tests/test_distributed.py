@@ -42,6 +42,8 @@ def study_file(shared, tmp_path, n_trials, eval_images, storage=None):
     config.search.heartbeat_seconds, config.search.grace_seconds = 1, 3
     config.finetune.mode = "none"  # these tests are about the study, not the fine-tune
     config.search.measured_sensitivity_images = 0  # nor the seeds: every worker would measure
+    config.search.sensitivity_metric = "ssim_weight"  # a second, where the Hessian table takes a minute
+    config.search.finalists, config.data.test_images = 1, 1000  # nor the final scores
     path = tmp_path / "study.toml"
     path.write_text(dump_study_config(config))
     return path, config
