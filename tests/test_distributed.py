@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from oaq_search.config import dump_study_config, load_study_config
+from oaq_search.config import dump_study_config
 
 pytestmark = pytest.mark.shared
 
@@ -30,20 +30,15 @@ def postgres_url():
     return url
 
 
-def study_file(shared, tmp_path, n_trials, eval_images, storage=None):
-    config = load_study_config("studies/quickstart.toml")
+def study_file(quick_study, tmp_path, n_trials, eval_images, storage=None):
+    """The quick study (no fine-tune, no measured sensitivity, one finalist: these tests are about the
+    study) under a fresh name, with fast heartbeats, written to a study file the workers read."""
+    config = quick_study
     config.name = f"t{uuid.uuid4().hex[:8]}"
-    config.model.checkpoint = str(shared / "models" / "resnet20_cifar10jpeg.pt")
-    config.data.root = str(shared / "data" / "cifar10")
-    config.output_dir = str(tmp_path / "run")
     config.storage = storage
     config.search.n_trials = n_trials
     config.search.eval_images = eval_images
     config.search.heartbeat_seconds, config.search.grace_seconds = 1, 3
-    config.finetune.mode = "none"  # these tests are about the study, not the fine-tune
-    config.search.measured_sensitivity_images = 0  # nor the seeds: every worker would measure
-    config.search.sensitivity_metric = "ssim_weight"  # a second, where the Hessian table takes a minute
-    config.search.finalists, config.data.test_images = 1, 1000  # nor the final scores
     path = tmp_path / "study.toml"
     path.write_text(dump_study_config(config))
     return path, config
@@ -64,8 +59,8 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
         pytest.fail(f"{' '.join(process.args[2:])} ran past {timeout} s; it printed:\n{process.communicate()[0]}")
 
 
-def test_two_workers_finish_exactly_the_requested_trials(shared, tmp_path, postgres_url):
-    path, config = study_file(shared, tmp_path, n_trials=10, eval_images=200, storage=postgres_url)
+def test_two_workers_finish_exactly_the_requested_trials(quick_study, tmp_path, postgres_url):
+    path, config = study_file(quick_study, tmp_path, n_trials=10, eval_images=200, storage=postgres_url)
     created = oaq("create", str(path))
     assert created.wait(timeout=120) == 0, created.stdout.read()
     workers = [oaq("worker", str(path), "--worker-index", str(i)) for i in (1, 2)]
@@ -79,8 +74,8 @@ def test_two_workers_finish_exactly_the_requested_trials(shared, tmp_path, postg
     assert seeds == {"integer_program", "greedy", "uniform"}
 
 
-def test_killed_worker_loses_no_finished_trial_and_the_study_resumes(shared, tmp_path):
-    path, config = study_file(shared, tmp_path, n_trials=8, eval_images=1000)
+def test_killed_worker_loses_no_finished_trial_and_the_study_resumes(quick_study, tmp_path):
+    path, config = study_file(quick_study, tmp_path, n_trials=8, eval_images=1000)
     worker = oaq("run", str(path))
     storage = config.storage_url
     deadline = time.time() + 240
