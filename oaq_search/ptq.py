@@ -45,6 +45,8 @@ def calibrate_and_correct(quantized: nn.Module, images: torch.Tensor | None, cor
 
     `ranges_from_data=False` keeps ranges the plan fixed (a fine-tuned plan)."""
     calibrate = ranges_from_data and images is not None and bool(activation_quantizers(quantized))
+    if corrector is not None:  # ranges are fitted on the checkpoint's statistics, not the last plan's correction
+        corrector.restore(quantized)
     if calibrate:
         calibrate_activations(quantized, [images])
     if corrector is not None:

@@ -26,6 +26,10 @@ from ..files import write_text_atomically
 from ..layout import fast_layout
 from . import cache_file
 
+# Part of the cache key; 2: scores measured since each move's ranges are fitted on the checkpoint's BN
+# statistics, not on those the previous move's correction left.
+_VERSION = 2
+
 Quantize = Callable[[list[int]], nn.Module]  # one candidate index per group -> the model quantized that way
 
 
@@ -55,7 +59,7 @@ def measure_group_sensitivity(quantize: Quantize, candidate_counts: list[int], r
 def cached_group_sensitivity(key: Mapping[str, object], reference: nn.Module, measure: Callable[[], np.ndarray],
                              cache_dir: str | Path | None = "default") -> np.ndarray:
     """`measure()`, or its stored result for the same `key` (settings) and `reference` weights."""
-    path = cache_file(cache_dir, reference.state_dict(), key, prefix="measured-")
+    path = cache_file(cache_dir, reference.state_dict(), {**key, "version": _VERSION}, prefix="measured-")
     if path is not None and path.is_file():
         return np.array([[np.inf if v is None else v for v in row] for row in json.loads(path.read_text())])
     scores = measure()
