@@ -261,7 +261,9 @@ def headline_section() -> list[str]:
              "`--stage finetune --folder F` then fine-tunes each distinct plan once (`--jobs 2`, or on a GPU) and "
              "resumes where it stopped. At 3 bits and below a plan's accuracy moves by a few tenths of a point "
              "with torch's thread count (sums taken in another order round some activations to a neighbouring "
-             "code), so compare rows of one run; `--jobs 2` gives each fine-tune one thread.", ""]
+             "code), so compare rows of one run; `--jobs 2` gives each fine-tune one thread. Runs dated before "
+             "2026-12-03 fitted activation ranges in a pass of their own, before BatchNorm correction, and a "
+             "search trial's ranges then depended on the plan scored before it.", ""]
     for data in runs:
         if data["finetune"]["mode"] != "qat":
             lines += headline_table(data) + [""]

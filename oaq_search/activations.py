@@ -28,6 +28,7 @@ class ActivationQuantizer(nn.Module):
         self.method = method
         self.percentile = percentile
         self.observing = False
+        self.fit_on_first_batch = False
         self.register_buffer("sample", torch.empty(0), persistent=False)  # calibration only, never saved
         # The range's upper end: a parameter, so fine-tuning can learn it (LSQ-style), frozen otherwise.
         self.clip = nn.Parameter(torch.tensor(0.0), requires_grad=False)
@@ -50,10 +51,14 @@ class ActivationQuantizer(nn.Module):
         self.signed_flag = torch.tensor(low < 0)
         self.observing = False
 
-    def start_observing(self) -> None:
-        """Forget earlier observations; the next forward passes are recorded, not quantized."""
+    def start_observing(self, fit_on_first_batch: bool = False) -> None:
+        """Forget earlier observations; the next forward passes are recorded, not quantized.
+
+        `fit_on_first_batch`: the range is fixed from the first batch seen and that batch is quantized
+        already, so one pass fits every layer on inputs its upstream layers have quantized."""
         self.sample = torch.empty(0)
         self.observing = True
+        self.fit_on_first_batch = fit_on_first_batch
 
     def set_bits(self, bits: int) -> None:
         self.bits = check_bits(bits, "activation_bits")
@@ -63,7 +68,9 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self._observe(x)
-            return x
+            if not self.fit_on_first_batch:
+                return x
+            self.freeze()
         if not self.calibrated:
             raise UserError("activation quantizer used before calibration: run calibrate_activations() first")
         return fake_quantize_activation(x, self.clip.clamp(min=1e-8), self.bits, bool(self.signed_flag))

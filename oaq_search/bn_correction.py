@@ -45,15 +45,6 @@ class BatchNormCorrector:
         observe_inputs(model, _batchnorms(model), self.images, correct)
         return model
 
-    def restore(self, model: nn.Module) -> nn.Module:
-        """Put back the checkpoint's BN statistics, so what `model` computes next does not depend on
-        the plan it was quantized with before (a search trial re-quantizes one model in place)."""
-        for name, module in _batchnorms(model).items():
-            mean, var = self.original[name]
-            module.running_mean.copy_(mean)
-            module.running_var.copy_(var)
-        return model
-
 
 def _batchnorms(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, _BATCHNORMS)}

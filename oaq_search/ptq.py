@@ -41,16 +41,20 @@ def requantize(wrapped: nn.Module, plan: Plan, images: torch.Tensor | None,
 
 def calibrate_and_correct(quantized: nn.Module, images: torch.Tensor | None, corrector: BatchNormCorrector | None = None,
                           ranges_from_data: bool = True) -> nn.Module:
-    """Fit activation ranges on `images`, correct BatchNorm statistics, then re-fit the ranges to them.
+    """Fit activation ranges on `images` and correct BatchNorm statistics, in one pass in execution
+    order: each range is fitted on the inputs the quantized model gives it (upstream inputs quantized,
+    BNs corrected) and each BN corrected on quantized inputs, so the result depends on the plan alone,
+    never on what the model computed before (a search trial re-quantizes one model in place).
 
+    With a corrector, ranges are fitted on its images (the same calibration images throughout);
+    without one, on `images` with upstream inputs left unquantized (`calibrate_activations`).
     `ranges_from_data=False` keeps ranges the plan fixed (a fine-tuned plan)."""
     calibrate = ranges_from_data and images is not None and bool(activation_quantizers(quantized))
-    if corrector is not None:  # ranges are fitted on the checkpoint's statistics, not the last plan's correction
-        corrector.restore(quantized)
-    if calibrate:
-        calibrate_activations(quantized, [images])
-    if corrector is not None:
-        corrector.apply(quantized)
+    if corrector is None:
         if calibrate:
             calibrate_activations(quantized, [images])
-    return quantized
+        return quantized
+    if calibrate:
+        for quantizer in activation_quantizers(quantized):
+            quantizer.start_observing(fit_on_first_batch=True)
+    return corrector.apply(quantized)

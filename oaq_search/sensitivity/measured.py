@@ -26,8 +26,8 @@ from ..files import write_text_atomically
 from ..layout import fast_layout
 from . import cache_file
 
-# Part of the cache key; 2: scores measured since each move's ranges are fitted on the checkpoint's BN
-# statistics, not on those the previous move's correction left.
+# Part of the cache key; 2: activation ranges and BN correction fitted in one pass, so a move's score
+# no longer depends on the move measured before it.
 _VERSION = 2
 
 Quantize = Callable[[list[int]], nn.Module]  # one candidate index per group -> the model quantized that way
