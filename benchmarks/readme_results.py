@@ -198,7 +198,7 @@ def latency_section() -> list[str]:
 
 
 def finetune_section() -> list[str]:
-    parts = [load(name) for name in ("finetune_scale_resnet20", "finetune_qat_resnet20_w2", "finetune_qat_resnet20_w43",
+    parts = [load(name) for name in ("finetune_scale_resnet20", "finetune_scale_resnet20_w4a4", "finetune_qat_resnet20_w2", "finetune_qat_resnet20_w43",
                                      "finetune_qat_resnet20_w4a4", "finetune_scale_resnet20_w4a4_train_all",
                                      "finetune_scale_resnet20_w4a8_w4a4_per_channel")]
     parts = [part for part in parts if part]
@@ -219,7 +219,9 @@ def finetune_section() -> list[str]:
                          f"{r['finetune_s'] / 60:.0f} min |")
     lines += ["", f"Change in points against full precision ({parts[0]['rows'][0]['fp_accuracy']:.2f} %). Scale "
               "fine-tuning learns s, activation ranges and BatchNorm's affine, with distillation; QAT trains "
-              "the weights too. Times are on the machine below, with other jobs sharing its two cores. Sources: "
+              "the weights too. Times are on the machine below, with other jobs sharing its two cores. The "
+              "second W4A4 scale row (2026-12-03) starts from ranges and BatchNorm correction fitted in one "
+              "pass; the rows before it fitted the ranges in a pass of their own. Sources: "
               + "; ".join(source(data) for data in parts) + "."]
     sweep = load("finetune_scale_sweep_resnet20_w4a4")
     if sweep:
