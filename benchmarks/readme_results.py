@@ -198,8 +198,9 @@ def latency_section() -> list[str]:
 
 
 def finetune_section() -> list[str]:
-    parts = [load(name) for name in ("finetune_scale_resnet20", "finetune_scale_resnet20_w4a4", "finetune_qat_resnet20_w2", "finetune_qat_resnet20_w43",
-                                     "finetune_qat_resnet20_w4a4", "finetune_scale_resnet20_w4a4_train_all",
+    parts = [load(name) for name in ("finetune_scale_resnet20", "finetune_scale_resnet20_w4a4", "finetune_qat_resnet20_w2",
+                                     "finetune_qat_resnet20_w43", "finetune_qat_resnet20_w4a4",
+                                     "finetune_scale_resnet20_w4a4_train_all",
                                      "finetune_scale_resnet20_w4a8_w4a4_per_channel")]
     parts = [part for part in parts if part]
     if not parts:
