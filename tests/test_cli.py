@@ -1,5 +1,7 @@
+import os
 import shutil
 import subprocess
+import sys
 
 import torch
 
@@ -47,3 +49,13 @@ def test_console_script_is_installed_and_exits_non_zero_on_bad_input():
     assert executable, "oaq-search is not on PATH: install the package with pip install -e ."
     result = subprocess.run([executable, "graph", "--model", "nope"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("oaq-search: error: unknown model")
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`oaq-search graph | head`: the reader is gone before the output ends; no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as after `head` has exited
+    result = subprocess.run([sys.executable, "-m", "oaq_search", "graph", "--model", "resnet20"], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    assert result.returncode == 1 and result.stderr == ""

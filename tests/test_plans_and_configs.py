@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from oaq_search.budget import parse_budget
+from oaq_search.budget import format_quantity, parse_budget
 from oaq_search.config import dump_study_config, load_study_config
 from oaq_search.errors import UserError
 from oaq_search.graph import build_layer_graph
@@ -71,6 +71,12 @@ def test_budgets_parse_in_user_units():
     for bad in ("memory", "speed=3", "memory=-1KiB", "latency=3KiB"):
         with pytest.raises(UserError):
             parse_budget(bad)
+
+
+def test_budgets_print_in_readable_units():
+    assert format_quantity("weight_bytes", 80 * 1024) == "80.0 KiB"
+    assert format_quantity("weight_bytes", 10) == "10 B"  # a unit-less memory budget is bytes, not "0.0 KiB"
+    assert format_quantity("latency_s", 1.2e-3) == "1.200 ms"
 
 
 def test_plan_round_trips_through_json(tmp_path):
