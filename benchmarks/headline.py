@@ -198,7 +198,8 @@ def markdown(rows: list[dict], cost_model: str = "memory") -> str:
     lines.append("")
     lines.append(f"Changes are test-split points against full precision ({rows[0]['fp_test']:.2f} % for "
                  f"{rows[0]['model']}); activations at {rows[0]['activation_bits']} bits (first and last layer inputs "
-                 f"at 8). Identical plans (at 2 bits every method is uniform W2) are fine-tuned once.")
+                 f"at 8). Identical plans are fine-tuned once (under cost model memory every method's 2-bit plan is "
+                 f"uniform W2).")
     if cost_model != "memory":
         lines.append(f"Plan sizes by cost model {cost_model}" + (": 2-bit layers' ternary codes packed five to a byte."
                                                                   if cost_model == "memory-base3" else "."))

@@ -102,6 +102,13 @@ def mean_difference_from_seed(rows: list[dict], margined: list[dict]) -> float:
     return sum(r["search_test"] - r["integer_program_test"] for r in plain) / max(len(plain), 1)
 
 
+def table_integer_program(row: dict) -> str:
+    """The integer program over the sensitivity table alone (runs from 2026-12-05 on; blank before)."""
+    if "table_integer_program_test" not in row:
+        return ""
+    return f"{row['table_integer_program_test']:.2f} % ({row['sensitivity_metric']})"
+
+
 def search_section() -> list[str]:
     stems = [path.stem for path in sorted(RESULTS.glob("search_quality_*.json"))]
     found = [load(stem) for stem in stems]
@@ -109,8 +116,9 @@ def search_section() -> list[str]:
         return []
     lines = ["### Mixed-precision search (test split, BatchNorm correction everywhere)", "",
              "| model | average bits | trials | scored by | images per trial | cost model | weight grids | seed margin | "
-             "budget | uniform OAQ | integer-program seed | best of the search | FP |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "budget | uniform OAQ | integer program on the sensitivity table | integer-program seed | best of the search "
+             "| FP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = sorted(({"score": "accuracy", "cost_model": "memory", "grids": ["uniform"],  # older rows: defaults
                     "eval_images": option(data["command"], "--eval-images", 1000), **r}
                    for data in found for r in data["rows"]),
@@ -121,13 +129,16 @@ def search_section() -> list[str]:
                      f"{r['cost_model']} | {' + '.join(r['grids'])} | {r.get('seed_margin', '-')} | "
                      f"{r['budget_kib']:.1f} KiB | "
                      f"{r['uniform_test']:.2f} % "
-                     f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {r['integer_program_test']:.2f} % | "
+                     f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {table_integer_program(r)} | "
+                     f"{r['integer_program_test']:.2f} % | "
                      f"{r['search_test']:.2f} % ({r['search_kib']:.1f} KiB) | {r['fp_test']:.2f} % |")
     gains = "; ".join(f"{weights(r)} at {r['average_bits']} bits ({r['score']} on {r['eval_images']} images, "
                       f"{r['cost_model']}, {'+'.join(r['grids'])}{margin(r)}): "
                       f"{r['search_test'] - r['uniform_test']:+.2f} against "
-                      f"uniform (W{r['uniform_bits']}), {r['search_test'] - r['integer_program_test']:+.2f} against the "
-                      f"seed" for r in rows)
+                      f"uniform (W{r['uniform_bits']}), "
+                      + (f"{r['search_test'] - r['table_integer_program_test']:+.2f} against the integer program on the "
+                         f"{r['sensitivity_metric']} table, " if "table_integer_program_test" in r else "")
+                      + f"{r['search_test'] - r['integer_program_test']:+.2f} against the seed" for r in rows)
     plain = [r for r in rows if not r.get("seed_margin")]  # the best re-scored finalist won
     margined = [r for r in rows if r.get("seed_margin")]
     below = sum(r["search_test"] < r["integer_program_test"] for r in plain)
@@ -143,7 +154,11 @@ def search_section() -> list[str]:
         for r in plain if "search_minus_seed" in r)
     noise = max((abs(r["search_minus_seed"]["test"]["difference"]) / r["search_minus_seed"]["test"]["standard_error"]
                  for r in plain if "search_minus_seed" in r), default=0.0)
-    lines += ["", "Cost model memory-base3 packs 2-bit layers' ternary codes five to a byte (1.6 bits a weight), "
+    lines += ["", "Integer program on the sensitivity table: the exact allocation over the per-layer table alone "
+              "(one grid, no plan scored on images), the plan a user gets without searching. The integer-program seed is the "
+              "same program over each tie group's measured output KL (512 search-split images, every grid), the "
+              "search's first step; blank: runs from before that column. "
+              "Cost model memory-base3 packs 2-bit layers' ternary codes five to a byte (1.6 bits a weight), "
               "memory two bits a weight; budgets are the same bytes. Seed margin: the best re-scored finalist "
               "replaces the integer-program seed only when better by that many standard errors of their paired "
               "per-image difference on the whole search split (-: runs from before that rule, the best finalist won). "
@@ -334,11 +349,22 @@ def headline_table(data: dict) -> list[str]:
     lines += ["", f"Test-split change in points against full precision; activations at "
               f"{data['rows'][0]['activation_bits']} bits. Fine-tune: {finetune['mode']}, {finetune['epochs']} epoch(s) "
               f"of {images} images for every plan; search: {data['trials']} trials. Uniform "
-              f"plans use the largest bit-width that fits. Run on {data['machine']['gpu'] or data['machine']['cpu']}. "
+              f"plans use the largest bit-width that fits. {search_minus_uniform(data)} "
+              f"Run on {data['machine']['gpu'] or data['machine']['cpu']}. "
               + (f"Plans searched and sized by cost model {data['cost_model']}" + BASE3 + " "
                  if data.get("cost_model", "memory") != "memory" else "")
               + f"Source: {source(data)}."]
     return lines
+
+
+def search_minus_uniform(data: dict) -> str:
+    """What mixed precision buys after the fine-tune: the search's change minus uniform OAQ's, per budget."""
+    changes: dict[float, dict[str, float]] = {}
+    for r in data["rows"]:
+        changes.setdefault(r["average_bits"], {})[r["method"].split(" W")[0]] = r["finetuned_change"]
+    return ("After the fine-tune, search minus uniform OAQ: "
+            + ", ".join(f"{bits:g} bits {c['search'] - c['uniform OAQ']:+.2f}" for bits, c in changes.items()
+                        if {"search", "uniform OAQ"} <= c.keys()) + ".")
 
 
 def systems_section() -> list[str]:
