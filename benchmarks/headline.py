@@ -16,6 +16,7 @@ and tests each of them (--jobs at once, one torch thread each). `all` does both.
     python benchmarks/headline.py --stage finetune --folder F --mode qat --epochs 1 --jobs 2
     python benchmarks/headline.py --stage finetune --folder F --mode qat --epochs 3 --jobs 2 --bits 2.4 2 --methods search 'uniform OAQ'
     python benchmarks/headline.py --stage plans --folder G --models resnet20 --bits 2 --trials 40 --cost-model memory-base3
+    python benchmarks/headline.py --stage finetune --folder G --mode qat --epochs 16 --methods search --tag 2bits
 
 With a `--cost-model` other than memory (memory-base3: 2-bit layers' ternary codes five to a byte),
 budgets stay the same bytes and the results' name says the cost model.
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--finetune-images", type=int, default=None,
                         help="fine-tuning images per epoch (default: the whole fine-tuning split)")
     parser.add_argument("--jobs", type=int, default=1, help="fine-tunes at once (two cores: at most 2)")
+    parser.add_argument("--tag", default="", help="finetune: appended to the results' name, so a run on other "
+                        "budgets does not replace an earlier run's file")
     args = parser.parse_args()
     if args.stage == "finetune" and not (args.folder and (args.folder / INDEX).is_file()):
         parser.error(f"--stage finetune needs --folder holding the {INDEX} of a finished `--stage plans`")
@@ -74,7 +77,7 @@ def main() -> None:
                    args.eval_images, args.cost_model)
     if args.stage in ("all", "finetune"):
         config = FinetuneConfig(mode=args.mode, epochs=args.epochs, images_per_epoch=args.finetune_images)
-        finetune_plans(folder, config, args.jobs, args.bits, args.methods)
+        finetune_plans(folder, config, args.jobs, args.bits, args.methods, args.tag)
 
 
 def make_plans(folder: Path, models: list[str], bits_list: list[float], activation_bits: int, trials: int,
@@ -119,7 +122,7 @@ def make_plans(folder: Path, models: list[str], bits_list: list[float], activati
 
 
 def finetune_plans(folder: Path, config: FinetuneConfig, jobs: int, bits: list[float] | None = None,
-                   methods: list[str] | None = None) -> None:
+                   methods: list[str] | None = None, tag: str = "") -> None:
     """Fine-tune and test every distinct plan in folder/plans.json once (only those at `bits` and of
     `methods` when given); write the results table."""
     index = json.loads((folder / INDEX).read_text())
@@ -151,7 +154,7 @@ def finetune_plans(folder: Path, config: FinetuneConfig, jobs: int, bits: list[f
     models = list(dict.fromkeys(row["model"] for row in rows))
     cost_model = index.get("cost_model", "memory")
     suffix = ("" if cost_model == "memory" else f"_{cost_model}") + \
-        ("" if config.mode == "scale" else f"_{config.mode}_e{config.epochs}")
+        ("" if config.mode == "scale" else f"_{config.mode}_e{config.epochs}") + (f"_{tag}" if tag else "")
     command = invocation()
     if "plans_command" in index and index["plans_command"] != command:  # the table depends on both stages
         command = f"{index['plans_command']} && {command}"
