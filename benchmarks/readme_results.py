@@ -102,7 +102,7 @@ def mean_difference_from_seed(rows: list[dict], margined: list[dict]) -> float:
     return sum(r["search_test"] - r["integer_program_test"] for r in plain) / max(len(plain), 1)
 
 
-def table_integer_program(row: dict) -> str:
+def table_integer_program_cell(row: dict) -> str:
     """The integer program over the sensitivity table alone (runs from 2026-12-05 on; blank before)."""
     if "table_integer_program_test" not in row:
         return ""
@@ -129,7 +129,7 @@ def search_section() -> list[str]:
                      f"{r['cost_model']} | {' + '.join(r['grids'])} | {r.get('seed_margin', '-')} | "
                      f"{r['budget_kib']:.1f} KiB | "
                      f"{r['uniform_test']:.2f} % "
-                     f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {table_integer_program(r)} | "
+                     f"(W{r['uniform_bits']}, {r['uniform_kib']:.1f} KiB) | {table_integer_program_cell(r)} | "
                      f"{r['integer_program_test']:.2f} % | "
                      f"{r['search_test']:.2f} % ({r['search_kib']:.1f} KiB) | {r['fp_test']:.2f} % |")
     gains = "; ".join(f"{weights(r)} at {r['average_bits']} bits ({r['score']} on {r['eval_images']} images, "
