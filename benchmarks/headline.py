@@ -37,9 +37,9 @@ from _common import SHARED, checkpoint, invocation, write_results
 from search_quality import budget_bytes, run, with_budget
 
 from oaq_search.config import FinetuneConfig
-from oaq_search.data import CifarSplits, load_cifar10
+from oaq_search.data import Splits, load_cifar10
 from oaq_search.files import write_text_atomically
-from oaq_search.pipeline import finetune_and_test, finish, load_model
+from oaq_search.pipeline import finetune_and_test, finish_study, load_model
 from oaq_search.plan import Plan
 from oaq_search.planning import PlanFactory
 from oaq_search.schema import to_dict
@@ -97,7 +97,7 @@ def make_plans(folder: Path, models: list[str], bits_list: list[float], activati
             config = with_budget("headline", model, bits, trials, folder, eval_images=eval_images,
                                  activation_bits=activation_bits, cost_model=cost_model_name)
             prepared, study = run(config)  # resumes a study left in folder
-            candidates = {"search": finish(prepared, study).plan, "integer program": Plan.from_dict(
+            candidates = {"search": finish_study(config, prepared, study).plan, "integer program": Plan.from_dict(
                 next(t for t in study.trials if t.user_attrs.get("seed") == "integer_program").user_attrs["plan"])}
             factory, budget, cost_model = prepared.objective.factory, budget_bytes(model, bits), prepared.objective.cost_model
             fitting = [b for b in config.search.weight_bits
@@ -186,7 +186,7 @@ def finetune_entry(folder: Path, entry: dict, config: FinetuneConfig) -> dict:
 
 
 @functools.cache
-def _splits() -> CifarSplits:
+def _splits() -> Splits:
     """CIFAR-10, read once per process rather than once per plan."""
     return load_cifar10(SHARED / "data/cifar10")
 

@@ -23,7 +23,7 @@ from search_quality import run, study_config
 import hwmodels
 from oaq_search.data import load_cifar10
 from oaq_search.evaluate import accuracy
-from oaq_search.pipeline import finish, layer_graph, load_model
+from oaq_search.pipeline import finish_study, layer_graph, load_model
 from oaq_search.plan import Plan
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import CALIBRATION_IMAGES, post_training_quantize
@@ -56,7 +56,7 @@ def search_row(kind: str, model: str, target: str, latency_us: float, trials: in
                           weight_bits=legal, activation_bits=activation_bits, cost_model=target)
     config.budget = {"latency": f"{latency_us:.4f}us"}
     prepared, study = run(config)
-    result = finish(prepared, study)
+    result = finish_study(config, prepared, study)
     seed_trial = next(t for t in study.trials if t.user_attrs.get("seed") == "integer_program")
     seed_plan = Plan.from_dict(seed_trial.user_attrs["plan"])
     return {"plan": kind, "test": result.test_accuracy, "fp_test": result.fp_test_accuracy,

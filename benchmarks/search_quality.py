@@ -51,7 +51,8 @@ from oaq_search.config import SearchConfig, StudyConfig, load_study_config
 from oaq_search.data import ImageSplit
 from oaq_search.evaluate import SCORES, accuracy, correct, paired_difference
 from oaq_search.grids import GRIDS
-from oaq_search.pipeline import finish, layer_graph, load_model, open_study, prepare
+from oaq_search.engine import open_study
+from oaq_search.pipeline import finish_study, layer_graph, load_model, prepare
 from oaq_search.plan import Plan
 from oaq_search.ptq import post_training_quantize
 from oaq_search.queue import work
@@ -133,7 +134,7 @@ def quality(model: str, bits_list: list[float], n_trials: int, folder: Path, eva
                              eval_images=eval_images, screen_images=screen_images, score=score, cost_model=cost_model,
                              grid=grid, measured_sensitivity_images=measured_images, seed_margin=seed_margin)
         prepared, study = run(config)
-        result = finish(prepared, study)
+        result = finish_study(config, prepared, study)
         test_split = prepared.splits.test
         fp = result.fp_test_accuracy
 

@@ -8,6 +8,8 @@ and a re-run resumes; `--max-minutes` pauses after the epoch that passes it (re-
 
     python benchmarks/train_reference.py --model densenet100 --epochs 100 --device cuda
     python benchmarks/train_reference.py --model resnet20 --name resnet20_scratch --epochs 40 --weight-decay 5e-4
+    python benchmarks/train_reference.py --factory model:build --factory-folder examples/own_model \
+        --name tiny_mobilenet --epochs 8 --weight-decay 4e-5
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from oaq_search.data import load_cifar10
 from oaq_search.evaluate import accuracy
 from oaq_search.files import save_atomically
 from oaq_search.finetune import training_device
-from oaq_search.models import build_model
+from oaq_search.config import ModelConfig
+from oaq_search.pipeline import load_study_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="densenet100")
+    parser.add_argument("--factory", help="a user's model instead: package.module:function, as a study file's [model]")
+    parser.add_argument("--factory-folder", default=".", help="where --factory's module is found first")
     parser.add_argument("--name", default=None, help="the checkpoint is <name>_cifar10jpeg.pt (default: the model's)")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -49,14 +54,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     splits = load_cifar10(args.data_root)
     train = splits.finetune.to(device)
-    model = build_model(args.model).to(device, memory_format=torch.channels_last)
+    model = load_study_model(ModelConfig(name=None if args.factory else args.model, factory=args.factory),
+                             Path(args.factory_folder)).train().to(device, memory_format=torch.channels_last)
     steps_per_epoch = len(train) // args.batch_size  # the last partial batch is dropped
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     warmup, total = round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / max(warmup, 1), 1.0) * 0.5 * (
         1 + math.cos(math.pi * min(max(step - warmup, 0) / max(total - warmup, 1), 1.0))))
-    state_path = Path(args.state or f"runs/reference/{args.name or args.model}.pt")
+    state_path = Path(args.state or f"runs/reference/{args.name or args.factory or args.model}.pt")
     history = resume(state_path, training_recipe(args), model, optimizer, schedule)
     for epoch in range(len(history), args.epochs):
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
@@ -89,7 +95,7 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, splits, history: li
     """The plain state_dict under benchmarks/checkpoints/, and the recipe with its results."""
     model = model.float().to("cpu", memory_format=torch.contiguous_format).eval()
     CHECKPOINTS.mkdir(exist_ok=True)
-    name = args.name or args.model
+    name = args.name or args.factory or args.model
     path = CHECKPOINTS / f"{name}_cifar10jpeg.pt"
     torch.save(model.state_dict(), path)
     test = accuracy(model, splits.test, progress=False)
@@ -98,7 +104,7 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, splits, history: li
              "epochs_seconds": round(sum(h["seconds"] for h in history), 1), "recipe": training_recipe(args)}
     last = history[-1]
     markdown = (f"| model | epochs | test accuracy (FP32) | search split (held out) | training time |\n"
-                f"|---|---|---|---|---|\n| {args.model} | {len(history)} | {test:.2f} % | "
+                f"|---|---|---|---|---|\n| {args.factory or args.model} | {len(history)} | {test:.2f} % | "
                 f"{last['search_accuracy']:.2f} % | {extra['epochs_seconds'] / 60:.1f} min |\n\n"
                 f"Checkpoint `{extra['checkpoint']}` ({extra['bytes']} bytes, sha256 {extra['sha256']}). Recipe: "
                 + ", ".join(f"{key} {value}" for key, value in extra["recipe"].items()) + ".")
@@ -108,7 +114,7 @@ def finish(args: argparse.Namespace, model: torch.nn.Module, splits, history: li
 
 def training_recipe(args: argparse.Namespace) -> dict:
     """What makes two runs the same training: a saved state resumes only under the same recipe."""
-    return {key: getattr(args, key) for key in ("model", "epochs", "batch_size", "learning_rate", "warmup_epochs",
+    return {key: getattr(args, key) for key in ("factory" if args.factory else "model", "epochs", "batch_size", "learning_rate", "warmup_epochs",
                                                 "weight_decay", "seed")}
 
 

@@ -271,7 +271,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if checkpoint is None:
         raise UserError("no checkpoint to fine-tune: pass --checkpoint (the plan does not name one)")
     model = load_model(model_name, checkpoint)
-    plan.check_against(layer_graph(model_name, model))
+    plan.check_against(layer_graph(model_name, model), model_name)
     data = study.data if study else DataConfig()
     splits = load_cifar10(args.data_root or data.root, data.search_size)
     result = finetune_and_test(model, plan, splits, config, args.out, args.test_images)
@@ -294,7 +294,7 @@ def _quantize(args: argparse.Namespace) -> int:
     graph = layer_graph(args.model, model)
     plan = Plan.load(args.plan) if getattr(args, "plan", None) else None
     if plan is not None:
-        plan.check_against(graph)
+        plan.check_against(graph, args.model)
     splits = load_cifar10(args.data_root, args.search_size)
     if plan is None:  # with calibration data, (s, T) minimise each layer's output error; data-free, weight MSE
         calibration = None if args.no_bn_correction else next(splits.search.batches(CALIBRATION_IMAGES))[0]
@@ -339,13 +339,14 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .pipeline import open_study, prepare
+    from .engine import open_study
+    from .pipeline import prepare
     from .report import write_report
 
     config = _study_config(args)
-    prepared = prepare(config)
-    study, _ = open_study(prepared, create=False)
-    page = write_report(prepared, study, args.out or config.output_path / "report")
+    engine = prepare(config)
+    study, _ = open_study(engine, create=False)
+    page = write_report(engine, study, args.out or config.output_path / "report")
     print(f"report written to {page}")
     return 0
 

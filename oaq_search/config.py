@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
 from .budget import parse_budget
+from .data import MEAN, STD
 from .errors import UserError
 from .evaluate import BATCH_SIZE, SCORES
 from .grids import GRIDS, check_bits
@@ -19,20 +21,72 @@ SAMPLERS = ("tpe", "random")
 FINETUNE_MODES = ("none", "scale", "qat")
 TRAIN_SPLITS = ("finetune", "all")
 OUTLIER_RULES = ("output_error", "weight_mse")
+DATA_KINDS = ("cifar10", "imagefolder", "python")
 
 
 @dataclass
 class ModelConfig:
-    name: str
+    """A registered model (`name`), or the user's (`factory`, "package.module:function" with `kwargs`)."""
+
+    name: str | None = None
+    factory: str | None = None  # looked up beside the study file first, then among installed packages
+    kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None  # None: random initialisation (only useful for smoke tests)
+    leaf_modules: list[str] = field(default_factory=list)  # submodules torch.fx calls whole (they stay in float)
+
+    def __post_init__(self):
+        if (self.name is None) == (self.factory is None):
+            raise UserError("[model] needs exactly one of name (a registered model) or factory (package.module:function)")
+        if self.factory is not None and ":" not in self.factory:
+            raise UserError(f"model factory must be package.module:function, got {self.factory!r}")
+        if self.kwargs and self.factory is None:
+            raise UserError("[model] kwargs go with factory; a registered model takes none")
+
+    @property
+    def label(self) -> str:
+        """What plans name as their model: the registry name, or the factory's."""
+        return self.name or self.factory
 
 
 @dataclass
 class DataConfig:
-    root: str | None = None  # folder holding cifar-10-batches-py/; None: $OAQ_DATA_ROOT
-    search_size: int = 5000  # tail of the training set used by the search objective
+    """Where the images come from: CIFAR-10, class folders (ImageFolder), or the user's loader function."""
+
+    kind: str = "cifar10"  # cifar10 | imagefolder | python
+    root: str | None = None  # cifar10: the folder holding cifar-10-batches-py/ ($OAQ_DATA_ROOT); imagefolder: its root
+    search_size: int = 5000  # the training set's last images: the search objective's and calibration's data
     test_images: int | None = None  # None: the whole test split (what results report); fewer for a quick look
     download: bool = False
+    # imagefolder: class folders under root/train and root/test (or root/val); without a test folder,
+    # the last test_fraction of each class of train is the test split
+    train: str = "train"
+    test: str | None = None  # None: "test" or "val", whichever exists
+    test_fraction: float = 0.2
+    resize: int | None = None  # shorter side to this many pixels (None: images as they are)
+    crop: int | None = None  # then a centred square crop of this size; images must end at one size
+    mean: list[float] = field(default_factory=lambda: list(MEAN))  # per channel, of pixels scaled to [0, 1]
+    std: list[float] = field(default_factory=lambda: list(STD))
+    # python: "package.module:function" returning {"search" or "train": loader, "finetune": loader, "test": loader}
+    loader: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in DATA_KINDS:
+            raise UserError(f"data kind must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
+        if self.kind == "python" and (self.loader is None or ":" not in self.loader):
+            raise UserError("data kind 'python' needs loader = \"package.module:function\"")
+        if self.kind == "imagefolder" and self.root is None:
+            raise UserError("data kind 'imagefolder' needs root: the folder holding train/ (and test/ or val/)")
+        if self.search_size < 1:
+            raise UserError(f"search_size must be at least 1, got {self.search_size}")
+        if self.test_images is not None and self.test_images < 1:
+            raise UserError(f"test_images must be at least 1 (or left out for the whole test split), got {self.test_images}")
+        if not 0 < self.test_fraction < 1:
+            raise UserError(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+        for name in ("resize", "crop"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"{name} must be a positive number of pixels, got {getattr(self, name)}")
+        if len(self.mean) != len(self.std) or not all(s > 0 for s in self.std):
+            raise UserError(f"mean and std need one value per channel and std > 0, got {self.mean} and {self.std}")
 
 
 @dataclass
@@ -179,6 +233,7 @@ class StudyConfig:
     budget: dict[str, str] = field(default_factory=dict)  # e.g. {"memory": "98KiB"}
     storage: str | None = None  # Optuna storage URL; None: SQLite file in output_dir
     output_dir: str | None = None  # None: runs/<name>
+    folder = Path(".")  # not a key: the study file's folder, where [model] factory and [data] loader modules are found
 
     def __post_init__(self):
         parse_budget(self.budget)  # validates names and units now, not mid-run
@@ -193,7 +248,9 @@ class StudyConfig:
 
 
 def load_study_config(path: str | Path) -> StudyConfig:
-    return parse(StudyConfig, read_document(path, "study file"), f"study file {path}")
+    config = parse(StudyConfig, read_document(path, "study file"), f"study file {path}")
+    config.folder = Path(path).parent
+    return config
 
 
 def dump_study_config(config: StudyConfig) -> str:

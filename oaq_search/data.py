@@ -1,8 +1,9 @@
-"""CIFAR-10 from a torchvision-layout folder, held in memory, with deterministic splits.
+"""Image data held in memory as splits: CIFAR-10 from a torchvision-layout folder, or any loader's batches.
 
 Splits follow the benchmark protocol: a *search split* carved from the tail of the training set
 (calibration, sensitivity validation, the search objective), the rest of the training set for
-fine-tuning, and the test set only for the final reported accuracy.
+fine-tuning, and the test set only for the final reported accuracy. Other sources (ImageFolder,
+a user's DataLoader) are read into the same `Splits` by `imagefolder` and `split_from_batches`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import os
 import pickle
 import tarfile
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -34,23 +35,28 @@ _DOWNLOAD_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 @dataclass(frozen=True)
 class ImageSplit:
-    """uint8 images (N, 3, 32, 32) and int64 labels (N,), batched into normalised float tensors."""
+    """Images (N, C, H, W) and targets (N, ...), batched into float tensors for the model.
+
+    uint8 images are stored compactly and normalised per batch with `mean` and `std`; float images
+    (what a user's DataLoader yields) are passed to the model as they are."""
 
     name: str
     images: torch.Tensor
     labels: torch.Tensor
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, count: int) -> "ImageSplit":
         """The first `count` images (all when count >= len): a fixed, cheap-to-evaluate subset."""
-        return ImageSplit(f"{self.name}[:{count}]", self.images[:count], self.labels[:count])
+        return replace(self, name=f"{self.name}[:{count}]", images=self.images[:count], labels=self.labels[:count])
 
     def last(self, count: int) -> "ImageSplit":
         """The last `count` images: apart from `subset` and calibration, which take the first."""
         start = max(len(self) - count, 0)
-        return ImageSplit(f"{self.name}[{start}:]", self.images[start:], self.labels[start:])
+        return replace(self, name=f"{self.name}[{start}:]", images=self.images[start:], labels=self.labels[start:])
 
     def batches(
         self, batch_size: int, shuffle: bool = False, augment: bool = False, seed: int = 0
@@ -63,31 +69,65 @@ class ImageSplit:
             images = self.images[index]
             if augment:
                 images = _random_crop_flip(images, generator)
-            yield normalize(images), self.labels[index]
+            yield self.normalize(images), self.labels[index]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> float32 normalised with the split's mean and std; float images unchanged."""
+        if images.is_floating_point():
+            return images
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255 - mean) / std
 
     def to(self, device: str | torch.device) -> "ImageSplit":
         """The same split with its tensors on `device` (batches, crops and flips then run there)."""
-        return ImageSplit(self.name, self.images.to(device), self.labels.to(device))
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
     def fingerprint(self) -> str:
         """A short hash of the pixels and labels, so studies can tell when their data changed."""
-        digest = hashlib.sha256(self.images.numpy().tobytes())
-        digest.update(self.labels.numpy().tobytes())
+        digest = hashlib.sha256(self.images.cpu().numpy().tobytes())
+        digest.update(self.labels.cpu().numpy().tobytes())
+        if not self.images.is_floating_point() and (self.mean, self.std) != (MEAN, STD):
+            digest.update(repr((self.mean, self.std)).encode())  # what the model sees (CIFAR's kept old digests)
         return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
-class CifarSplits:
+class Splits:
+    """The three splits every stage reads: search (scores, calibration), finetune (training), test (final)."""
+
     search: ImageSplit
     finetune: ImageSplit
     test: ImageSplit
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input as the model sees it, without the batch dimension (C, H, W)."""
+        return tuple(self.search.images.shape[1:])
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float32 normalised with the checkpoints' mean and std."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+
+def split_from_batches(batches: Iterable, name: str) -> ImageSplit:
+    """Every `(inputs, targets)` batch of a loader (a DataLoader, any iterable) held in memory as one split.
+
+    Inputs must be (N, C, H, W) tensors of one shape: the first batch fixes the model's input shape."""
+    images, labels = [], []
+    for index, batch in enumerate(batches):
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)):
+            raise UserError(f"{name} data: batch {index} is a {type(batch).__name__}, not (inputs, targets) tensors: "
+                            f"make the loader yield (images, labels) pairs")
+        inputs, targets = batch[0], torch.as_tensor(batch[1])
+        if inputs.dim() != 4 or (images and inputs.shape[1:] != images[0].shape[1:]):
+            expected = f"(N, {', '.join(map(str, images[0].shape[1:]))})" if images else "(N, C, H, W)"
+            raise UserError(f"{name} data: batch {index} has inputs of shape {tuple(inputs.shape)}, expected {expected}: "
+                            f"resize or crop every image to one size in the loader's transform")
+        if len(targets) != len(inputs):
+            raise UserError(f"{name} data: batch {index} has {len(inputs)} inputs but {len(targets)} targets")
+        images.append(inputs.detach().cpu())
+        labels.append(targets.detach().cpu())
+    if not images:
+        raise UserError(f"{name} data: the loader yielded no batch")
+    inputs = torch.cat(images)
+    return ImageSplit(name, inputs if inputs.dtype == torch.uint8 else inputs.float(), torch.cat(labels))
 
 
 def resolve_data_root(root: str | Path | None) -> Path:
@@ -98,7 +138,7 @@ def resolve_data_root(root: str | Path | None) -> Path:
     return Path(chosen).expanduser()
 
 
-def load_cifar10(root: str | Path | None = None, search_size: int = 5000, download: bool = False) -> CifarSplits:
+def load_cifar10(root: str | Path | None = None, search_size: int = 5000, download: bool = False) -> Splits:
     """Read CIFAR-10 (no md5 check, so rebuilt copies load) and split it deterministically."""
     folder = resolve_data_root(root) / BATCH_FOLDER
     if download and not folder.is_dir():
@@ -110,14 +150,18 @@ def load_cifar10(root: str | Path | None = None, search_size: int = 5000, downlo
         )
     train_images, train_labels = _read_batches(folder, TRAIN_FILES)
     test_images, test_labels = _read_batches(folder, (TEST_FILE,))
-    if not 0 < search_size < len(train_labels):
-        raise UserError(f"search_size must be between 1 and {len(train_labels) - 1}, got {search_size}")
-    cut = len(train_labels) - search_size
-    return CifarSplits(
-        search=ImageSplit("search", train_images[cut:], train_labels[cut:]),
-        finetune=ImageSplit("finetune", train_images[:cut], train_labels[:cut]),
-        test=ImageSplit("test", test_images, test_labels),
-    )
+    return split_training_tail(ImageSplit("train", train_images, train_labels), ImageSplit("test", test_images, test_labels),
+                               search_size)
+
+
+def split_training_tail(train: ImageSplit, test: ImageSplit, search_size: int) -> Splits:
+    """The last `search_size` training images are the search split, the rest the fine-tuning split."""
+    if not 0 < search_size < len(train):
+        raise UserError(f"search_size must be between 1 and {len(train) - 1} (the training images less one), "
+                        f"got {search_size}")
+    cut = len(train) - search_size
+    return Splits(search=replace(train.last(search_size), name="search"),
+                  finetune=replace(train.subset(cut), name="finetune"), test=test)
 
 
 def write_cifar10_batches(folder: str | Path, images: np.ndarray, labels: np.ndarray, name: str) -> None:
@@ -129,20 +173,36 @@ def write_cifar10_batches(folder: str | Path, images: np.ndarray, labels: np.nda
         pickle.dump(batch, handle, protocol=2)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR batch pickle without running code: only the classes the format holds (a numpy
+    array and its dtype; bytes as protocol 2 writes them) can be named, so a planted pickle fails."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
 def _read_batches(folder: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for name in names:
         path = folder / name
         try:
             with open(path, "rb") as handle:
-                batch = pickle.load(handle, encoding="latin1")
-            data, batch_labels = batch["data"], batch["labels"]
+                batch = _BatchUnpickler(handle, encoding="latin1").load()
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch["labels"], dtype=np.int64).reshape(-1))
         except FileNotFoundError:
             raise UserError(f"CIFAR-10 batch {path} is missing: the folder is incomplete") from None
         except Exception as error:
-            raise UserError(f"CIFAR-10 batch {path} cannot be read ({type(error).__name__}): re-copy the file") from error
-        images.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch_labels, dtype=np.int64))
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"CIFAR-10 batch {path} cannot be read ({reason}): re-copy the file") from None
+        if len(images[-1]) != len(labels[-1]):
+            raise UserError(f"CIFAR-10 batch {path} holds {len(images[-1])} images but {len(labels[-1])} labels: "
+                            f"re-copy the file")
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -151,7 +211,7 @@ def _random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch
 
     The draws come from `generator` (on the CPU), so a seed gives the same crops on any device.
     """
-    count, _, height, width = images.shape
+    count, channels, height, width = images.shape
     device = images.device
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     rows = torch.randint(0, 9, (count,), generator=generator).to(device)
@@ -159,7 +219,7 @@ def _random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch
     row_index = (rows[:, None] + torch.arange(height, device=device))[:, None, :, None]
     col_index = (cols[:, None] + torch.arange(width, device=device))[:, None, None, :]
     batch_index = torch.arange(count, device=device)[:, None, None, None]
-    channel_index = torch.arange(3, device=device)[None, :, None, None]
+    channel_index = torch.arange(channels, device=device)[None, :, None, None]
     cropped = padded[batch_index, channel_index, row_index, col_index]
     flip = (torch.rand(count, generator=generator) < 0.5).to(device)
     cropped[flip] = cropped[flip].flip(-1)

@@ -41,7 +41,7 @@ def logits(model: nn.Module, split: ImageSplit, batch_size: int = BATCH_SIZE, pr
     batches = tqdm(split.batches(batch_size), total=-(-len(split) // batch_size), desc=f"eval {split.name}",
                    leave=False, disable=None if progress is None else not progress)
     with torch.inference_mode():
-        outputs = torch.cat([model(fast_layout(images.to(device))).float().cpu() for images, _ in batches])
+        outputs = torch.cat([model(fast_layout(images.to(device), model)).float().cpu() for images, _ in batches])
     model.train(was_training)
     return outputs
 

@@ -124,7 +124,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     model.eval()
     with torch.no_grad():  # not inference_mode: the observed buffers are later used with autograd
         for images in batches:
-            model(fast_layout(images))
+            model(fast_layout(images, model))
     for observer in observers:
         observer.freeze()
 

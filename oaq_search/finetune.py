@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,9 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import FinetuneConfig
-from .data import CifarSplits, ImageSplit
+from .data import Splits, ImageSplit
 from .errors import UserError
 from .evaluate import accuracy
+from .layout import channels_last_works
 from .fake_quant import quantize_, quantized_layers, unwrap
 from .files import save_atomically
 from .packing import pack_model
@@ -56,7 +57,7 @@ class FinetuneResult:
         return sum(epoch["seconds"] for epoch in self.history)
 
 
-def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: FinetuneConfig, output_dir: str | Path,
+def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfig, output_dir: str | Path,
              progress: bool | None = None) -> FinetuneResult:
     """Fine-tune `model` (full precision) quantized by `plan`; files go to `output_dir`.
 
@@ -79,7 +80,7 @@ def finetune(model: nn.Module, plan: Plan, splits: CifarSplits, config: Finetune
     settings = {key: value for key, value in to_dict(config).items() if key != "device"}  # resumable anywhere
     fingerprint = json.dumps({"plan": plan.key(), "model": plan.model, "finetune": settings}, sort_keys=True)
     history = _resume(state_path, fingerprint, quantized, optimizers, schedulers)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if config.channels_last and channels_last_works(model) else torch.contiguous_format
     quantized.to(memory_format=memory_format)
     teacher = copy.deepcopy(model).eval().to(device, memory_format=memory_format) if config.distill else None
     for epoch in range(len(history), config.epochs):
@@ -118,12 +119,12 @@ def training_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def training_images(splits: CifarSplits, train_split: str) -> ImageSplit:
+def training_images(splits: Splits, train_split: str) -> ImageSplit:
     """The fine-tuning split, or (`all`) it and the search split, whose images the checkpoint never saw."""
     if train_split == "finetune":
         return splits.finetune
-    return ImageSplit("finetune+search", torch.cat([splits.finetune.images, splits.search.images]),
-                      torch.cat([splits.finetune.labels, splits.search.labels]))
+    return replace(splits.finetune, name="finetune+search", images=torch.cat([splits.finetune.images, splits.search.images]),
+                   labels=torch.cat([splits.finetune.labels, splits.search.labels]))
 
 
 def learned_plan(quantized: nn.Module, plan: Plan) -> Plan:

@@ -9,8 +9,10 @@ gives peak activation memory by liveness and the tie groups.
 from __future__ import annotations
 
 import functools
+import linecache
 import math
 import operator
+import traceback
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -23,6 +25,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .errors import UserError
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
+_WEIGHTED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)  # what a user expects quantized
+LEAF_MODULES_OPTION = "leaf_modules ([model] leaf_modules in a study file, leaf_modules= in oaq_search.search)"
 # Ops that make no tensor of their own: views, and the BatchNorm and activations that deployments
 # fuse into the producing layer. They extend a tensor's life, not memory.
 _ALIAS_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "size", "dim", "relu", "relu_"}
@@ -56,11 +60,15 @@ class LayerInfo:
 class LayerGraph:
     """A traced model: its quantizable layers, their data flow, activation liveness and tie groups."""
 
-    def __init__(self, layers: nx.DiGraph, tensors: nx.DiGraph, schedule: list[str], total_params: int):
+    def __init__(self, layers: nx.DiGraph, tensors: nx.DiGraph, schedule: list[str], total_params: int,
+                 float_layers: list[str] | None = None):
         self.layers = layers
         self.tensors = tensors
         self.schedule = schedule
         self.total_params = total_params
+        # convolutions and linear layers the quantizers do not handle (Conv1d, transposed, inside a leaf
+        # module): they stay in full precision, and plans and summaries list them
+        self.float_layers = float_layers or []
 
     @property
     def names(self) -> list[str]:
@@ -152,12 +160,12 @@ class LayerGraph:
         return found
 
 
-def build_layer_graph(model: nn.Module, input_shape: tuple[int, ...]) -> LayerGraph:
-    """Trace `model` on one input of `input_shape` (C, H, W) and build its LayerGraph."""
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception as error:
-        raise UserError(f"model {type(model).__name__} cannot be traced by torch.fx: {error}") from error
+def build_layer_graph(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: Iterable[str] = ()) -> LayerGraph:
+    """Trace `model` on one input of `input_shape` (C, H, W) and build its LayerGraph.
+
+    `leaf_modules` (qualified names) are called as a whole, not traced into: the way past a submodule
+    torch.fx cannot trace. Their layers stay in full precision (`LayerGraph.float_layers`)."""
+    traced = _trace(model, set(leaf_modules))
     was_training = model.training
     traced.eval()
     with torch.no_grad():
@@ -195,13 +203,57 @@ def build_layer_graph(model: nn.Module, input_shape: tuple[int, ...]) -> LayerGr
     layers = nx.DiGraph()
     for info in layer_infos:
         layers.add_node(info.name, info=info)
-    graph = LayerGraph(layers, tensors, schedule, sum(p.numel() for p in model.parameters()))
+    float_layers = [name for name, module in model.named_modules()
+                    if isinstance(module, _WEIGHTED_LAYERS) and name not in layers]
+    graph = LayerGraph(layers, tensors, schedule, sum(p.numel() for p in model.parameters()), float_layers)
     if not layer_infos:
         raise UserError(f"model {type(model).__name__} has no Conv2d or Linear layer to quantize")
     for info in layer_infos:
         for producer in graph._producing_layers(info.output_tensor):
             layers.add_edge(producer, info.name)
     return graph
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, calling the user's `leaf_modules` as a whole."""
+
+    def __init__(self, leaf_modules: set[str]):
+        super().__init__()
+        self.leaf_modules = leaf_modules
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name in self.leaf_modules or super().is_leaf_module(module, qualified_name)
+
+
+def _trace(model: nn.Module, leaf_modules: set[str]) -> fx.GraphModule:
+    names = dict(model.named_modules())
+    unknown = sorted(leaf_modules - set(names))
+    if unknown:
+        raise UserError(f"leaf module {unknown[0]!r} is not a submodule of {type(model).__name__}")
+    try:
+        return fx.GraphModule(model, _Tracer(leaf_modules).trace(model))
+    except Exception as error:
+        raise UserError(_untraceable(model, error)) from None
+
+
+def _untraceable(model: nn.Module, error: Exception) -> str:
+    """Where tracing failed, in the user's code: the submodule, file, line and call, and what to do."""
+    modules = {id(module): name for name, module in model.named_modules()}
+    where, submodule = "", None
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        if "/torch/" in frame.f_code.co_filename.replace("\\", "/"):
+            continue
+        owner = frame.f_locals.get("self")
+        if id(owner) in modules:
+            submodule = modules[id(owner)]
+        code = (linecache.getline(frame.f_code.co_filename, line) or "").strip()
+        where = f" at {frame.f_code.co_filename}:{line} (`{code}`)"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if submodule:  # the root module itself cannot be a leaf
+        advice = f"list {submodule!r} in {LEAF_MODULES_OPTION} to call it as a whole (its layers stay in float)"
+    else:
+        advice = f"rewrite that call without data-dependent Python, or move it into a submodule listed in {LEAF_MODULES_OPTION}"
+    return f"model {type(model).__name__} cannot be traced by torch.fx{where}: {reason}; {advice}"
 
 
 def _layer_info(name: str, module: nn.Module, tensors: nx.DiGraph, input_node: str, output_node: str,

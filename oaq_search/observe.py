@@ -20,7 +20,7 @@ def observe_inputs(model: nn.Module, modules: Mapping[str, nn.Module], images: t
     try:
         model.eval()
         with torch.no_grad():
-            model(fast_layout(images))
+            model(fast_layout(images, model))
     finally:
         model.train(was_training)
         for handle in handles:

@@ -82,6 +82,7 @@ class Plan:
 
     model: str
     layers: list[LayerPlan]
+    float_layers: list[str] = field(default_factory=list)  # convolutions and linears kept in full precision
     totals: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     schema_version: int = PLAN_SCHEMA_VERSION
@@ -111,12 +112,20 @@ class Plan:
         layers = [replace(layer, **changes_by_layer.get(layer.name, {})) for layer in self.layers]
         return replace(self, layers=layers)
 
-    def check_against(self, graph: LayerGraph) -> None:
-        """Refuse a plan naming layers the model does not have."""
+    def check_against(self, graph: LayerGraph, model: str | None = None) -> None:
+        """Refuse a plan that is not for `model` (by default, the one it names): one naming layers it does
+        not have, or leaving some of its layers neither quantized nor listed as float (another model's plan)."""
+        model = model or self.model
         unknown = [layer.name for layer in self.layers if layer.name not in graph.layers]
         if unknown:
-            raise UserError(f"plan names layer {unknown[0]!r}, which is not a quantizable layer of {self.model} "
-                            f"(its layers: {', '.join(graph.names[:4])}, ...)")
+            raise UserError(f"plan for {self.model} names layer {unknown[0]!r}, which is not a quantizable layer of "
+                            f"{model} (its layers: {', '.join(graph.names[:4])}, ...): use a plan made for {model}")
+        covered = {layer.name for layer in self.layers} | set(self.float_layers)
+        uncovered = [name for name in graph.names if name not in covered]
+        if uncovered:
+            raise UserError(f"plan for {self.model} leaves {len(uncovered)} of {model}'s {len(graph.names)} layers "
+                            f"unplanned ({uncovered[0]}, ...): use a plan made for {model}, or list the layers kept "
+                            f"in full precision under float_layers")
 
     def key(self) -> str:
         """A hash of the quantization settings alone (not costs or metadata): equal plans, equal keys."""

@@ -78,7 +78,7 @@ class PlanFactory:
                                     chosen.scale_factor, chosen.threshold, chosen.per_channel,
                                     code_packing=packing_for(self.code_packing, chosen.bits, chosen.grid),
                                     tie_group=(tie_groups or {}).get(name)))
-        return Plan(self.model_name, layers)
+        return Plan(self.model_name, layers, list(self.graph.float_layers))
 
     def from_settings(self, settings: Mapping[str, Setting], tie_groups: Mapping[str, int] | None = None) -> Plan:
         """A plan from every layer's `Setting`."""
@@ -94,8 +94,12 @@ class PlanFactory:
 
 
 def end_layers(graph: LayerGraph, first_last_bits: int | None) -> set[str]:
-    """The first and last layer when they are pinned (first_last_bits set), else none."""
-    return {graph.names[0], graph.names[-1]} if first_last_bits is not None else set()
+    """The first layers (every one reading the model's input, as a stem's branches do) and the last,
+    when they are pinned (first_last_bits set), else none."""
+    if first_last_bits is None:
+        return set()
+    image = graph.info(graph.names[0]).input_tensor
+    return {name for name in graph.names if graph.info(name).input_tensor == image} | {graph.names[-1]}
 
 
 def uniform_activation_bits(graph: LayerGraph, bits: int | None, first_last_bits: int | None) -> dict[str, int] | None:

@@ -19,42 +19,42 @@ import optuna  # noqa: E402
 
 from .budget import format_quantity  # noqa: E402
 from .evaluate import format_score, score_label  # noqa: E402
-from .pipeline import Prepared  # noqa: E402
+from .engine import Engine  # noqa: E402
 from .plan import Plan  # noqa: E402
-from .search import FINALIST_SCORES, best_trial, feasible_trials, finalist_score, pareto_trials  # noqa: E402
+from .objective import FINALIST_SCORES, best_trial, feasible_trials, finalist_score, pareto_trials  # noqa: E402
 
 KIB = 1024
 
 
-def write_report(prepared: Prepared, study: optuna.Study, folder: str | Path) -> Path:
+def write_report(engine: Engine, study: optuna.Study, folder: str | Path) -> Path:
     """index.html plus pareto.png, layers.png and history.png in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     best = best_trial(study)
     plan = Plan.from_dict(best.user_attrs["plan"])
-    per_layer = prepared.objective.cost_model.evaluate(prepared.graph, plan).per_layer
-    score = prepared.config.search.score
+    per_layer = engine.objective.cost_model.evaluate(engine.graph, plan).per_layer
+    score = engine.search.score
     _pareto_figure(study, best, score, folder / "pareto.png")
-    _layers_figure(prepared, plan, best, per_layer, folder / "layers.png")
+    _layers_figure(engine, plan, best, per_layer, folder / "layers.png")
     _history_figure(study, score, folder / "history.png")
     budget_rows = "".join(
         f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
         f"<td>{format_quantity(metric, limit)}</td><td>{100 * best.user_attrs['costs'][metric] / limit:.1f} %</td></tr>"
-        for metric, limit in prepared.objective.budget.items())
+        for metric, limit in engine.objective.budget.items())
     rescored, finalist_scores = finalist_score(study, best), study.user_attrs.get(FINALIST_SCORES, {})
-    margin = f"{prepared.config.search.seed_margin:g} standard errors of their paired per-image difference"
+    margin = f"{engine.search.seed_margin:g} standard errors of their paired per-image difference"
     finalist = "" if rescored is None else f" and {format_score(score, rescored)} on the whole search split " + (
         "(the best finalist)" if rescored >= max(finalist_scores.values()) else
         f"(the integer-program seed, kept: no better finalist beat it by {margin})"
         if best.user_attrs.get("seed") == "integer_program" else
         f"(the best finalist that beat the integer-program seed by {margin})")
-    reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(prepared, plan, best, per_layer))
+    reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(engine, plan, best, per_layer))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>oaq-search: {html.escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}img{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2em .6em}}</style></head><body>
 <h1>Study {html.escape(study.study_name)}</h1>
-<p>Model {html.escape(prepared.config.model.name)}; {len(study.trials)} trials; best trial #{best.number}
+<p>Model {html.escape(engine.model_name)}; {len(study.trials)} trials; best trial #{best.number}
 ({html.escape(str(best.user_attrs.get('seed') or 'sampled'))}) with {format_score(score, best.values[0])} on the images scored per
 trial{finalist}.</p>
 <h2>Budget use</h2><table><tr><th>metric</th><th>used</th><th>limit</th><th>share</th></tr>{budget_rows}</table>
@@ -69,18 +69,18 @@ trial{finalist}.</p>
     return path
 
 
-def layer_reasons(prepared: Prepared, plan: Plan, best: optuna.trial.FrozenTrial,
+def layer_reasons(engine: Engine, plan: Plan, best: optuna.trial.FrozenTrial,
                   per_layer: dict[str, dict[str, float]]) -> list[str]:
     """One sentence per layer: its bits, its share of the weight bytes, how sensitive it is."""
-    metric, method = prepared.config.search.sensitivity_metric, prepared.config.search.method
-    table = prepared.sensitivity
+    metric, method = engine.search.sensitivity_metric, engine.search.method
+    table = engine.sensitivity
     costs = best.user_attrs["costs"]
     probe_bits = min(table.bits)
     ranking = table.ranking(metric, method, probe_bits)
     sentences = []
     for layer in plan.layers:
         share = 100 * per_layer[layer.name]["weight_bytes"] / costs["weight_bytes"]
-        if layer.name in prepared.space.pinned:
+        if layer.name in engine.space.pinned:
             why = "pinned (first or last layer)"
         else:
             rank = ranking.index(layer.name) + 1
@@ -111,15 +111,15 @@ def _pareto_figure(study: optuna.Study, best, score: str, path: Path) -> None:
     _save(figure, path)
 
 
-def _layers_figure(prepared: Prepared, plan: Plan, best, per_layer: dict[str, dict[str, float]], path: Path) -> None:
-    metric, method = prepared.config.search.sensitivity_metric, prepared.config.search.method
+def _layers_figure(engine: Engine, plan: Plan, best, per_layer: dict[str, dict[str, float]], path: Path) -> None:
+    metric, method = engine.search.sensitivity_metric, engine.search.method
     names = [layer.name for layer in plan.layers]
     figure, axis = plt.subplots(figsize=(max(7, 0.32 * len(names)), 4.2))
     axis.bar(range(len(names)), [layer.weight_bits for layer in plan.layers], color="#9ecae1", label="weight bits")
     axis.set_ylabel("weight bits")
     axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     other = axis.twinx()
-    other.plot(range(len(names)), [prepared.sensitivity.score(metric, method, n, min(prepared.sensitivity.bits))
+    other.plot(range(len(names)), [engine.sensitivity.score(metric, method, n, min(engine.sensitivity.bits))
                                    for n in names], "o-", c="#d62728", ms=3, label=f"{metric} at 2 bits")
     total = best.user_attrs["costs"]["weight_bytes"]
     other.plot(range(len(names)), [per_layer[n]["weight_bytes"] / total for n in names], "s--", c="#2ca02c", ms=3,

@@ -24,11 +24,15 @@ HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 90
 MAX_RETRIES = 2
 SCHEMA_RACE_ATTEMPTS = 5
+IN_MEMORY = "memory"
 
 
 def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS,
                  grace_seconds: int = GRACE_SECONDS) -> optuna.storages.BaseStorage:
-    """An Optuna storage for `url` (sqlite:///path.db, postgresql://..., or any SQLAlchemy URL)."""
+    """An Optuna storage for `url` (sqlite:///path.db, postgresql://..., or any SQLAlchemy URL; "memory":
+    this process alone, gone when it ends)."""
+    if url == IN_MEMORY:
+        return optuna.storages.InMemoryStorage()
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(SCHEMA_RACE_ATTEMPTS):

@@ -5,10 +5,6 @@ on 127.0.0.1, which .ci/run starts and names in OAQ_TEST_POSTGRES_URL.
 """
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 
 import optuna
@@ -16,6 +12,8 @@ import pytest
 from optuna.trial import TrialState
 
 from oaq_search.config import dump_study_config
+
+from processes import finish, kill_after_trials, oaq_process
 
 pytestmark = pytest.mark.shared
 
@@ -44,26 +42,11 @@ def study_file(quick_study, tmp_path, n_trials, eval_images, storage=None):
     return path, config
 
 
-def oaq(*args, **kwargs):
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "oaq_search", *args], env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def finish(process: subprocess.Popen, timeout: float) -> str:
-    """The process's output once it exits; past `timeout` it is killed and the test fails showing it."""
-    try:
-        return process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"{' '.join(process.args[2:])} ran past {timeout} s; it printed:\n{process.communicate()[0]}")
-
-
 def test_two_workers_finish_exactly_the_requested_trials(quick_study, tmp_path, postgres_url):
     path, config = study_file(quick_study, tmp_path, n_trials=10, eval_images=200, storage=postgres_url)
-    created = oaq("create", str(path))
+    created = oaq_process("create", str(path))
     assert created.wait(timeout=120) == 0, created.stdout.read()
-    workers = [oaq("worker", str(path), "--worker-index", str(i)) for i in (1, 2)]
+    workers = [oaq_process("worker", str(path), "--worker-index", str(i)) for i in (1, 2)]
     outputs = [finish(w, timeout=300) for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
     trials = optuna.load_study(study_name=config.name, storage=postgres_url).trials
@@ -76,27 +59,12 @@ def test_two_workers_finish_exactly_the_requested_trials(quick_study, tmp_path, 
 
 def test_killed_worker_loses_no_finished_trial_and_the_study_resumes(quick_study, tmp_path):
     path, config = study_file(quick_study, tmp_path, n_trials=8, eval_images=1000)
-    worker = oaq("run", str(path))
     storage = config.storage_url
-    deadline = time.time() + 240
-    done = []
-    while time.time() < deadline and len(done) < 3:
-        time.sleep(0.5)
-        if worker.poll() is not None:
-            pytest.fail(f"the worker exited ({worker.returncode}) before it was killed; it printed:\n"
-                        f"{worker.communicate()[0]}")
-        try:
-            done = [t for t in optuna.load_study(study_name=config.name, storage=storage).trials
-                    if t.state == TrialState.COMPLETE]
-        except Exception:  # the study does not exist yet
-            continue
-    os.kill(worker.pid, signal.SIGKILL)
-    assert len(done) >= 3, f"the worker finished fewer than 3 trials in time; it printed:\n{worker.communicate()[0]}"
-    worker.wait()
+    kill_after_trials(oaq_process("run", str(path)), config.name, storage, 3)
     before = {t.number: (t.params, t.value) for t in optuna.load_study(study_name=config.name, storage=storage).trials
               if t.state == TrialState.COMPLETE}
 
-    resumed = oaq("run", str(path))
+    resumed = oaq_process("run", str(path))
     output = finish(resumed, timeout=300)
     assert resumed.returncode == 0, output
     trials = optuna.load_study(study_name=config.name, storage=storage).trials

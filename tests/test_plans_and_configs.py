@@ -45,7 +45,7 @@ def test_study_file_round_trips_through_toml(tmp_path):
     (STUDY.replace("n_trials = 3", 'n_trials = "three"'), r"'search\.n_trials' must be an integer, got 'three'"),
     (STUDY.replace("weight_bits = [2, 4]", "weight_bits = [2, 12]"), r"weight_bits must be an integer from 2 to 8"),
     (STUDY.replace('memory = "98KiB"', 'memory = "98 parsecs"'), r"budget memory='98 parsecs'"),
-    (STUDY.replace('name = "resnet20"', ""), r"missing required key 'model\.name'"),
+    (STUDY.replace('name = "resnet20"', ""), r"study file .*needs exactly one of name \(a registered model\) or factory"),
     (STUDY + "\n[[oops", "not valid TOML"),
     (STUDY.replace("n_trials = 3", "n_trials = 3\nmeasured_sensitivity_images = -1"),
      r"measured_sensitivity_images must be 0 \(use the sensitivity table\) or more, got -1"),
@@ -92,7 +92,7 @@ def test_plan_round_trips_through_json(tmp_path):
 def test_plan_with_unknown_layer_or_illegal_bits_is_rejected(tmp_path):
     graph = build_layer_graph(build_model("resnet20"), (3, 32, 32))
     with pytest.raises(UserError, match="'layer9.conv', which is not a quantizable layer"):
-        Plan("resnet20", [LayerPlan("layer9.conv", 4)]).check_against(graph)
+        Plan("resnet20", [LayerPlan("layer9.conv", 4)]).check_against(graph, "resnet20")
     data = json.loads(Plan("resnet20", [LayerPlan("conv1", 4)]).to_json())
     data["layers"][0]["weight_bits"] = 11
     (tmp_path / "bad.json").write_text(json.dumps(data))

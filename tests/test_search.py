@@ -320,7 +320,7 @@ def synthetic_study(root, tmp_path, **search) -> StudyConfig:
     """A study on an untrained ResNet-20 and random images: seconds, for what does not need accuracy."""
     search = {"n_trials": 3, "eval_images": 20, "finalists": 1, "measured_sensitivity_images": 16,
               "sensitivity_metric": "mse", **search}
-    return StudyConfig("synthetic", ModelConfig("resnet20"), DataConfig(str(root), search_size=50, test_images=20),
+    return StudyConfig("synthetic", ModelConfig("resnet20"), DataConfig(root=str(root), search_size=50, test_images=20),
                        SearchConfig(**search), output_dir=str(tmp_path / "run"))
 
 
@@ -378,3 +378,17 @@ def test_grids_searched_per_group_keep_one_grid_per_bit_width_when_they_cost_the
     plan = run_study(config, progress=False).plan
     assert all(layer.code_packing == ("base3" if (layer.weight_bits, layer.grid) == (2, "uniform") else "fields")
                for layer in plan.layers)
+
+
+def test_the_engine_reproduces_the_quickstart_plan_of_the_code_before_it(quick_study):
+    """Golden values from commit 0954131, the last before the engine took model and data as objects:
+    the quickstart shrunk as below, run there on one thread (as a pytest-xdist worker). The same seed
+    must give the same plan and the same accuracies through the new engine."""
+    config = quick_study
+    config.search.n_trials, config.search.eval_images, config.search.finalists = 4, 200, 2
+    config.search.measured_sensitivity_images = 64
+    config.data.test_images = 500
+    result = run_study(config)
+    assert result.plan.key() == "b5c5928709cd407d"
+    assert (result.search_score, result.fp_test_accuracy, result.test_accuracy) == (94.0, 89.0, 87.4)
+    assert result.plan.metadata["trial"] == 0

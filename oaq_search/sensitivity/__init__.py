@@ -138,10 +138,20 @@ def cache_file(cache_dir: str | Path | None, tensors: Mapping[str, torch.Tensor]
     `cache_dir="default"` is `default_cache_dir()`; the name is a hash of both."""
     if cache_dir is None:
         return None
-    digest = hashlib.sha256()
-    for name, tensor in tensors.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    digest = _tensors_hash(tensors)
     digest.update(json.dumps(settings, sort_keys=True).encode())
     folder = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
     return folder / f"{prefix}{digest.hexdigest()[:24]}.json"
+
+
+def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of named tensors (a state_dict): whether two models hold the same weights."""
+    return _tensors_hash(tensors).hexdigest()[:16]
+
+
+def _tensors_hash(tensors: Mapping[str, torch.Tensor]):
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest

@@ -74,4 +74,4 @@ def _divergence(model: nn.Module, images: torch.Tensor, target: torch.Tensor) ->
 
 def _log_probabilities(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        return torch.cat([F.log_softmax(model(fast_layout(batch)), dim=1) for batch in images.split(BATCH_SIZE)])
+        return torch.cat([F.log_softmax(model(fast_layout(batch, model)), dim=1) for batch in images.split(BATCH_SIZE)])

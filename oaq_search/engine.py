@@ -1,0 +1,249 @@
+"""The search engine: a model, its data and the search settings in; a study that finds the best plan out.
+
+It knows nothing of study files or data sets: `pipeline` (study files) and `api.search` (Python)
+load a model and its `Splits` their own way and build the same `Engine`. Everything a search needs
+is built once here (layer graph, sensitivity, search space, seeds, objective); `open_study`, `run_trials`
+and `finish` then create or join the Optuna study, work through its queue and pick the best plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import optuna
+from torch import nn
+from tqdm.auto import tqdm
+
+import hwmodels
+from hwmodels.base import CostModel
+
+from .bn_correction import BatchNormCorrector
+from .config import SearchConfig
+from .data import ImageSplit, Splits
+from .errors import UserError
+from .evaluate import accuracy, image_scorer, split_scorer
+from .graph import LayerGraph, build_layer_graph
+from .layout import choose_layout
+from .objective import (Objective, Scorer, allocation_problem, best_trial, check_feasible, finalist_score,
+                        incumbent_params)
+from .plan import Plan
+from .planning import PlanFactory, uniform_activation_bits
+from .ptq import CALIBRATION_IMAGES, post_training_quantize, requantize
+from .pruning import ScreeningPruner
+from .queue import FINISHED, fill_queue, work
+from .samplers import make_sampler
+from .schema import to_dict
+from .seeds import greedy_seed, integer_program_seed, uniform_seed
+from .sensitivity import SensitivityTable, compute_sensitivity
+from .sensitivity.measured import cached_group_sensitivity, measure_group_sensitivity
+from .space import SearchSpace
+from .storage import open_storage
+
+SEED_BUILDERS = {"integer_program": integer_program_seed, "greedy": greedy_seed, "uniform": uniform_seed}
+# Search settings that may change between runs of one study: how long it runs, how workers keep alive,
+# batch sizes (speed only), and the final re-scoring (redone whenever it changes). Every other setting
+# shapes the trials, so it is part of the study's fingerprint.
+RUN_SETTINGS = ("n_trials", "heartbeat_seconds", "grace_seconds", "batch_size", "finalists", "seed_margin")
+
+
+@dataclass
+class Engine:
+    """Everything a study needs, built once by `build_engine`."""
+
+    name: str  # the study's
+    storage_url: str  # an Optuna storage URL, or "memory"
+    model_name: str  # what plans name as their model
+    search: SearchConfig
+    model: nn.Module
+    splits: Splits
+    graph: LayerGraph
+    space: SearchSpace
+    objective: Objective
+    sensitivity: SensitivityTable
+    seeds: list[tuple[dict[str, int], str]]
+    fingerprint: dict[str, str]
+    custom_score: bool = False  # scored by the user's callable: no per-image scores to re-score finalists with
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str, splits: Splits, search: SearchConfig,
+                 budget: Mapping[str, float], identity: Mapping[str, str], leaf_modules: Iterable[str] = (),
+                 score: Scorer | None = None) -> Engine:
+    """The engine for searching `model` on `splits` under `budget` ({metric: limit}, `budget.parse_budget`).
+
+    `identity` names the model and its weights in the study's fingerprint (a resumed study must match);
+    `score`, a quantized model -> a number (higher is better), replaces the search split's accuracy or KL."""
+    started = time.perf_counter()
+    choose_layout(model, next(splits.search.batches(2))[0])
+    graph = build_layer_graph(model, splits.input_shape, leaf_modules)
+    cost_model = hwmodels.get_cost_model(search.cost_model)
+    loaded = time.perf_counter()
+    sensitivity = compute_sensitivity(model, graph, [search.sensitivity_metric], methods=[search.method],
+                                      grid=search.grids[0], data=splits.search)
+    sensitivity_s = time.perf_counter() - loaded
+    space = SearchSpace.from_graph(graph, search.weight_bits, search.first_last_bits, sensitivity,
+                                   search.sensitivity_metric, search.method, search.prune_sensitivity, cost_model,
+                                   search.grids, search.searched_activation_bits)
+    calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
+    factory = PlanFactory(model_name, model, graph, search.method, search.grids[0], search.per_channel,
+                          calibration if search.outlier_rule == "output_error" else None,
+                          uniform_activation_bits(graph, search.default_activation_bits, search.first_last_bits),
+                          cost_model.code_packing)
+    problem = allocation_problem(space, factory, cost_model, graph, budget, sensitivity, search.sensitivity_metric,
+                                 search.method, [search.pareto_metric] if search.pareto_metric else [])
+    check_feasible(problem)
+    corrector = BatchNormCorrector(model, calibration) if search.bn_correction else None
+    trial_model = copy.deepcopy(model)  # wrapped and re-quantized in place by every trial
+    quantizer = {"groups": space.groups, "bits": space.describe(), "pinned": space.pinned,
+                 **{key: value for key, value in to_dict(search).items() if key not in (*RUN_SETTINGS, "cost_model")}}
+    measuring = time.perf_counter()
+    if search.measured_sensitivity_images:
+        def quantized(choice: list[int]) -> nn.Module:
+            return requantize(trial_model, factory.from_settings(space.layer_settings(choice)), calibration, corrector)
+
+        problem.sensitivity = _measured_sensitivity(quantized, [len(s) for s in space.settings], model, splits.search,
+                                                    search.measured_sensitivity_images,
+                                                    {**_measured_key(search, space), "model": identity["model"]})
+    measured_s = time.perf_counter() - measuring
+    space, problem = space.without_dominated(problem)
+    scorers = _scorers(search, splits.search, model, score)
+    objective = Objective(trial_model, graph, space, factory, cost_model, budget, problem, scorers,
+                          corrector, search.pareto_metric, calibration, search.fill_budget)
+    seeds = []
+    for seed_name in search.seeds:
+        choice = SEED_BUILDERS[seed_name](problem)
+        if choice is not None:
+            seeds.append((space.params(choice), seed_name))
+    fingerprint = {
+        **identity,
+        "search split": splits.search.subset(search.eval_images).fingerprint(),
+        "search space": json.dumps({**quantizer, "custom score": score is not None,
+                                    # the settings kept: measured on each machine, so workers must agree on them
+                                    **({} if space.weight_bits_only else {"settings kept": space.describe()})},
+                                   sort_keys=True),
+        "cost model": cost_model.fingerprint(),
+        "budget": json.dumps(dict(budget), sort_keys=True),
+    }
+    seconds = {"setup": loaded - started, "sensitivity": sensitivity_s, "measured sensitivity": measured_s,
+               "seeds": time.perf_counter() - loaded - sensitivity_s - measured_s}
+    return Engine(name, storage_url, model_name, search, model, splits, graph, space, objective, sensitivity, seeds,
+                  fingerprint, score is not None, seconds)
+
+
+def _scorers(search: SearchConfig, split: ImageSplit, model: nn.Module, score: Scorer | None) -> list[Scorer]:
+    """What scores a trial: the user's callable, or the search split's accuracy or KL, screened on a
+    smaller subset first when `screen_images` is set."""
+    if score is not None:
+        return [score]
+    scorers = [split_scorer(search.score, split.subset(search.eval_images), model, search.batch_size)]
+    if 0 < search.screen_images < search.eval_images:
+        scorers.insert(0, split_scorer(search.score, split.subset(search.screen_images), model, search.batch_size))
+    return scorers
+
+
+def _measured_key(search: SearchConfig, space: SearchSpace) -> dict:
+    """What the measured per-group sensitivity depends on: its cache key (kept as it was before
+    the fingerprint took every setting, so cached measurements stay valid)."""
+    return {"groups": space.groups, "bits": space.describe(), "pinned": space.pinned, "method": search.method,
+            "grid": search.grid, "per_channel": search.per_channel, "bn_correction": search.bn_correction,
+            "activation_bits": search.activation_bits, "outlier_rule": search.outlier_rule,
+            "measured_sensitivity_images": search.measured_sensitivity_images}
+
+
+def _measured_sensitivity(quantized: Callable[[list[int]], nn.Module], counts: list[int], model: nn.Module,
+                          search_split: ImageSplit, images: int, settings: dict) -> np.ndarray:
+    """Per group and setting, the output KL with only that group quantized, on the search split's last
+    `images` (cached on disk by `settings`, the data and the weights)."""
+    probe = next(search_split.last(images).batches(images))[0]
+    return cached_group_sensitivity({**settings, "search split": search_split.fingerprint()}, model,
+                                    lambda: measure_group_sensitivity(quantized, counts, model, probe))
+
+
+def open_study(engine: Engine, create: bool, worker_index: int = 0,
+               storage: optuna.storages.BaseStorage | None = None) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+    """Create the study (`create`) or join it, after checking nothing it depends on has changed."""
+    search = engine.search
+    storage = storage or open_storage(engine.storage_url, search.heartbeat_seconds, search.grace_seconds)
+    directions = ["maximize", "minimize"] if search.pareto_metric else ["maximize"]
+    try:
+        study = optuna.load_study(study_name=engine.name, storage=storage)
+    except KeyError:
+        if not create:
+            raise UserError(f"study {engine.name!r} does not exist in {engine.storage_url}: create it first with "
+                            f"`oaq-search create` (workers must not race to create it)") from None
+        study = optuna.create_study(study_name=engine.name, storage=storage, directions=directions)
+        study.set_user_attr("fingerprint", engine.fingerprint)
+    stored = study.user_attrs.get("fingerprint", {})
+    changed = [part for part in engine.fingerprint if stored.get(part) != engine.fingerprint[part]]
+    if changed:
+        raise UserError(f"study {engine.name!r} in {engine.storage_url} was started with a different "
+                        f"{', '.join(changed)}: use a new study name or the original settings")
+    # Offset the sampler seed by the trials already stored and by worker, so no run replays another's samples.
+    study.sampler = make_sampler(search.sampler, search.seed + len(study.get_trials(deepcopy=False)) + 1000 * worker_index,
+                                 bool(search.pareto_metric), search.local_search, incumbent_params,
+                                 engine.objective.settle_params)
+    screen_images = search.screen_images  # the pruner is only asked when a screening scorer runs
+    study.pruner = ScreeningPruner(screen_images) if screen_images else optuna.pruners.NopPruner()
+    if create:
+        fill_queue(study, search.n_trials, engine.seeds)
+    engine.objective.remember(study)
+    return study, storage
+
+
+def run_trials(engine: Engine, study: optuna.Study, storage: optuna.storages.BaseStorage,
+               progress: bool | None = None) -> int:
+    """Work through the study's queue with a progress bar; returns how many trials this process ran."""
+    bar = tqdm(total=engine.search.n_trials, desc="search", disable=None if progress is None else not progress,
+               initial=len(study.get_trials(deepcopy=False, states=FINISHED)))
+    grace = engine.search.grace_seconds
+
+    def waiting(numbers: list[int]) -> None:
+        tqdm.write(f"search: waiting on trial(s) {', '.join(map(str, numbers))} running in other workers; a worker "
+                   f"silent for {grace} s has its trial retried here")
+
+    started = time.perf_counter()
+    try:
+        return work(study, storage, engine.objective, on_finished=lambda _trial: bar.update(1), on_waiting=waiting)
+    finally:
+        bar.close()
+        engine.seconds["search"] = engine.seconds.get("search", 0.0) + time.perf_counter() - started
+
+
+def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None) -> Plan:
+    """The best feasible plan, its finalists re-scored first, with its costs, where it came from, and
+    (given `test`) full-precision and quantized accuracy on it."""
+    search = engine.search
+    started = time.perf_counter()
+    if search.finalists > 1 and not search.pareto_metric and not engine.custom_score:
+        engine.objective.rescore_finalists(study, search.finalists, image_scorer(
+            search.score, engine.splits.search, engine.model, search.batch_size), search.seed_margin)
+    best = best_trial(study)
+    plan = Plan.from_dict(best.user_attrs["plan"])
+    engine.seconds["finalists"] = time.perf_counter() - started
+    plan.totals = best.user_attrs["costs"]
+    plan.metadata = {"study": engine.name, "storage": engine.storage_url, "trial": best.number,
+                     "seed": best.user_attrs.get("seed"), "score": "custom" if engine.custom_score else search.score,
+                     "search_score": best.values[0], "finalist_score": finalist_score(study, best),
+                     "budget": engine.objective.budget, "cost_model": _name(search.cost_model)}
+    if test is not None:
+        started = time.perf_counter()
+        quantized = post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction)
+        plan.metadata.update({"fp_test_accuracy": accuracy(engine.model, test, search.batch_size),
+                              "test_accuracy": accuracy(quantized, test, search.batch_size), "test_images": len(test)})
+        engine.seconds["test"] = time.perf_counter() - started
+    plan.metadata["seconds"] = engine.seconds
+    return plan
+
+
+def _name(cost_model: str | CostModel) -> str:
+    return cost_model if isinstance(cost_model, str) else getattr(cost_model, "name", type(cost_model).__name__)
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
