@@ -16,6 +16,7 @@ A plan using bits outside the capabilities fails, naming the layer and the allow
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .shift import shift_metrics
 TARGETS_DIR = Path(__file__).resolve().parent / "targets"
 OPS = ("conv2d", "linear")
 _BIT_PAIR = re.compile(r"w(\d+)a(\d+)")
+REQUIRED = object()  # a number the table must give
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,16 @@ def _parse(data: dict, path: Path) -> TargetTable:
             raise UserError(f"target table {path}: key '{where}{key}' must be {expected.get(kind, kind)}, got {value!r}")
         return value
 
+    def number(table: dict, key: str, where: str, positive: bool, default: object = REQUIRED) -> float | None:
+        """A finite number, > 0 (`positive`: rates) or >= 0 (times, energies); `default` when absent."""
+        if key not in table and default is not REQUIRED:
+            return default
+        value = need(table, key, (int, float), where)
+        if not math.isfinite(value) or value < 0 or positive and value == 0:
+            bound = "positive" if positive else "zero or more"
+            raise UserError(f"target table {path}: key '{where}{key}' must be a finite number, {bound}, got {value!r}")
+        return float(value)
+
     target = need(data, "target", dict, "")
     capabilities = need(data, "capabilities", dict, "")
     rates_table = need(data, "rates", dict, "")
@@ -123,26 +135,25 @@ def _parse(data: dict, path: Path) -> TargetTable:
             weight_bits, activation_bits = int(match.group(1)), int(match.group(2))
             if not isinstance(entry, dict):
                 raise UserError(f"target table {path}: key 'rates.{op}.{pair}' must be a table, got {entry!r}")
-            macs_per_s = need(entry, "macs_per_s", (int, float), where)
-            energy = entry.get("joules_per_mac")
-            rates[op].append(Rate(weight_bits, activation_bits, float(macs_per_s), None if energy is None else float(energy)))
+            rates[op].append(Rate(weight_bits, activation_bits, number(entry, "macs_per_s", where, positive=True),
+                                  number(entry, "joules_per_mac", where, positive=False, default=None)))
     layers = {}
     for index, entry in enumerate(data.get("layers", [])):
         where = f"layers[{index}]."
         op = need(entry, "op", str, where)
         for key in ("in_channels", "out_channels", "weight_bits", "activation_bits"):
             need(entry, key, int, where)
-        latency = need(entry, "latency_s", (int, float), where)
+        energy = number(entry, "energy_j", where, positive=False, default=None)
         layers[layer_key(op, entry, entry["weight_bits"], entry["activation_bits"])] = {
-            "latency_s": float(latency), **({"energy_j": float(entry["energy_j"])} if "energy_j" in entry else {})}
+            "latency_s": number(entry, "latency_s", where, positive=False), **({} if energy is None else {"energy_j": energy})}
     return TargetTable(
         name=need(target, "name", str, "target."), description=target.get("description", ""),
         default_activation_bits=int(target.get("default_activation_bits", 8)),
         weight_bits=bits["weight_bits"], activation_bits=bits["activation_bits"],
         scale_formats=list(capabilities.get("scale_formats", ["float32", "pow2"])), rates=rates,
         code_packing=code_packing,
-        layer_overhead_s=float(rates_table.get("layer_overhead_s", 0.0)),
-        other_ops_s=float(target.get("other_ops_s", 0.0)), layers=layers)
+        layer_overhead_s=number(rates_table, "layer_overhead_s", "rates.", positive=False, default=0.0),
+        other_ops_s=number(target, "other_ops_s", "target.", positive=False, default=0.0), layers=layers)
 
 
 class TargetModel(CostModel):

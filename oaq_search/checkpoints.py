@@ -57,6 +57,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         raise UserError(
             f"checkpoint {path} does not match the model ({'; '.join(problems)}): is it for another architecture?"
         )
+    broken = [key for key, value in state_dict.items() if value.is_floating_point() and not value.isfinite().all()]
+    if broken:
+        raise UserError(f"checkpoint {path} holds NaN or infinite values in {_abbreviate(broken)}: the training that "
+                        f"wrote it diverged; use an earlier checkpoint")
     model.load_state_dict(state_dict, strict=False)
     return model
 

@@ -85,3 +85,13 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
 def test_registry_lists_every_required_model():
     assert {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "densenet100",
             "tv_resnet18", "tv_resnet50", "tv_mobilenet_v2"} <= set(MODELS)
+
+
+def test_checkpoint_with_nan_weights_or_statistics_is_refused_naming_them(tmp_path):
+    model = build_model("resnet20")
+    state = model.state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["layer2.0.bn1.running_var"][3] = float("inf")
+    torch.save(state, tmp_path / "diverged.pt")
+    with pytest.raises(UserError, match=r"NaN or infinite values in \[layer1.0.conv1.weight, layer2.0.bn1.running_var\]"):
+        load_checkpoint(build_model("resnet20"), tmp_path / "diverged.pt")
