@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Mapping
 
@@ -49,9 +50,10 @@ def _parse_one(name: str, value: str | float) -> tuple[str, float]:
         number, unit = float(match.group(1)), match.group(2)
     if unit not in units and not (unit == "" and "B" in units):
         raise UserError(f"budget {name}={value!r}: unknown unit {unit!r}, use one of {', '.join(u for u in units if u)}")
-    if number <= 0:
-        raise UserError(f"budget {name}={value!r} must be positive")
-    return metric, number * units.get(unit, 1)
+    limit = number * units.get(unit, 1)
+    if not 0 < limit < math.inf:
+        raise UserError(f"budget {name}={value!r} must be a positive, finite quantity")
+    return metric, limit
 
 
 def format_quantity(metric: str, value: float) -> str:

@@ -16,7 +16,7 @@ import hwmodels
 from hwmodels import MemoryModel
 
 from .budget import format_quantity
-from .config import DataConfig, FinetuneConfig, load_study_config
+from .config import DataConfig, FinetuneConfig, load_study_config, validate
 from .data import load_cifar10
 from .errors import UserError
 from .evaluate import BATCH_SIZE, accuracy, format_score
@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(measure)
     measure.add_argument("--out", default="local-cpu.toml", help="target table to write (use as cost_model = "
                                                                   "\"target:local-cpu.toml\")")
-    measure.add_argument("--repeats", type=int, default=50, help="timed runs per kernel (median is kept)")
+    measure.add_argument("--repeats", type=positive, default=50, help="timed runs per kernel (median is kept)")
     measure.set_defaults(handler=_hw_measure)
 
     evaluate = commands.add_parser("eval", help="top-1 accuracy of a full-precision checkpoint")
@@ -157,6 +157,17 @@ def _parser() -> argparse.ArgumentParser:
     _data_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
     return parser
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,7 +186,7 @@ def _study_config(args: argparse.Namespace):
             setattr(config, option, getattr(args, option))
     if getattr(args, "data_root", None):
         config.data.root = args.data_root
-    return config
+    return validate(config)
 
 
 def _model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -188,7 +199,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py/ (default: $OAQ_DATA_ROOT)")
     parser.add_argument("--split", choices=("test", "search"), default="test", help="which split to score")
     parser.add_argument("--search-size", type=int, default=5000, help="images in the search split (training tail)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--batch-size", type=positive, default=BATCH_SIZE)
 
 
 def _run(args: argparse.Namespace) -> int:

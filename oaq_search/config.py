@@ -22,6 +22,7 @@ FINETUNE_MODES = ("none", "scale", "qat")
 TRAIN_SPLITS = ("finetune", "all")
 OUTLIER_RULES = ("output_error", "weight_mse")
 DATA_KINDS = ("cifar10", "imagefolder", "python")
+MAX_TRIALS = 100_000
 
 
 @dataclass
@@ -145,6 +146,9 @@ class SearchConfig:
         for name in ("n_trials", "eval_images", "finalists", "batch_size", "heartbeat_seconds", "grace_seconds"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_trials > MAX_TRIALS:
+            raise UserError(f"n_trials must be at most {MAX_TRIALS} (each is a queued trial in the study), "
+                            f"got {self.n_trials}")
         if not self.seed_margin >= 0:
             raise UserError(f"seed_margin must be 0 (the best re-scored finalist wins) or more, got {self.seed_margin}")
         if self.measured_sensitivity_images < 0:
@@ -245,6 +249,13 @@ class StudyConfig:
     @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self.output_path / 'study.db'}"
+
+
+def validate(config: StudyConfig) -> StudyConfig:
+    """Check a config again after its fields were changed (command-line overrides): every section's rules."""
+    for section in (config.model, config.data, config.search, config.finetune, config):
+        section.__post_init__()
+    return config
 
 
 def load_study_config(path: str | Path) -> StudyConfig:

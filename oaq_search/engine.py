@@ -95,6 +95,7 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
                           calibration if search.outlier_rule == "output_error" else None,
                           uniform_activation_bits(graph, search.default_activation_bits, search.first_last_bits),
                           cost_model.code_packing)
+    _check_metrics(cost_model.evaluate(graph, factory.uniform(max(search.weight_bits))).totals, budget, search)
     problem = allocation_problem(space, factory, cost_model, graph, budget, sensitivity, search.sensitivity_metric,
                                  search.method, [search.pareto_metric] if search.pareto_metric else [])
     check_feasible(problem)
@@ -134,6 +135,14 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
                "seeds": time.perf_counter() - loaded - sensitivity_s - measured_s}
     return Engine(name, storage_url, model_name, search, model, splits, graph, space, objective, sensitivity, seeds,
                   fingerprint, score is not None, seconds)
+
+
+def _check_metrics(totals: Mapping[str, float], budget: Mapping[str, float], search: SearchConfig) -> None:
+    """Before any work: the cost model reports every budgeted metric and the Pareto metric."""
+    for metric in [*budget, *([search.pareto_metric] if search.pareto_metric else [])]:
+        if metric not in totals:
+            raise UserError(f"cost model {_name(search.cost_model)!r} reports no {metric!r} (it reports "
+                            f"{', '.join(totals)}): choose a cost model that does, or drop that budget or pareto_metric")
 
 
 def _scorers(search: SearchConfig, split: ImageSplit, model: nn.Module, score: Scorer | None) -> list[Scorer]:

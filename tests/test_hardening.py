@@ -8,6 +8,7 @@ import pickle
 import pytest
 
 from oaq_search.cli import main
+from oaq_search.config import dump_study_config, validate
 from oaq_search.data import BATCH_FOLDER, TEST_FILE, load_cifar10
 from oaq_search.errors import UserError
 from oaq_search.pipeline import layer_graph, load_model, run_study
@@ -70,3 +71,34 @@ def test_a_study_resumed_with_another_sensitivity_metric_is_refused(synthetic_ci
     run_study(synthetic_study(synthetic_cifar, tmp_path, n_trials=1))
     with pytest.raises(UserError, match="was started with a different search space"):
         run_study(synthetic_study(synthetic_cifar, tmp_path, n_trials=1, sensitivity_metric="ssim_weight"))
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    (["--n-trials", "0"], "n_trials must be at least 1, got 0"),
+    (["--n-trials", "1000000000"], "n_trials must be at most 100000"),
+])
+def test_out_of_range_counts_are_refused_before_the_study_exists(arguments, expected, synthetic_cifar, tmp_path, capsys):
+    config = synthetic_study(synthetic_cifar, tmp_path)
+    (tmp_path / "study.toml").write_text(dump_study_config(config))
+    assert main(["run", str(tmp_path / "study.toml"), *arguments]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # no study storage was created
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"budget": {"memory": "1e400KiB"}}, "must be a positive, finite quantity"),
+    ({"budget": {"latency": "1ms"}}, "cost model 'memory' reports no 'latency_s'"),
+    ({"search": {"pareto_metric": "energy"}}, "cost model 'memory' reports no 'energy'"),
+])
+def test_budgets_and_metrics_the_cost_model_cannot_judge_are_refused_before_any_trial(change, expected, synthetic_cifar,
+                                                                                    tmp_path):
+    with pytest.raises(UserError, match=expected):
+        config = synthetic_study(synthetic_cifar, tmp_path, **change.get("search", {}))
+        config.budget = change.get("budget", config.budget)
+        run_study(validate(config))
+
+
+def test_command_line_counts_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "resnet20", "--batch-size", "0"])
+    assert "must be at least 1, got 0" in capsys.readouterr().err
