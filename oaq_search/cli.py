@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     sensitivity = commands.add_parser("sensitivity", help="per-layer sensitivity table, ranked, with a heatmap")
     _model_arguments(sensitivity)
     sensitivity.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                             help=f"comma-separated: {', '.join(METRICS)} or module:Class (hessian needs data)")
+                             help=f"comma-separated: {', '.join(METRICS.names())} or module:Class (hessian needs data)")
     sensitivity.add_argument("--methods", default="vanilla,oaq", help="comma-separated: vanilla, oaq, literal")
     sensitivity.add_argument("--grid", choices=GRIDS, default="uniform")
     sensitivity.add_argument("--rank-bits", type=int, default=3, help="bit-width the printed ranking uses")

@@ -14,10 +14,11 @@ from .errors import UserError
 from .evaluate import BATCH_SIZE, SCORES
 from .grids import GRIDS, check_bits
 from .oaq import METHODS
+from .samplers import SAMPLERS
 from .schema import parse, read_document, to_dict
+from .seeds import SEEDS
+from .sensitivity import METRICS
 
-SEEDS = ("integer_program", "greedy", "uniform")
-SAMPLERS = ("tpe", "random")
 FINETUNE_MODES = ("none", "scale", "qat")
 TRAIN_SPLITS = ("finetune", "all")
 OUTLIER_RULES = ("output_error", "weight_mse")
@@ -164,11 +165,10 @@ class SearchConfig:
         if not 0.0 <= self.local_search <= 1.0:
             raise UserError(f"local_search is the share of trials spent near the best plan: a number in [0, 1], "
                             f"got {self.local_search}")
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        unknown = sorted(set(self.seeds) - set(SEEDS))
-        if unknown:
-            raise UserError(f"unknown seed {unknown[0]!r}: choose from {', '.join(SEEDS)}")
+        SAMPLERS.check(self.sampler, "sampler")
+        METRICS.check(self.sensitivity_metric, "sensitivity_metric")
+        for seed in self.seeds:
+            SEEDS.check(seed, "seeds")
 
     @property
     def grids(self) -> list[str]:

@@ -39,13 +39,12 @@ from .pruning import ScreeningPruner
 from .queue import FINISHED, fill_queue, work
 from .samplers import make_sampler
 from .schema import to_dict
-from .seeds import greedy_seed, integer_program_seed, uniform_seed
+from .seeds import SEEDS
 from .sensitivity import SensitivityTable, compute_sensitivity
 from .sensitivity.measured import cached_group_sensitivity, measure_group_sensitivity
 from .space import SearchSpace
 from .storage import open_storage
 
-SEED_BUILDERS = {"integer_program": integer_program_seed, "greedy": greedy_seed, "uniform": uniform_seed}
 # Search settings that may change between runs of one study: how long it runs, how workers keep alive,
 # batch sizes (speed only), and the final re-scoring (redone whenever it changes). Every other setting
 # shapes the trials, so it is part of the study's fingerprint.
@@ -118,7 +117,7 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
                           corrector, search.pareto_metric, calibration, search.fill_budget)
     seeds = []
     for seed_name in search.seeds:
-        choice = SEED_BUILDERS[seed_name](problem)
+        choice = SEEDS.get(seed_name)(problem)
         if choice is not None:
             seeds.append((space.params(choice), seed_name))
     fingerprint = {

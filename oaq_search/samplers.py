@@ -19,6 +19,9 @@ from optuna.distributions import BaseDistribution, IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import UserError
+from .registry import Registry
+
 EVALUATED_PARAMS = "evaluated_params"  # trial attribute: the parameters of the plan evaluated (after repair)
 Incumbent = Callable[[optuna.Study], "Mapping[str, int] | None"]  # the best feasible plan's parameters, if any
 Settle = Callable[[Mapping[str, int]], Mapping[str, int]]  # sampled parameters -> those the objective evaluates
@@ -91,13 +94,22 @@ class NeighborhoodSampler(BaseSampler):
         return None
 
 
+# (seed, multi_objective) -> an Optuna sampler; "module:function" names one of the user's
+SAMPLERS = Registry("sampler", group="oaq_search.samplers")
+SAMPLERS.register("tpe")(lambda seed, multi_objective: optuna.samplers.TPESampler(seed=seed,
+                                                                                  multivariate=not multi_objective))
+SAMPLERS.register("random")(lambda seed, multi_objective: optuna.samplers.RandomSampler(seed=seed))
+
+
 def make_sampler(kind: str, seed: int, multi_objective: bool = False, local_share: float = 0.0,
                  incumbent: Incumbent | None = None, settle: Settle = dict) -> BaseSampler:
-    """TPE (reads budget violations from each trial's constraints) or, as a baseline, random; with
-    `local_share` > 0 and an `incumbent`, that share of trials searches around the best plan."""
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    base = optuna.samplers.TPESampler(seed=seed, multivariate=not multi_objective)
-    if local_share > 0 and incumbent is not None and not multi_objective:
+    """The sampler `kind` names (TPE reads budget violations from each trial's constraints; random is
+    the baseline); with `local_share` > 0 and an `incumbent`, that share of trials searches around the
+    best plan (never for random search: a baseline stays unsteered)."""
+    base = SAMPLERS.get(kind)(seed, multi_objective)
+    if not isinstance(base, BaseSampler):
+        raise UserError(f"sampler {kind!r} made a {type(base).__name__}, not an optuna sampler")
+    if local_share > 0 and incumbent is not None and not multi_objective and \
+            not isinstance(base, optuna.samplers.RandomSampler):
         return NeighborhoodSampler(base, incumbent, local_share, seed, settle)
     return base

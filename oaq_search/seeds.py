@@ -15,6 +15,10 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .planning import Setting
+from .registry import Registry
+
+# problem -> a choice per group that fits, or None; "module:function" names one of the user's
+SEEDS = Registry("seed", group="oaq_search.seeds")
 
 
 @dataclass
@@ -65,12 +69,14 @@ class AllocationProblem:
         return budget_share, float(self.sensitivity[group][index - 1] - self.sensitivity[group][index])
 
 
+@SEEDS.register("greedy")
 def greedy_seed(problem: AllocationProblem) -> list[int] | None:
     """Every group at its widest, lowered until the plan fits, then its slack filled."""
     choice = problem.raise_while_fits(problem.lower_until_fits([len(c) - 1 for c in problem.candidates]))
     return choice if problem.fits(choice) else None
 
 
+@SEEDS.register("uniform")
 def uniform_seed(problem: AllocationProblem) -> list[int] | None:
     """The best plan that fits with one weight (and input) bit-width everywhere: per group the least
     sensitive setting at those bits (a group without them: its nearest below); highest bits on ties."""
@@ -97,6 +103,7 @@ def _bits(setting: Setting) -> tuple[int, int]:
     return setting.weight_bits, setting.activation_bits or 0
 
 
+@SEEDS.register("integer_program")
 def integer_program_seed(problem: AllocationProblem) -> list[int] | None:
     """Minimise total sensitivity subject to every budget, one setting per group (exact)."""
     groups, candidates = problem.sensitivity.shape

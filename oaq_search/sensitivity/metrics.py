@@ -18,7 +18,7 @@ from torch import nn
 from ..data import ImageSplit
 from ..errors import UserError
 from ..graph import LayerGraph
-from ..plugins import import_named
+from ..registry import Registry
 
 HISTOGRAM_BINS = 256
 SSIM_WINDOW = 7
@@ -36,24 +36,16 @@ class SensitivityMetric(ABC):
         """Sensitivity of `layer` when `weight` becomes `quantized`."""
 
 
-METRICS: dict[str, type[SensitivityMetric]] = {}
+METRICS = Registry("sensitivity metric", SensitivityMetric, "oaq_search.sensitivity")
 
 
 def register_metric(cls: type[SensitivityMetric]) -> type[SensitivityMetric]:
-    METRICS[cls.name] = cls
-    return cls
+    return METRICS.register(cls.name)(cls)
 
 
-def get_metric(spec: str) -> SensitivityMetric:
-    """A metric by registered name or by `module:Class` (the only code ever imported)."""
-    if spec in METRICS:
-        return METRICS[spec]()
-    if ":" in spec:
-        target = import_named(spec, "sensitivity metric")
-        if isinstance(target, type) and issubclass(target, SensitivityMetric):
-            return target()
-        raise UserError(f"sensitivity metric {spec!r} is not a SensitivityMetric subclass")
-    raise UserError(f"unknown sensitivity metric {spec!r}: use one of {', '.join(METRICS)} or module:Class")
+def get_metric(spec: str | SensitivityMetric) -> SensitivityMetric:
+    """A metric by registered name, installed plug-in or `module:Class` (the only code ever imported)."""
+    return METRICS.get(spec)
 
 
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
