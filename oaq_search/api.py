@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import optuna
 from torch import nn
 
-from .budget import parse_budget
+from .budget import Budget
 from .config import SearchConfig
 from .data import Splits, split_from_batches
 from .engine import Engine, build_engine, finish, finished_trials, open_study, run_trials
@@ -72,7 +72,7 @@ def search(model: nn.Module, loader: Iterable, *, budget: Mapping[str, str | flo
                         f"{tuple(search_split.images.shape[1:])}: give both the same transform")
     label = name or type(model).__name__
     model.eval()
-    engine = build_engine(label, storage or IN_MEMORY, model, label, splits, settings, parse_budget(budget),
+    engine = build_engine(label, storage or IN_MEMORY, model, label, splits, settings, Budget.parse(budget),
                           {"model": label, "checkpoint": weights_digest(model.state_dict())}, leaf_modules, score)
     study, study_storage = open_study(engine, create=True)
     run_trials(engine, study, study_storage, progress)

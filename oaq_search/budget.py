@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 from .errors import UserError
 
@@ -54,6 +55,30 @@ def _parse_one(name: str, value: str | float) -> tuple[str, float]:
     if not 0 < limit < math.inf:
         raise UserError(f"budget {name}={value!r} must be a positive, finite quantity")
     return metric, limit
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The user's limits, {cost-model metric: limit in base units}: one object judges every plan, in
+    seeds, repair, feasibility and trials alike, from the cost model's totals."""
+
+    limits: dict[str, float]
+
+    @classmethod
+    def parse(cls, budget: str | Mapping[str, str | float] | None) -> "Budget":
+        return cls(parse_budget(budget))
+
+    def over(self, totals: Mapping[str, float]) -> dict[str, float]:
+        """Per metric, how far over its limit `totals` are, as a fraction (<= 0: it fits)."""
+        missing = [metric for metric in self.limits if metric not in totals]
+        if missing:
+            raise UserError(f"the cost model reports no {missing[0]!r}: choose a cost model that does, or drop that budget")
+        return {metric: totals[metric] / limit - 1.0 for metric, limit in self.limits.items()}
+
+    def split(self, additive: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+        """The limits on metrics that add up over layers (`additive`), and on the rest (whole-plan metrics)."""
+        return ({m: v for m, v in self.limits.items() if m in additive},
+                {m: v for m, v in self.limits.items() if m not in additive})
 
 
 def format_quantity(metric: str, value: float) -> str:

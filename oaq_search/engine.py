@@ -24,6 +24,7 @@ import hwmodels
 from hwmodels.base import CostModel
 
 from .bn_correction import BatchNormCorrector
+from .budget import Budget
 from .config import SearchConfig
 from .data import ImageSplit, Splits
 from .errors import UserError
@@ -72,9 +73,9 @@ class Engine:
 
 
 def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str, splits: Splits, search: SearchConfig,
-                 budget: Mapping[str, float], identity: Mapping[str, str], leaf_modules: Iterable[str] = (),
+                 budget: Budget, identity: Mapping[str, str], leaf_modules: Iterable[str] = (),
                  score: Scorer | None = None) -> Engine:
-    """The engine for searching `model` on `splits` under `budget` ({metric: limit}, `budget.parse_budget`).
+    """The engine for searching `model` on `splits` under `budget`.
 
     `identity` names the model and its weights in the study's fingerprint (a resumed study must match);
     `score`, a quantized model -> a number (higher is better), replaces the search split's accuracy or KL."""
@@ -128,7 +129,7 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
                                     **({} if space.weight_bits_only else {"settings kept": space.describe()})},
                                    sort_keys=True),
         "cost model": cost_model.fingerprint(),
-        "budget": json.dumps(dict(budget), sort_keys=True),
+        "budget": json.dumps(budget.limits, sort_keys=True),
     }
     seconds = {"setup": loaded - started, "sensitivity": sensitivity_s, "measured sensitivity": measured_s,
                "seeds": time.perf_counter() - loaded - sensitivity_s - measured_s}
@@ -136,9 +137,9 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
                   fingerprint, score is not None, seconds)
 
 
-def _check_metrics(totals: Mapping[str, float], budget: Mapping[str, float], search: SearchConfig) -> None:
+def _check_metrics(totals: Mapping[str, float], budget: Budget, search: SearchConfig) -> None:
     """Before any work: the cost model reports every budgeted metric and the Pareto metric."""
-    for metric in [*budget, *([search.pareto_metric] if search.pareto_metric else [])]:
+    for metric in [*budget.limits, *([search.pareto_metric] if search.pareto_metric else [])]:
         if metric not in totals:
             raise UserError(f"cost model {_name(search.cost_model)!r} reports no {metric!r} (it reports "
                             f"{', '.join(totals)}): choose a cost model that does, or drop that budget or pareto_metric")
@@ -238,7 +239,7 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None) 
     plan.metadata = {"study": engine.name, "storage": engine.storage_url, "trial": best.number,
                      "seed": best.user_attrs.get("seed"), "score": "custom" if engine.custom_score else search.score,
                      "search_score": best.values[0], "finalist_score": finalist_score(study, best),
-                     "budget": engine.objective.budget, "cost_model": _name(search.cost_model)}
+                     "budget": engine.objective.budget.limits, "cost_model": _name(search.cost_model)}
     if test is not None:
         started = time.perf_counter()
         quantized = post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction)

@@ -19,7 +19,7 @@ from torch import nn
 from hwmodels.base import CostModel, CostReport
 
 from .bn_correction import BatchNormCorrector
-from .budget import format_quantity
+from .budget import Budget, format_quantity
 from .errors import UserError
 from .evaluate import paired_difference
 from .graph import LayerGraph
@@ -39,17 +39,21 @@ FINALIST_WINNER = "finalist_winner"  # study attribute: the trial `rescore_final
 
 
 def allocation_problem(space: SearchSpace, factory: PlanFactory, cost_model: CostModel, graph: LayerGraph,
-                       budget: Mapping[str, float], sensitivity: SensitivityTable | None, metric: str,
+                       budget: Budget, sensitivity: SensitivityTable | None, metric: str,
                        method: str, compared: Sequence[str] = ()) -> AllocationProblem:
     """Per group and setting: summed layer sensitivity (from the table, by weight bits) and additive
-    costs from the cost model, of the budgeted metrics and of `compared` ones (e.g. a Pareto cost)."""
+    costs from the cost model, of the budgeted metrics and of `compared` ones (e.g. a Pareto cost).
+    What is not searched (pinned layers, layers left in float, a target's other ops) is a fixed cost, the
+    cost model's total less the searched layers'; budgeted metrics that do not add up over layers (peak
+    activation memory) are measured on whole plans."""
     widest = max(len(c) for c in space.settings)
-    base = cost_model.evaluate(graph, factory.from_settings(space.layer_settings([0] * len(space.groups)))).per_layer
-    per_layer_metrics = base[graph.names[0]]  # additive per-layer metrics only
-    metrics = list(dict.fromkeys(m for m in [*budget, *compared] if m in per_layer_metrics))
+    base = cost_model.evaluate(graph, factory.from_settings(space.layer_settings([0] * len(space.groups))))
+    per_layer_metrics = base.per_layer[graph.names[0]]  # additive per-layer metrics only
+    metrics = list(dict.fromkeys(m for m in [*budget.limits, *compared] if m in per_layer_metrics))
     costs = {m: np.full((len(space.groups), widest), np.inf) for m in metrics}
     scores = np.full((len(space.groups), widest), np.inf)
-    fixed = {m: sum(base[n][m] for n in graph.names if n in space.pinned) for m in metrics}
+    searched = [name for group in space.groups for name in group]
+    fixed = {m: base.totals[m] - sum(base.per_layer[n][m] for n in searched) for m in metrics}
     for k in range(widest):
         choice = [min(k, len(c) - 1) for c in space.settings]
         per_layer = cost_model.evaluate(graph, factory.from_settings(space.layer_settings(choice))).per_layer
@@ -60,15 +64,9 @@ def allocation_problem(space: SearchSpace, factory: PlanFactory, cost_model: Cos
                 costs[m][g][k] = sum(per_layer[n][m] for n in group)
             bits = space.settings[g][k].weight_bits
             scores[g][k] = sum(sensitivity.score(metric, method, n, bits) for n in group) if sensitivity else -bits
-    return AllocationProblem(space.settings, scores, costs, fixed, {m: budget[m] for m in budget if m in costs})
-
-
-def violations(report: CostReport, budget: Mapping[str, float]) -> dict[str, float]:
-    """Per budgeted metric, how far over its limit the plan is, as a fraction (<= 0: it fits)."""
-    missing = [metric for metric in budget if metric not in report.totals]
-    if missing:
-        raise UserError(f"the cost model reports no {missing[0]!r}: choose a cost model that does, or drop that budget")
-    return {metric: report.totals[metric] / limit - 1.0 for metric, limit in budget.items()}
+    additive, whole_plan = budget.split(metrics)
+    return AllocationProblem(space.settings, scores, costs, fixed, additive, whole_plan, lambda group_settings: (
+        cost_model.evaluate(graph, factory.from_settings(space.layer_settings_of(group_settings))).totals))
 
 
 class Objective:
@@ -80,11 +78,11 @@ class Objective:
     """
 
     def __init__(self, quantized_model: nn.Module, graph: LayerGraph, space: SearchSpace, factory: PlanFactory,
-                 cost_model: CostModel, budget: Mapping[str, float], problem: AllocationProblem,
+                 cost_model: CostModel, budget: Budget, problem: AllocationProblem,
                  scorers: Sequence[Scorer], corrector: BatchNormCorrector | None = None,
                  pareto_metric: str | None = None, calibration: torch.Tensor | None = None, fill_budget: bool = True):
         self.model, self.graph, self.space, self.factory = quantized_model, graph, space, factory
-        self.cost_model, self.budget, self.problem = cost_model, dict(budget), problem
+        self.cost_model, self.budget, self.problem = cost_model, budget, problem
         self.scorers, self.corrector, self.pareto_metric = list(scorers), corrector, pareto_metric
         self.calibration = calibration  # images for activation ranges (plans with activation bits)
         self.fill_budget = fill_budget and not pareto_metric  # a Pareto front needs plans below the budget too
@@ -114,7 +112,7 @@ class Objective:
         trial.set_user_attr("plan", to_dict(plan))
         trial.set_user_attr("plan_key", plan.key())
         trial.set_user_attr("costs", report.totals)
-        for metric, over in violations(report, self.budget).items():
+        for metric, over in self.budget.over(report.totals).items():
             trial.set_constraint(metric, over)  # TPE models feasibility from these
         score = self._score(plan, trial)
         if self.pareto_metric:
@@ -176,8 +174,10 @@ class Objective:
 
 def check_feasible(problem: AllocationProblem) -> None:
     """Stop before searching when even the smallest plan breaks a budget, saying what is reachable."""
-    for metric, limit in problem.budget.items():
-        needed = problem.fixed[metric] + float(problem.costs[metric].min(axis=1).sum())
+    cheapest = [0] * len(problem.candidates)  # each group's settings ascend in cost
+    for metric, limit in problem.limits().items():
+        needed = problem.total(cheapest, metric) if metric in problem.whole_plan_budget else \
+            problem.fixed[metric] + float(problem.costs[metric].min(axis=1).sum())
         if needed > limit:
             raise UserError(f"budget {metric} <= {format_quantity(metric, limit)} is infeasible: the smallest plan in "
                             f"the search space needs {format_quantity(metric, needed)} (raise the budget or allow "

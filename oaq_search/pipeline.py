@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 from torch import nn
 
-from .budget import parse_budget
+from .budget import Budget
 from .checkpoints import load_checkpoint
 from .config import DataConfig, FinetuneConfig, ModelConfig, StudyConfig
 from .data import Splits, load_cifar10, split_from_batches, split_training_tail
@@ -116,7 +116,7 @@ def prepare(config: StudyConfig) -> Engine:
     model = load_study_model(config.model, config.folder)
     splits = load_study_data(config.data, config.folder)
     return build_engine(config.name, config.storage_url, model, config.model.label, splits, config.search,
-                        parse_budget(config.budget), model_identity(config.model), config.model.leaf_modules)
+                        Budget.parse(config.budget), model_identity(config.model), config.model.leaf_modules)
 
 
 @dataclass

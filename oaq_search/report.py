@@ -40,7 +40,7 @@ def write_report(engine: Engine, study: optuna.Study, folder: str | Path) -> Pat
     budget_rows = "".join(
         f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
         f"<td>{format_quantity(metric, limit)}</td><td>{100 * best.user_attrs['costs'][metric] / limit:.1f} %</td></tr>"
-        for metric, limit in engine.objective.budget.items())
+        for metric, limit in engine.objective.budget.limits.items())
     rescored, finalist_scores = finalist_score(study, best), study.user_attrs.get(FINALIST_SCORES, {})
     margin = f"{engine.search.seed_margin:g} standard errors of their paired per-image difference"
     finalist = "" if rescored is None else f" and {format_score(score, rescored)} on the whole search split " + (

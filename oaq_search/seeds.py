@@ -9,7 +9,8 @@ what slack is left; the same steps move sampled plans onto the budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -28,24 +29,36 @@ class AllocationProblem:
     candidates: list[list[Setting]]  # per group, ascending cost
     sensitivity: np.ndarray  # (groups, widest candidate list); inf where a group has fewer candidates
     costs: dict[str, np.ndarray]  # metric -> (groups, candidates)
-    fixed: dict[str, float]  # metric -> cost of everything not searched (pinned layers)
-    budget: dict[str, float]  # metric -> limit
+    fixed: dict[str, float]  # metric -> cost of everything not searched (pinned layers, other ops)
+    budget: dict[str, float]  # metric -> limit, for metrics that add up over layers
+    # metrics that do not add up over layers (peak activation memory): limit, and the cost model's totals
+    # for one setting per group; the integer program cannot see them, repair and feasibility measure them
+    whole_plan_budget: dict[str, float] = field(default_factory=dict)
+    whole_plan: Callable[[list[Setting]], Mapping[str, float]] | None = None
 
     def total(self, choice: list[int], metric: str) -> float:
+        if metric in self.whole_plan_budget:
+            return float(self.whole_plan([self.candidates[g][k] for g, k in enumerate(choice)])[metric])
         return self.fixed[metric] + float(sum(self.costs[metric][g][k] for g, k in enumerate(choice)))
 
+    def limits(self) -> dict[str, float]:
+        return {**self.budget, **self.whole_plan_budget}
+
     def fits(self, choice: list[int]) -> bool:
-        return all(self.total(choice, metric) <= limit for metric, limit in self.budget.items())
+        return all(self.total(choice, metric) <= limit for metric, limit in self.limits().items())
 
     def lower_until_fits(self, choice: list[int]) -> list[int]:
         """Greedy repair: lower the group whose next step saves the most budget per sensitivity."""
         choice = list(choice)
         while not self.fits(choice):
-            steps = {group: self._step(group, index) for group, index in enumerate(choice) if index > 0}
-            steps = {group: (saved, added) for group, (saved, added) in steps.items() if saved > 0}
+            steps = {group: self._step(choice, group, index) for group, index in enumerate(choice) if index > 0}
             if not steps:
                 return choice  # nothing left to lower: the caller reports infeasibility
-            choice[max(steps, key=lambda g: steps[g][0] / max(steps[g][1], 1e-12))] -= 1
+            saving = {group: (saved, added) for group, (saved, added) in steps.items() if saved > 0}
+            if saving:
+                choice[max(saving, key=lambda g: saving[g][0] / max(saving[g][1], 1e-12))] -= 1
+            else:  # a plateau of a whole-plan metric (a peak): no single step shrinks it, so lower where it hurts least
+                choice[min(steps, key=lambda g: (steps[g][1], g))] -= 1
         return choice
 
     def raise_while_fits(self, choice: list[int]) -> list[int]:
@@ -53,7 +66,7 @@ class AllocationProblem:
         budget spent, while that step still fits (a plan below budget leaves accuracy unbought)."""
         choice = list(choice)
         while True:
-            steps = {group: self._step(group, index + 1) for group, index in enumerate(choice)
+            steps = {group: self._step(choice, group, index + 1) for group, index in enumerate(choice)
                      if index + 1 < len(self.candidates[group])}
             steps = {group: (spent, removed) for group, (spent, removed) in steps.items()
                      if removed > 0 and self.fits(choice[:group] + [choice[group] + 1] + choice[group + 1:])}
@@ -61,11 +74,16 @@ class AllocationProblem:
                 return choice
             choice[max(steps, key=lambda g: steps[g][1] / max(steps[g][0], 1e-12))] += 1
 
-    def _step(self, group: int, index: int) -> tuple[float, float]:
-        """Between candidates index - 1 and index of `group`: the budget share (summed over metrics)
-        and the sensitivity that separate them."""
+    def _step(self, choice: list[int], group: int, index: int) -> tuple[float, float]:
+        """Between candidates index - 1 and index of `group` (the other groups as in `choice`): the
+        budget share (summed over metrics) and the sensitivity that separate them."""
         budget_share = sum((self.costs[m][group][index] - self.costs[m][group][index - 1]) / limit
                            for m, limit in self.budget.items())
+        if self.whole_plan_budget:
+            lower, upper = list(choice), list(choice)
+            lower[group], upper[group] = index - 1, index
+            budget_share += sum((self.total(upper, m) - self.total(lower, m)) / limit
+                                for m, limit in self.whole_plan_budget.items())
         return budget_share, float(self.sensitivity[group][index - 1] - self.sensitivity[group][index])
 
 

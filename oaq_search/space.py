@@ -12,7 +12,7 @@ vary, a group's list is its bit-widths, ascending, and nothing is dropped.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -70,9 +70,13 @@ class SearchSpace:
 
     def layer_settings(self, choice: Sequence[int]) -> dict[str, Setting]:
         """Per-layer settings from one index per group; pinned layers at their bits, the rest default."""
+        return self.layer_settings_of([settings[index] for settings, index in zip(self.settings, choice)])
+
+    def layer_settings_of(self, group_settings: Sequence[Setting]) -> dict[str, Setting]:
+        """Per-layer settings from one setting per group; pinned layers at their bits."""
         chosen = {name: Setting(bits) for name, bits in self.pinned.items()}
-        for group, settings, index in zip(self.groups, self.settings, choice):
-            chosen.update({layer: settings[index] for layer in group})
+        for group, setting in zip(self.groups, group_settings):
+            chosen.update({layer: setting for layer in group})
         return chosen
 
     def layer_bits(self, choice: Sequence[int]) -> dict[str, int]:
@@ -99,8 +103,9 @@ class SearchSpace:
 
     def without_dominated(self, problem: AllocationProblem) -> tuple["SearchSpace", AllocationProblem]:
         """Per group, the settings no other one beats on sensitivity and every cost of `problem`, by
-        ascending budget share; the space and problem unchanged when there is no cost to compare."""
-        if self.weight_bits_only or not problem.costs:
+        ascending budget share; the space and problem unchanged when there is no cost to compare, or when
+        a budget is on a whole-plan metric (peak activation memory), which no per-group cost shows."""
+        if self.weight_bits_only or not problem.costs or problem.whole_plan_budget:
             return self, problem
         keep = [_undominated(problem, group) for group in range(len(self.groups))]
         widest = max(len(k) for k in keep)
@@ -109,8 +114,8 @@ class SearchSpace:
             return np.array([[table[g][k[i]] if i < len(k) else np.inf for i in range(widest)] for g, k in enumerate(keep)])
 
         settings = [[self.settings[g][k] for k in kept] for g, kept in enumerate(keep)]
-        pruned = AllocationProblem(settings, taken(problem.sensitivity),
-                                   {m: taken(table) for m, table in problem.costs.items()}, problem.fixed, problem.budget)
+        pruned = replace(problem, candidates=settings, sensitivity=taken(problem.sensitivity),
+                         costs={m: taken(table) for m, table in problem.costs.items()})
         return SearchSpace(self.groups, settings, self.pinned, self.kind), pruned
 
 

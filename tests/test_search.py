@@ -392,3 +392,16 @@ def test_the_engine_reproduces_the_quickstart_plan_of_the_code_before_it(quick_s
     assert result.plan.key() == "b5c5928709cd407d"
     assert (result.search_score, result.fp_test_accuracy, result.test_accuracy) == (94.0, 89.0, 87.4)
     assert result.plan.metadata["trial"] == 0
+
+
+def test_a_peak_activation_budget_is_met_by_seeds_and_every_repaired_trial(synthetic_cifar, tmp_path):
+    """Peak activation memory does not add up over layers: the seeds and the repair measure it on whole
+    plans (before the budget object, they saw only per-layer costs and every trial broke this budget)."""
+    config = synthetic_study(synthetic_cifar, tmp_path, n_trials=5, weight_bits=[4, 8], activation_bits=[2, 4, 8])
+    config.budget = {"activation_memory": "40KiB"}  # uniform 8-bit inputs need 48 KiB, 4-bit 32 KiB
+    run_study(config)
+    trials = optuna.load_study(study_name=config.name, storage=config.storage_url).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 5 and {t.user_attrs.get("seed") for t in complete} > {None}
+    assert all(t.user_attrs["costs"]["peak_activation_bytes"] <= 40 * 1024 for t in complete)
+    assert all(value <= 0 for t in complete for value in t.constraints.values())
