@@ -211,6 +211,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"budget: {budget}; best plan (trial {plan.metadata['trial']}, seed: {plan.metadata['seed'] or 'sampled'}) "
           f"uses {format_quantity('weight_bytes', totals['weight_bytes'])} of weights")
     print("bits: " + ", ".join(f"{layer.name} {layer.summary()}" for layer in plan.layers))
+    if plan.float_layers:
+        print(f"kept in full precision (not quantizable here): {', '.join(plan.float_layers)}")
     score, rescored = plan.metadata["score"], plan.metadata.get("finalist_score")
     whole_split = "" if rescored is None else f" (whole search split {format_score(score, rescored)})"
     print(f"scores: trial {format_score(score, result.search_score)}{whole_split}, test {result.test_accuracy:.2f} % "

@@ -104,10 +104,10 @@ def image_folder(shared, tmp_path_factory):
     return root
 
 
-def own_study(tmp_path, image_folder, n_trials=4):
+def own_study(tmp_path, image_folder, n_trials=4, leaf_modules=()):
     """examples/own_model/study.toml pointed at the test's folders, shrunk, beside a copy of model.py."""
     config = load_study_config(EXAMPLE / "study.toml")
-    config.model.checkpoint = None
+    config.model.checkpoint, config.model.leaf_modules = None, list(leaf_modules)
     config.data.root, config.data.search_size = str(image_folder), 100
     config.output_dir = str(tmp_path / "run")
     config.search.n_trials, config.search.finalists = n_trials, 1
@@ -122,7 +122,7 @@ def own_study(tmp_path, image_folder, n_trials=4):
 
 
 def test_study_file_with_a_factory_and_class_folders_resumes_after_a_kill_and_exports(tmp_path, image_folder, capsys):
-    path, config = own_study(tmp_path, image_folder, n_trials=20)
+    path, config = own_study(tmp_path, image_folder, n_trials=20, leaf_modules=["stem"])  # its convs stay float
     before = {number: t.value for number, t in
               kill_after_trials(oaq_process("run", str(path)), config.name, config.storage_url, 2).items()}
     resumed = oaq_process("run", str(path))
@@ -131,9 +131,11 @@ def test_study_file_with_a_factory_and_class_folders_resumes_after_a_kill_and_ex
     after = {t.number: t.value for t in optuna.load_study(study_name=config.name, storage=config.storage_url).trials
              if t.state == TrialState.COMPLETE}
     assert len(after) == 20 and all(after[number] == value for number, value in before.items())
+    assert "kept in full precision (not quantizable here): stem.wide.0, stem.point.0" in output
     assert main(["export", str(path), "--out", str(tmp_path / "plan.json")]) == 0
     plan = oaq.Plan.load(tmp_path / "plan.json")
-    assert plan.model == "model:build" and {layer.name for layer in plan.layers} == weighted_layers(build())
+    assert plan.model == "model:build" and plan.float_layers == ["stem.wide.0", "stem.point.0"]
+    assert {layer.name for layer in plan.layers} | set(plan.float_layers) == weighted_layers(build())
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

@@ -106,5 +106,5 @@ def test_cost_models_load_by_name_or_module_path_only():
     assert isinstance(get_cost_model("hwmodels.memory:MemoryModel"), MemoryModel)
     with pytest.raises(UserError, match="unknown cost model"):
         get_cost_model("tpu-v9")
-    with pytest.raises(UserError, match="not a hwmodels.CostModel"):
+    with pytest.raises(UserError, match="is class OrderedDict, not a hwmodels.base.CostModel"):
         get_cost_model("collections:OrderedDict")
