@@ -352,14 +352,11 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .engine import open_study
-    from .pipeline import prepare
+    from .pipeline import load_study
     from .report import write_report
 
     config = _study_config(args)
-    engine = prepare(config)
-    study, _ = open_study(engine, create=False)
-    page = write_report(engine, study, args.out or config.output_path / "report")
+    page = write_report(load_study(config), args.out or config.output_path / "report")
     print(f"report written to {page}")
     return 0
 

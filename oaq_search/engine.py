@@ -49,6 +49,7 @@ from .storage import open_storage
 # Search settings that may change between runs of one study: how long it runs, how workers keep alive,
 # batch sizes (speed only), and the final re-scoring (redone whenever it changes). Every other setting
 # shapes the trials, so it is part of the study's fingerprint.
+REPORT_FACTS = "report"  # study attribute: report_facts()
 RUN_SETTINGS = ("n_trials", "heartbeat_seconds", "grace_seconds", "batch_size", "finalists", "seed_margin")
 
 
@@ -201,8 +202,20 @@ def open_study(engine: Engine, create: bool, worker_index: int = 0,
     study.pruner = ScreeningPruner(screen_images) if screen_images else optuna.pruners.NopPruner()
     if create:
         fill_queue(study, search.n_trials, engine.seeds)
+    if REPORT_FACTS not in study.user_attrs:
+        study.set_user_attr(REPORT_FACTS, report_facts(engine))
     engine.objective.remember(study)
     return study, storage
+
+
+def report_facts(engine: Engine) -> dict:
+    """What `report` needs beyond the trials, kept in the study so it reads the study alone."""
+    metric, method, table = engine.search.sensitivity_metric, engine.search.method, engine.sensitivity
+    bits = min(table.bits)
+    return {"model": engine.model_name, "score": "custom" if engine.custom_score else engine.search.score,
+            "seed_margin": engine.search.seed_margin, "budget": engine.objective.budget.limits,
+            "pinned": sorted(engine.space.pinned), "sensitivity_label": f"{metric} ({method}) at {bits} bits",
+            "sensitivity": {name: table.score(metric, method, name, bits) for name in engine.graph.names}}
 
 
 def run_trials(engine: Engine, study: optuna.Study, storage: optuna.storages.BaseStorage,

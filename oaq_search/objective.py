@@ -89,8 +89,10 @@ class Objective:
         self.cache: dict[str, float] = {}
 
     def plan_and_cost(self, choice: Sequence[int]) -> tuple[Plan, CostReport]:
+        """The plan for one index per group, each layer's `cost` filled from the cost model's report."""
         plan = self.factory.from_settings(self.space.layer_settings(choice), self.space.tie_group_of())
-        return plan, self.cost_model.evaluate(self.graph, plan)
+        report = self.cost_model.evaluate(self.graph, plan)
+        return plan.with_layers({name: {"cost": report.per_layer[name]} for name in plan.names()}), report
 
     def settle(self, sampled: Sequence[int]) -> list[int]:
         """The plan a sample is evaluated as: lowered onto the budget, then (`fill_budget`) raised

@@ -192,13 +192,18 @@ def create_study(config: StudyConfig) -> int:
     return len(study.get_trials(deepcopy=False))
 
 
-def export_plans(config: StudyConfig, trial_number: int | None = None, pareto: bool = False) -> list[Plan]:
-    """Plans stored in a study: its best feasible trial, a given trial, or the whole Pareto front."""
+def load_study(config: StudyConfig) -> optuna.Study:
+    """The stored study a study file names, read as it is: no model, data or search is prepared."""
     storage = open_storage(config.storage_url, config.search.heartbeat_seconds, config.search.grace_seconds)
     try:
-        study = optuna.load_study(study_name=config.name, storage=storage)
+        return optuna.load_study(study_name=config.name, storage=storage)
     except KeyError:
         raise UserError(f"study {config.name!r} does not exist in {config.storage_url}") from None
+
+
+def export_plans(config: StudyConfig, trial_number: int | None = None, pareto: bool = False) -> list[Plan]:
+    """Plans stored in a study: its best feasible trial, a given trial, or the whole Pareto front."""
+    study = load_study(config)
     if pareto:
         trials = pareto_trials(study)
     elif trial_number is not None:

@@ -101,6 +101,9 @@ class Plan:
         """The same setting for every quantizable layer of `graph`."""
         return cls(model, [LayerPlan(name, weight_bits, **settings) for name in graph.names])
 
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
             if layer.name == name:

@@ -19,42 +19,47 @@ import optuna  # noqa: E402
 
 from .budget import format_quantity  # noqa: E402
 from .evaluate import format_score, score_label  # noqa: E402
-from .engine import Engine  # noqa: E402
+from .engine import REPORT_FACTS  # noqa: E402
+from .errors import UserError  # noqa: E402
 from .plan import Plan  # noqa: E402
 from .objective import FINALIST_SCORES, best_trial, feasible_trials, finalist_score, pareto_trials  # noqa: E402
 
 KIB = 1024
 
 
-def write_report(engine: Engine, study: optuna.Study, folder: str | Path) -> Path:
-    """index.html plus pareto.png, layers.png and history.png in `folder`."""
+def write_report(study: optuna.Study, folder: str | Path) -> Path:
+    """index.html plus pareto.png, layers.png and history.png in `folder`, from the study alone."""
+    facts = study.user_attrs.get(REPORT_FACTS)
+    if facts is None:
+        raise UserError(f"study {study.study_name} was made before studies kept what the report shows: run "
+                        f"`oaq-search run` on its study file once (it resumes, every trial kept), then report")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     best = best_trial(study)
     plan = Plan.from_dict(best.user_attrs["plan"])
-    per_layer = engine.objective.cost_model.evaluate(engine.graph, plan).per_layer
-    score = engine.search.score
+    per_layer = {layer.name: layer.cost for layer in plan.layers}
+    score = facts["score"]
     _pareto_figure(study, best, score, folder / "pareto.png")
-    _layers_figure(engine, plan, best, per_layer, folder / "layers.png")
+    _layers_figure(facts, plan, best, per_layer, folder / "layers.png")
     _history_figure(study, score, folder / "history.png")
     budget_rows = "".join(
         f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
         f"<td>{format_quantity(metric, limit)}</td><td>{100 * best.user_attrs['costs'][metric] / limit:.1f} %</td></tr>"
-        for metric, limit in engine.objective.budget.limits.items())
+        for metric, limit in facts["budget"].items())
     rescored, finalist_scores = finalist_score(study, best), study.user_attrs.get(FINALIST_SCORES, {})
-    margin = f"{engine.search.seed_margin:g} standard errors of their paired per-image difference"
+    margin = f"{facts['seed_margin']:g} standard errors of their paired per-image difference"
     finalist = "" if rescored is None else f" and {format_score(score, rescored)} on the whole search split " + (
         "(the best finalist)" if rescored >= max(finalist_scores.values()) else
         f"(the integer-program seed, kept: no better finalist beat it by {margin})"
         if best.user_attrs.get("seed") == "integer_program" else
         f"(the best finalist that beat the integer-program seed by {margin})")
-    reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(engine, plan, best, per_layer))
+    reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(facts, plan, best, per_layer))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>oaq-search: {html.escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}img{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.2em .6em}}</style></head><body>
 <h1>Study {html.escape(study.study_name)}</h1>
-<p>Model {html.escape(engine.model_name)}; {len(study.trials)} trials; best trial #{best.number}
+<p>Model {html.escape(facts['model'])}; {len(study.trials)} trials; best trial #{best.number}
 ({html.escape(str(best.user_attrs.get('seed') or 'sampled'))}) with {format_score(score, best.values[0])} on the images scored per
 trial{finalist}.</p>
 <h2>Budget use</h2><table><tr><th>metric</th><th>used</th><th>limit</th><th>share</th></tr>{budget_rows}</table>
@@ -69,23 +74,21 @@ trial{finalist}.</p>
     return path
 
 
-def layer_reasons(engine: Engine, plan: Plan, best: optuna.trial.FrozenTrial,
+def layer_reasons(facts: dict, plan: Plan, best: optuna.trial.FrozenTrial,
                   per_layer: dict[str, dict[str, float]]) -> list[str]:
     """One sentence per layer: its bits, its share of the weight bytes, how sensitive it is."""
-    metric, method = engine.search.sensitivity_metric, engine.search.method
-    table = engine.sensitivity
+    sensitivity = facts["sensitivity"]
     costs = best.user_attrs["costs"]
-    probe_bits = min(table.bits)
-    ranking = table.ranking(metric, method, probe_bits)
+    ranking = sorted(sensitivity, key=lambda name: -sensitivity[name])
     sentences = []
     for layer in plan.layers:
         share = 100 * per_layer[layer.name]["weight_bytes"] / costs["weight_bytes"]
-        if layer.name in engine.space.pinned:
+        if layer.name in facts["pinned"]:
             why = "pinned (first or last layer)"
         else:
             rank = ranking.index(layer.name) + 1
             level = "among the most" if rank <= len(ranking) / 3 else "among the least" if rank > 2 * len(ranking) / 3 else "moderately"
-            why = f"{level} sensitive ({metric} rank {rank} of {len(ranking)} at {probe_bits} bits)"
+            why = f"{level} sensitive (rank {rank} of {len(ranking)} by {facts['sensitivity_label']})"
         sentences.append(f"{layer.name}: {layer.summary()}; {share:.1f} % of the weight bytes; {why}.")
     return sentences
 
@@ -111,16 +114,15 @@ def _pareto_figure(study: optuna.Study, best, score: str, path: Path) -> None:
     _save(figure, path)
 
 
-def _layers_figure(engine: Engine, plan: Plan, best, per_layer: dict[str, dict[str, float]], path: Path) -> None:
-    metric, method = engine.search.sensitivity_metric, engine.search.method
+def _layers_figure(facts: dict, plan: Plan, best, per_layer: dict[str, dict[str, float]], path: Path) -> None:
     names = [layer.name for layer in plan.layers]
     figure, axis = plt.subplots(figsize=(max(7, 0.32 * len(names)), 4.2))
     axis.bar(range(len(names)), [layer.weight_bits for layer in plan.layers], color="#9ecae1", label="weight bits")
     axis.set_ylabel("weight bits")
     axis.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     other = axis.twinx()
-    other.plot(range(len(names)), [engine.sensitivity.score(metric, method, n, min(engine.sensitivity.bits))
-                                   for n in names], "o-", c="#d62728", ms=3, label=f"{metric} at 2 bits")
+    other.plot(range(len(names)), [facts["sensitivity"][n] for n in names], "o-", c="#d62728", ms=3,
+               label=facts["sensitivity_label"])
     total = best.user_attrs["costs"]["weight_bytes"]
     other.plot(range(len(names)), [per_layer[n]["weight_bytes"] / total for n in names], "s--", c="#2ca02c", ms=3,
                label="share of weight bytes")

@@ -192,8 +192,9 @@ def test_report_page_references_only_valid_images(config, tmp_path):
 
     config.search.n_trials = 5
     run_study(config, progress=False)
+    config.data.root, config.model.checkpoint = str(tmp_path / "gone"), str(tmp_path / "gone.pt")
     study_path = tmp_path / "s.toml"
-    study_path.write_text(dump_study_config(config))
+    study_path.write_text(dump_study_config(config))  # the report reads the study alone: no data, no weights
     assert main(["report", str(study_path), "--out", str(tmp_path / "report")]) == 0
 
     class Sources(HTMLParser):
@@ -208,7 +209,10 @@ def test_report_page_references_only_valid_images(config, tmp_path):
     for source in parser.found:
         with Image.open(tmp_path / "report" / source) as image:
             image.verify()
-    assert "layer1.0.conv1:" in (tmp_path / "report" / "index.html").read_text()
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "layer1.0.conv1:" in page and "% of the weight bytes" in page
+    plan = export_plans(config)[0]
+    assert all(layer.cost["weight_bytes"] > 0 for layer in plan.layers)  # each layer's cost is in the plan
 
 
 @pytest.mark.shared
