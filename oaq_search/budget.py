@@ -82,9 +82,12 @@ class Budget:
 
 
 def format_quantity(metric: str, value: float) -> str:
-    """A metric value in readable units: bytes in KiB (under 1 KiB in B), seconds in ms, counts with G/M."""
+    """A metric value in readable units: bytes in KiB (under 1 KiB in B), seconds in ms, large counts with
+    G/M, anything else (a plug-in's fractions, scores) as it is."""
     if metric.endswith("bytes"):
         return f"{value / 1024:.1f} KiB" if value >= 1024 else f"{value:.0f} B"
     if metric.endswith("_s"):
         return f"{value * 1e3:.3f} ms"
-    return f"{value / 1e9:.3f} G" if value >= 1e9 else f"{value / 1e6:.3f} M"
+    if value >= 1e6:
+        return f"{value / 1e9:.3f} G" if value >= 1e9 else f"{value / 1e6:.3f} M"
+    return f"{value:g}"

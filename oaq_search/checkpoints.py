@@ -24,8 +24,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0]
         raise UserError(f"checkpoint {path} is refused: it holds more than tensors ({first_line})") from error
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise UserError(f"checkpoint {path} cannot be read (truncated or corrupt?): {_first_line(error)}") from error
+    except Exception as error:  # torch raises many types for damaged files (RuntimeError, KeyError, IndexError, ...)
+        raise UserError(f"checkpoint {path} cannot be read (truncated or corrupt?): {_first_line(error)}") from None
     if isinstance(loaded, dict):
         for key in _WRAPPER_KEYS:
             if isinstance(loaded.get(key), dict):

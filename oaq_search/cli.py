@@ -20,7 +20,7 @@ from .config import DataConfig, FinetuneConfig, load_study_config, validate
 from .data import load_cifar10
 from .errors import UserError
 from .evaluate import BATCH_SIZE, accuracy, format_score
-from .files import write_text_atomically
+from .files import check_writable, write_text_atomically
 from .grids import GRIDS
 from .models import model_spec
 from .oaq import METHODS
@@ -209,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"study {result.study_name}: {result.finished_trials} trials over {result.parameters} Optuna parameters "
           f"in {result.storage_url}")
     print(f"budget: {budget}; best plan (trial {plan.metadata['trial']}, seed: {plan.metadata['seed'] or 'sampled'}) "
-          f"uses {format_quantity('weight_bytes', totals['weight_bytes'])} of weights")
+          f"costs {', '.join(f'{metric} {format_quantity(metric, value)}' for metric, value in totals.items())}")
     print("bits: " + ", ".join(f"{layer.name} {layer.summary()}" for layer in plan.layers))
     if plan.float_layers:
         print(f"kept in full precision (not quantizable here): {', '.join(plan.float_layers)}")
@@ -303,6 +303,8 @@ def _print_finetune(result) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    if args.out:  # refused now, not after the work
+        check_writable(args.out, "packed model")
     model = load_model(args.model, args.checkpoint)
     graph = layer_graph(args.model, model)
     plan = Plan.load(args.plan) if getattr(args, "plan", None) else None

@@ -220,8 +220,12 @@ def _resume(path: Path, fingerprint: str, model, optimizers, schedulers) -> list
     """Load the saved state into model and optimizers; returns the finished epochs' history ([] if none)."""
     if not path.is_file():
         return []
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != fingerprint:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file, or one holding more than tensors (refused by weights_only)
+        raise UserError(f"fine-tune state {path} cannot be read ({type(error).__name__}): delete it to start over") \
+            from None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         raise UserError(f"{path} holds a fine-tune of a different plan or with different settings: delete it to "
                         f"start over, or choose another output folder")
     model.load_state_dict(state["model"])

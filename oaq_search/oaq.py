@@ -9,6 +9,7 @@ outliers by s instead (an ablation). Statistics are per tensor or per output cha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -47,8 +48,8 @@ class WeightQuantizer:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if not 0.0 <= self.scale_factor <= 1.0:
             raise UserError(f"scale_factor (OAQ's s) must be in [0, 1], got {self.scale_factor}")
-        if self.threshold is not None and not self.threshold > 0:
-            raise UserError(f"threshold (OAQ's T, in sigma units) must be positive, got {self.threshold}")
+        if self.threshold is not None and not 0 < self.threshold < math.inf:
+            raise UserError(f"threshold (OAQ's T, in sigma units) must be positive and finite, got {self.threshold}")
 
     @property
     def effective_threshold(self) -> float:

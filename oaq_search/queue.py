@@ -70,24 +70,36 @@ def work(study: optuna.Study, storage: optuna.storages.BaseStorage,
             waiting_on = running
             time.sleep(_POLL_SECONDS)  # another worker's trial may still go stale and come back
             continue
-        with _Heartbeat(storage, trial_id):
-            trial = optuna.Trial(study, trial_id)  # runs the sampler's before_trial: already beating
-            try:
-                values = objective(trial)
-            except TrialPruned:
-                frozen = study.tell(trial, state=TrialState.PRUNED)
-            except KeyboardInterrupt:
-                study.tell(trial, state=TrialState.FAIL)
-                study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, "retry_of": trial.number})
-                raise
-            except Exception:
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            else:
-                frozen = study.tell(trial, values)
+        try:
+            with _Heartbeat(storage, trial_id):
+                trial = optuna.Trial(study, trial_id)  # runs the sampler's before_trial: already beating
+                try:
+                    values = objective(trial)
+                except TrialPruned:
+                    frozen = study.tell(trial, state=TrialState.PRUNED)
+                except KeyboardInterrupt:
+                    raise
+                except Exception:
+                    study.tell(trial, state=TrialState.FAIL)
+                    raise
+                else:
+                    frozen = study.tell(trial, values)
+        except KeyboardInterrupt:  # at any moment after the claim: nobody waits out a grace period for it
+            _put_back(study, storage, trial_id)
+            raise
         ran += 1
         if on_finished is not None:
             on_finished(frozen)
+
+
+def _put_back(study: optuna.Study, storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """An interrupted trial marked failed and queued again with what it was given (a seed's parameters)."""
+    trial = storage.get_trial(trial_id)
+    if trial.state != TrialState.RUNNING:
+        return  # finished (told) before the interrupt landed
+    storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    study.enqueue_trial(params, user_attrs={**trial.user_attrs, "retry_of": trial.number})
 
 
 def _claim_waiting(storage: optuna.storages.BaseStorage, study_id: int) -> int | None:

@@ -48,10 +48,18 @@ def read_document(path: str | Path, what: str, format: str | None = None) -> Any
         text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder: name the file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not text: name the {'JSON' if is_json else 'TOML'} file") from None
+    except OSError as error:
+        raise UserError(f"{what} {path} cannot be read: {error.strerror or error}") from None
     try:
         return json.loads(text) if is_json else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
         raise UserError(f"{what} {path} is not valid {'JSON' if is_json else 'TOML'}: {error}") from None
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested too deeply to be a {what}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -3,18 +3,25 @@ a resumed study whose settings changed."""
 
 from __future__ import annotations
 
+import json
 import pickle
+import random
+from pathlib import Path
 
 import pytest
+import torch
 
-from oaq_search.cli import main
-from oaq_search.config import dump_study_config, validate
-from oaq_search.data import BATCH_FOLDER, TEST_FILE, load_cifar10
-from oaq_search.errors import UserError
-from oaq_search.pipeline import layer_graph, load_model, run_study
-from oaq_search.planning import PlanFactory
 from hwmodels import load_target
 from hwmodels.target import TARGETS_DIR
+from oaq_search.checkpoints import load_checkpoint
+from oaq_search.cli import main
+from oaq_search.config import dump_study_config, load_study_config, validate
+from oaq_search.data import BATCH_FOLDER, TEST_FILE, load_cifar10
+from oaq_search.errors import UserError
+from oaq_search.finetune import _resume
+from oaq_search.pipeline import layer_graph, load_model, run_study
+from oaq_search.plan import LayerPlan, Plan
+from oaq_search.planning import PlanFactory
 
 from test_search import synthetic_study
 
@@ -102,3 +109,76 @@ def test_command_line_counts_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", "resnet20", "--batch-size", "0"])
     assert "must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_readmes_plug_in_example_runs_a_study_to_its_summary(synthetic_cifar, tmp_path, monkeypatch, capsys):
+    """The README's cost model, verbatim: it reports latency only, and `run` must still end in its summary."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Adding a hardware target"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    (tmp_path / "readme_npu.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = synthetic_study(synthetic_cifar, tmp_path, n_trials=2, cost_model="readme_npu:MyAccelerator")
+    config.budget = {"latency": "1ms"}
+    (tmp_path / "study.toml").write_text(dump_study_config(config))
+    assert main(["run", str(tmp_path / "study.toml")]) == 0
+    summary = capsys.readouterr().out
+    assert "costs latency_s " in summary and "budget: latency_s <= 1.000 ms" in summary
+
+
+def test_study_and_plan_paths_that_are_folders_binary_or_absurd_are_one_line(tmp_path, capsys):
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)) * 4)
+    for path in (tmp_path, tmp_path / "binary.toml"):
+        assert main(["run", str(path)]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and ("is a folder" in error or "is not text" in error), error
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="nested too deeply"):
+        Plan.load(tmp_path / "deep.json")
+    plan = json.loads(Plan("resnet20", [LayerPlan("conv1", 4, threshold=2.0)]).to_json())
+    plan["layers"][0]["threshold"] = float("inf")
+    (tmp_path / "infinite.json").write_text(json.dumps(plan))  # json writes Infinity, which json reads back
+    with pytest.raises(UserError, match="must be positive and finite, got inf"):
+        Plan.load(tmp_path / "infinite.json")
+
+
+def test_a_packed_model_path_that_cannot_be_written_is_refused_before_the_work(synthetic_cifar, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    assert main(["quantize", "--model", "resnet20", "--data-root", str(synthetic_cifar), "--out",
+                 str(tmp_path / "taken")]) == 2
+    assert "packed model" in capsys.readouterr().err and not list((tmp_path / "taken").iterdir())
+
+
+def test_a_malicious_finetune_state_is_refused_in_one_line(tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "state.pt").write_bytes(pickle.dumps(PlantedCommand(marker)))
+    with pytest.raises(UserError, match="fine-tune state .*state.pt cannot be read"):
+        _resume(tmp_path / "state.pt", "fingerprint", None, [], [])
+    assert not marker.exists()
+
+
+def test_fuzzed_checkpoints_plans_and_study_files_end_in_user_errors_only(tmp_path):
+    """A few hundred damaged files through the loaders: each loads or is refused with a UserError."""
+    rng = random.Random(0)
+    model = load_model("resnet20")
+    torch.save(model.state_dict(), tmp_path / "good.pt")
+    good = {"checkpoint": (tmp_path / "good.pt").read_bytes(),
+            "plan": PlanFactory("resnet20", model, layer_graph("resnet20", model)).uniform(4).to_json().encode(),
+            "study": (Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml").read_bytes()}
+    loaders = {"checkpoint": lambda path: load_checkpoint(load_model("resnet20"), path), "plan": Plan.load,
+               "study": load_study_config}
+    suffix = {"checkpoint": ".pt", "plan": ".json", "study": ".toml"}
+    for kind, data in good.items():
+        for case in range(150 if kind != "checkpoint" else 60):
+            damaged = bytearray(data)
+            if case % 3 == 0:
+                damaged = damaged[:rng.randrange(len(damaged))]  # truncated
+            else:
+                for _ in range(rng.randint(1, 8)):  # a few bytes changed
+                    damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+            path = tmp_path / f"{kind}{case}{suffix[kind]}"
+            path.write_bytes(bytes(damaged))
+            try:
+                loaders[kind](path)
+            except UserError:
+                pass

@@ -40,3 +40,33 @@ def test_an_idle_worker_says_which_trials_it_waits_on_until_they_come_back(tmp_p
 
     assert waited_on == [[storage.get_trial(claimed).number]]  # said once, not at every poll
     assert ran == 1 and [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+class InterruptedOnce(optuna.samplers.RandomSampler):
+    """Ctrl-C lands while the trial starts (the sampler's before_trial), before the objective runs."""
+
+    def __init__(self):
+        super().__init__(seed=0)
+        self.interrupted = False
+
+    def before_trial(self, study, trial):
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        super().before_trial(study, trial)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_ctrl_c_as_a_trial_starts_fails_it_and_queues_it_again(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_seconds=30, grace_seconds=90)
+    study = optuna.create_study(study_name="queue", storage=storage, sampler=InterruptedOnce())
+    fill_queue(study, 2, seeds=[({"x": 3}, "seed")])
+    with pytest.raises(KeyboardInterrupt):
+        work(study, storage, lambda trial: trial.suggest_int("x", 0, 9) ** 2)
+    states = [t.state for t in study.get_trials()]
+    assert TrialState.RUNNING not in states and states.count(TrialState.FAIL) == 1  # nothing left for a grace period
+    started = time.perf_counter()
+    assert work(study, storage, lambda trial: trial.suggest_int("x", 0, 9) ** 2) == 2
+    assert time.perf_counter() - started < 30  # the next run does not wait on the interrupted trial
+    seeded = [t for t in study.get_trials() if t.user_attrs.get("seed") == "seed" and t.state == TrialState.COMPLETE]
+    assert [t.params for t in seeded] == [{"x": 3}]
