@@ -48,7 +48,7 @@ def allocation_problem(space: SearchSpace, factory: PlanFactory, cost_model: Cos
     activation memory) are measured on whole plans."""
     widest = max(len(c) for c in space.settings)
     base = cost_model.evaluate(graph, factory.from_settings(space.layer_settings([0] * len(space.groups))))
-    per_layer_metrics = base.per_layer[graph.names[0]]  # additive per-layer metrics only
+    per_layer_metrics = base.per_layer.get(graph.names[0], {})  # additive per-layer metrics only (may be none)
     metrics = list(dict.fromkeys(m for m in [*budget.limits, *compared] if m in per_layer_metrics))
     costs = {m: np.full((len(space.groups), widest), np.inf) for m in metrics}
     scores = np.full((len(space.groups), widest), np.inf)
@@ -92,7 +92,7 @@ class Objective:
         """The plan for one index per group, each layer's `cost` filled from the cost model's report."""
         plan = self.factory.from_settings(self.space.layer_settings(choice), self.space.tie_group_of())
         report = self.cost_model.evaluate(self.graph, plan)
-        return plan.with_layers({name: {"cost": report.per_layer[name]} for name in plan.names()}), report
+        return plan.with_layers({name: {"cost": report.per_layer.get(name, {})} for name in plan.names()}), report
 
     def settle(self, sampled: Sequence[int]) -> list[int]:
         """The plan a sample is evaluated as: lowered onto the budget, then (`fill_budget`) raised

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hwmodels import load_target
+from hwmodels import CostReport, MemoryModel, load_target
 from hwmodels.target import TARGETS_DIR
 from oaq_search.checkpoints import load_checkpoint
 from oaq_search.cli import main
@@ -182,3 +182,19 @@ def test_fuzzed_checkpoints_plans_and_study_files_end_in_user_errors_only(tmp_pa
                 loaders[kind](path)
             except UserError:
                 pass
+
+
+class TotalsOnly(MemoryModel):
+    """A plug-in that reports totals alone, no per-layer costs."""
+
+    name = "totals-only"
+
+    def evaluate(self, graph, plan):
+        return CostReport(super().evaluate(graph, plan).totals, {})
+
+
+def test_a_cost_model_without_per_layer_costs_is_searched_by_measuring_whole_plans(synthetic_cifar, tmp_path):
+    config = synthetic_study(synthetic_cifar, tmp_path, n_trials=3, cost_model=TotalsOnly())
+    config.budget = {"memory": "120KiB"}
+    result = run_study(config)
+    assert result.plan.totals["weight_bytes"] <= 120 * 1024 and result.finished_trials == 3
