@@ -37,10 +37,10 @@ def write_report(study: optuna.Study, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     best = best_trial(study)
     plan = Plan.from_dict(best.user_attrs["plan"])
-    per_layer = {layer.name: layer.cost for layer in plan.layers}
+    shares = weight_shares(plan, best.user_attrs["costs"])
     score = facts["score"]
     _pareto_figure(study, best, score, folder / "pareto.png")
-    _layers_figure(facts, plan, best, per_layer, folder / "layers.png")
+    _layers_figure(facts, plan, shares, folder / "layers.png")
     _history_figure(study, score, folder / "history.png")
     budget_rows = "".join(
         f"<tr><td>{html.escape(metric)}</td><td>{format_quantity(metric, best.user_attrs['costs'][metric])}</td>"
@@ -53,7 +53,7 @@ def write_report(study: optuna.Study, folder: str | Path) -> Path:
         f"(the integer-program seed, kept: no better finalist beat it by {margin})"
         if best.user_attrs.get("seed") == "integer_program" else
         f"(the best finalist that beat the integer-program seed by {margin})")
-    reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(facts, plan, best, per_layer))
+    reasons = "".join(f"<li>{html.escape(sentence)}</li>" for sentence in layer_reasons(facts, plan, shares))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>oaq-search: {html.escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}img{{max-width:100%}}
@@ -74,22 +74,28 @@ trial{finalist}.</p>
     return path
 
 
-def layer_reasons(facts: dict, plan: Plan, best: optuna.trial.FrozenTrial,
-                  per_layer: dict[str, dict[str, float]]) -> list[str]:
+def weight_shares(plan: Plan, totals: dict[str, float]) -> dict[str, float] | None:
+    """Each layer's share of the plan's weight bytes, from the costs the plan carries; None where they are
+    not there (a cost model without weight bytes, or a trial stored before plans carried layer costs)."""
+    if "weight_bytes" not in totals or any("weight_bytes" not in layer.cost for layer in plan.layers):
+        return None
+    return {layer.name: layer.cost["weight_bytes"] / totals["weight_bytes"] for layer in plan.layers}
+
+
+def layer_reasons(facts: dict, plan: Plan, shares: dict[str, float] | None) -> list[str]:
     """One sentence per layer: its bits, its share of the weight bytes, how sensitive it is."""
     sensitivity = facts["sensitivity"]
-    costs = best.user_attrs["costs"]
     ranking = sorted(sensitivity, key=lambda name: -sensitivity[name])
     sentences = []
     for layer in plan.layers:
-        share = 100 * per_layer[layer.name]["weight_bytes"] / costs["weight_bytes"]
+        share = "" if shares is None else f" {100 * shares[layer.name]:.1f} % of the weight bytes;"
         if layer.name in facts["pinned"]:
             why = "pinned (first or last layer)"
         else:
             rank = ranking.index(layer.name) + 1
             level = "among the most" if rank <= len(ranking) / 3 else "among the least" if rank > 2 * len(ranking) / 3 else "moderately"
             why = f"{level} sensitive (rank {rank} of {len(ranking)} by {facts['sensitivity_label']})"
-        sentences.append(f"{layer.name}: {layer.summary()}; {share:.1f} % of the weight bytes; {why}.")
+        sentences.append(f"{layer.name}: {layer.summary()};{share} {why}.")
     return sentences
 
 
@@ -114,7 +120,7 @@ def _pareto_figure(study: optuna.Study, best, score: str, path: Path) -> None:
     _save(figure, path)
 
 
-def _layers_figure(facts: dict, plan: Plan, best, per_layer: dict[str, dict[str, float]], path: Path) -> None:
+def _layers_figure(facts: dict, plan: Plan, shares: dict[str, float] | None, path: Path) -> None:
     names = [layer.name for layer in plan.layers]
     figure, axis = plt.subplots(figsize=(max(7, 0.32 * len(names)), 4.2))
     axis.bar(range(len(names)), [layer.weight_bits for layer in plan.layers], color="#9ecae1", label="weight bits")
@@ -123,9 +129,9 @@ def _layers_figure(facts: dict, plan: Plan, best, per_layer: dict[str, dict[str,
     other = axis.twinx()
     other.plot(range(len(names)), [facts["sensitivity"][n] for n in names], "o-", c="#d62728", ms=3,
                label=facts["sensitivity_label"])
-    total = best.user_attrs["costs"]["weight_bytes"]
-    other.plot(range(len(names)), [per_layer[n]["weight_bytes"] / total for n in names], "s--", c="#2ca02c", ms=3,
-               label="share of weight bytes")
+    if shares is not None:
+        other.plot(range(len(names)), [shares[n] for n in names], "s--", c="#2ca02c", ms=3,
+                   label="share of weight bytes")
     other.set_ylabel("sensitivity / cost share")
     figure.legend(fontsize=7, loc="lower center", ncol=3, bbox_to_anchor=(0.5, 0.0))
     figure.subplots_adjust(bottom=0.3)
