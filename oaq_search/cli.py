@@ -269,6 +269,7 @@ def _graph(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    check_writable(Path(args.out) / "plan.json", "fine-tune output")  # refused now, not after the epochs
     plan = Plan.load(args.plan)
     study = load_study_config(args.study) if args.study else None
     config = study.finetune if study else FinetuneConfig(mode="scale")
@@ -374,6 +375,7 @@ def _hw_list(args: argparse.Namespace) -> int:
 def _hw_measure(args: argparse.Namespace) -> int:
     from hwmodels.measure import measure_local_cpu
 
+    check_writable(args.out, "target table")  # refused now, not after the timing
     model = load_model(args.model, args.checkpoint)
     graph = layer_graph(args.model, model)
     table = measure_local_cpu(model, graph, model_spec(args.model).input_shape, args.repeats)

@@ -142,11 +142,18 @@ def test_study_and_plan_paths_that_are_folders_binary_or_absurd_are_one_line(tmp
         Plan.load(tmp_path / "infinite.json")
 
 
-def test_a_packed_model_path_that_cannot_be_written_is_refused_before_the_work(synthetic_cifar, tmp_path, capsys):
+def test_output_paths_that_cannot_be_written_are_refused_before_the_work(synthetic_cifar, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
-    assert main(["quantize", "--model", "resnet20", "--data-root", str(synthetic_cifar), "--out",
-                 str(tmp_path / "taken")]) == 2
-    assert "packed model" in capsys.readouterr().err and not list((tmp_path / "taken").iterdir())
+    (tmp_path / "a-file").write_text("")
+    for command, what in ((["quantize", "--model", "resnet20", "--data-root", str(synthetic_cifar), "--out",
+                            str(tmp_path / "taken")], "packed model"),
+                          (["hw", "measure", "--model", "resnet20", "--out", str(tmp_path / "taken")], "target table"),
+                          (["finetune", "--plan", "missing.json", "--out", str(tmp_path / "a-file" / "run")],
+                           "fine-tune output")):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert what in error and error.count("\n") == 1, error
+    assert not list((tmp_path / "taken").iterdir())
 
 
 def test_a_malicious_finetune_state_is_refused_in_one_line(tmp_path):
