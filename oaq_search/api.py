@@ -25,7 +25,6 @@ from .data import Splits, split_from_batches
 from .engine import Engine, build_engine, finish, finished_trials, open_study, run_trials
 from .errors import UserError
 from .plan import Plan
-from .ptq import post_training_quantize
 from .sensitivity import weights_digest
 from .storage import IN_MEMORY
 
@@ -76,9 +75,8 @@ def search(model: nn.Module, loader: Iterable, *, budget: Mapping[str, str | flo
                           {"model": label, "checkpoint": weights_digest(model.state_dict())}, leaf_modules, score)
     study, study_storage = open_study(engine, create=True)
     run_trials(engine, study, study_storage, progress)
-    plan = finish(engine, study, test_split)
+    plan, quantized = finish(engine, study, test_split)
     plan.metadata["finished_trials"] = finished_trials(study)
-    quantized = post_training_quantize(model, plan, search_split, settings.bn_correction)
     return SearchResult(plan, quantized, study, engine)
 
 

@@ -46,10 +46,10 @@ from .sensitivity.measured import cached_group_sensitivity, measure_group_sensit
 from .space import SearchSpace
 from .storage import open_storage
 
+REPORT_FACTS = "report"  # study attribute: report_facts()
 # Search settings that may change between runs of one study: how long it runs, how workers keep alive,
 # batch sizes (speed only), and the final re-scoring (redone whenever it changes). Every other setting
 # shapes the trials, so it is part of the study's fingerprint.
-REPORT_FACTS = "report"  # study attribute: report_facts()
 RUN_SETTINGS = ("n_trials", "heartbeat_seconds", "grace_seconds", "batch_size", "finalists", "seed_margin")
 
 
@@ -237,9 +237,9 @@ def run_trials(engine: Engine, study: optuna.Study, storage: optuna.storages.Bas
         engine.seconds["search"] = engine.seconds.get("search", 0.0) + time.perf_counter() - started
 
 
-def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None) -> Plan:
+def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None) -> tuple[Plan, nn.Module]:
     """The best feasible plan, its finalists re-scored first, with its costs, where it came from, and
-    (given `test`) full-precision and quantized accuracy on it."""
+    (given `test`) full-precision and quantized accuracy on it; and the model it quantizes."""
     search = engine.search
     started = time.perf_counter()
     if search.finalists > 1 and not search.pareto_metric and not engine.custom_score:
@@ -253,14 +253,14 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None) 
                      "seed": best.user_attrs.get("seed"), "score": "custom" if engine.custom_score else search.score,
                      "search_score": best.values[0], "finalist_score": finalist_score(study, best),
                      "budget": engine.objective.budget.limits, "cost_model": _name(search.cost_model)}
+    started = time.perf_counter()
+    quantized = post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction)
     if test is not None:
-        started = time.perf_counter()
-        quantized = post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction)
         plan.metadata.update({"fp_test_accuracy": accuracy(engine.model, test, search.batch_size),
                               "test_accuracy": accuracy(quantized, test, search.batch_size), "test_images": len(test)})
         engine.seconds["test"] = time.perf_counter() - started
     plan.metadata["seconds"] = engine.seconds
-    return plan
+    return plan, quantized
 
 
 def _name(cost_model: str | CostModel) -> str:

@@ -154,7 +154,7 @@ def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
 def finish_study(config: StudyConfig, engine: Engine, study: optuna.Study) -> StudyResult:
     """The best feasible plan, scored once on the test split and written to the study's output folder."""
     test = engine.splits.test.subset(config.data.test_images or len(engine.splits.test))
-    plan = finish(engine, study, test)
+    plan, _ = finish(engine, study, test)
     plan.metadata["checkpoint"] = config.model.checkpoint
     plan_path = plan.save(config.output_path / "plan.json")
     return StudyResult(plan, plan_path, config.name, config.storage_url, plan.metadata["search_score"],

@@ -35,10 +35,15 @@ class AllocationProblem:
     # for one setting per group; the integer program cannot see them, repair and feasibility measure them
     whole_plan_budget: dict[str, float] = field(default_factory=dict)
     whole_plan: Callable[[list[Setting]], Mapping[str, float]] | None = None
+    # whole-plan totals by choice: repair asks for the same plans again (the current one at every step)
+    _measured: dict[tuple[int, ...], Mapping[str, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def total(self, choice: list[int], metric: str) -> float:
         if metric in self.whole_plan_budget:
-            return float(self.whole_plan([self.candidates[g][k] for g, k in enumerate(choice)])[metric])
+            key = tuple(choice)
+            if key not in self._measured:
+                self._measured[key] = self.whole_plan([self.candidates[g][k] for g, k in enumerate(choice)])
+            return float(self._measured[key][metric])
         return self.fixed[metric] + float(sum(self.costs[metric][g][k] for g, k in enumerate(choice)))
 
     def limits(self) -> dict[str, float]:
