@@ -36,7 +36,8 @@ class AllocationProblem:
     whole_plan_budget: dict[str, float] = field(default_factory=dict)
     whole_plan: Callable[[list[Setting]], Mapping[str, float]] | None = None
     # whole-plan totals by choice: repair asks for the same plans again (the current one at every step)
-    _measured: dict[tuple[int, ...], Mapping[str, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _measured: dict[tuple[int, ...], Mapping[str, float]] = field(default_factory=dict, init=False, repr=False,
+                                                                  compare=False)
 
     def total(self, choice: list[int], metric: str) -> float:
         if metric in self.whole_plan_budget:
