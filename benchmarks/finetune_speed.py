@@ -20,7 +20,7 @@ from _common import SHARED, checkpoint, write_results
 
 from oaq_search.config import FinetuneConfig
 from oaq_search.data import load_cifar10
-from oaq_search.finetune import _optimizers
+from oaq_search.finetuning import _optimizers
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import post_training_quantize

@@ -67,7 +67,7 @@ def main() -> None:
         started = time.perf_counter()
         engine = prepare(config)
         study, storage = open_study(engine, create=True)
-        run_trials(engine, study, storage, progress=False)
+        run_trials(engine, study, storage)
         result = finish_study(config, engine, study)
         rows.append({"plan": f"search <= {budget}", "kib": result.plan.totals["weight_bytes"] / 1024,
                      "test": result.test_accuracy, "change": result.test_accuracy - fp,

@@ -3,28 +3,37 @@
 `search(model, loader, budget=...)` is the verb for any model and data. The pipeline, one module per
 stage: models -> graph -> oaq/grids/activations (quantizers) -> hwmodels (cost) -> engine (objective,
 seeds, samplers, queue) -> plan -> finetune -> packing. `pipeline` runs study files through the engine.
+The names below load on first use, so the command line starts without importing torch.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .api import SearchResult, search  # noqa: E402
-from .checkpoints import load_checkpoint  # noqa: E402
-from .config import FinetuneConfig, StudyConfig, load_study_config  # noqa: E402
-from .data import load_cifar10  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .evaluate import accuracy  # noqa: E402
-from .fake_quant import calibrate_activations, quantize_  # noqa: E402
-from .finetune import finetune  # noqa: E402
-from .graph import LayerGraph, build_layer_graph  # noqa: E402
-from .oaq import WeightQuantizer  # noqa: E402
-from .pipeline import layer_graph, load_model, run_study  # noqa: E402
-from .plan import LayerPlan, Plan  # noqa: E402
-from .planning import PlanFactory  # noqa: E402
-from .ptq import post_training_quantize  # noqa: E402
+_HOMES = {  # public name -> the module that defines it
+    "SearchResult": "api", "search": "api",
+    "load_checkpoint": "checkpoints",
+    "FinetuneConfig": "config", "StudyConfig": "config", "load_study_config": "config",
+    "load_cifar10": "data",
+    "UserError": "errors",
+    "accuracy": "evaluate",
+    "calibrate_activations": "fake_quant", "quantize_": "fake_quant",
+    "finetune": "finetuning",
+    "LayerGraph": "graph", "build_layer_graph": "graph",
+    "WeightQuantizer": "oaq",
+    "layer_graph": "pipeline", "load_model": "pipeline", "run_study": "pipeline",
+    "LayerPlan": "plan", "Plan": "plan",
+    "PlanFactory": "planning",
+    "post_training_quantize": "ptq",
+}
+__all__ = sorted(_HOMES)
 
-__all__ = [
-    "FinetuneConfig", "LayerGraph", "LayerPlan", "Plan", "PlanFactory", "SearchResult", "StudyConfig", "UserError",
-    "WeightQuantizer",
-    "accuracy", "build_layer_graph", "calibrate_activations", "finetune", "layer_graph", "load_checkpoint", "load_cifar10",
-    "load_model", "load_study_config", "post_training_quantize", "quantize_", "run_study", "search",
-]
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'oaq_search' has no attribute {name!r}")
+    return getattr(import_module(f".{_HOMES[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

@@ -72,9 +72,10 @@ def search(model: nn.Module, loader: Iterable, *, budget: Mapping[str, str | flo
     label = name or type(model).__name__
     model.eval()
     engine = build_engine(label, storage or IN_MEMORY, model, label, splits, settings, Budget.parse(budget),
-                          {"model": label, "checkpoint": weights_digest(model.state_dict())}, leaf_modules, score)
+                          {"model": label, "checkpoint": weights_digest(model.state_dict())}, leaf_modules, score,
+                          progress)
     study, study_storage = open_study(engine, create=True)
-    run_trials(engine, study, study_storage, progress)
+    run_trials(engine, study, study_storage)
     plan, quantized = finish(engine, study, test_split)
     plan.metadata["finished_trials"] = finished_trials(study)
     return SearchResult(plan, quantized, study, engine)

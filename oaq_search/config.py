@@ -188,7 +188,7 @@ class SearchConfig:
 
 @dataclass
 class FinetuneConfig:
-    """The final fine-tune of the chosen plan (oaq_search.finetune)."""
+    """The final fine-tune of the chosen plan (oaq_search.finetuning)."""
 
     mode: str = "none"  # none | scale (OAQ's Algorithm 1: only s and activation ranges learn) | qat (weights too)
     epochs: int = 3

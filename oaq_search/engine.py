@@ -18,7 +18,6 @@ from typing import Iterable
 import numpy as np
 import optuna
 from torch import nn
-from tqdm.auto import tqdm
 
 import hwmodels
 from hwmodels.base import CostModel
@@ -37,6 +36,7 @@ from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
 from .ptq import CALIBRATION_IMAGES, post_training_quantize, requantize
 from .pruning import ScreeningPruner
+from .progress import bar, note, stage
 from .queue import FINISHED, fill_queue, work
 from .samplers import make_sampler
 from .schema import to_dict
@@ -47,6 +47,7 @@ from .space import SearchSpace
 from .storage import open_storage
 
 REPORT_FACTS = "report"  # study attribute: report_facts()
+OUTCOME = "outcome"  # study attribute: what `finish` (and a fine-tune) made of the best plan, for the report
 # Search settings that may change between runs of one study: how long it runs, how workers keep alive,
 # batch sizes (speed only), and the final re-scoring (redone whenever it changes). Every other setting
 # shapes the trials, so it is part of the study's fingerprint.
@@ -71,22 +72,25 @@ class Engine:
     fingerprint: dict[str, str]
     custom_score: bool = False  # scored by the user's callable: no per-image scores to re-score finalists with
     seconds: dict[str, float] = field(default_factory=dict)
+    progress: bool | None = None  # how stages report: see oaq_search.progress
 
 
 def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str, splits: Splits, search: SearchConfig,
                  budget: Budget, identity: Mapping[str, str], leaf_modules: Iterable[str] = (),
-                 score: Scorer | None = None) -> Engine:
+                 score: Scorer | None = None, progress: bool | None = None) -> Engine:
     """The engine for searching `model` on `splits` under `budget`.
 
     `identity` names the model and its weights in the study's fingerprint (a resumed study must match);
-    `score`, a quantized model -> a number (higher is better), replaces the search split's accuracy or KL."""
+    `score`, a quantized model -> a number (higher is better), replaces the search split's accuracy or KL;
+    `progress`: None shows it on a terminal and as log lines otherwise, True a bar, False nothing."""
     started = time.perf_counter()
     choose_layout(model, next(splits.search.batches(2))[0])
     graph = build_layer_graph(model, splits.input_shape, leaf_modules)
     cost_model = hwmodels.get_cost_model(search.cost_model)
     loaded = time.perf_counter()
-    sensitivity = compute_sensitivity(model, graph, [search.sensitivity_metric], methods=[search.method],
-                                      grid=search.grids[0], data=splits.search)
+    with stage(f"sensitivity table ({search.sensitivity_metric})", progress):
+        sensitivity = compute_sensitivity(model, graph, [search.sensitivity_metric], methods=[search.method],
+                                          grid=search.grids[0], data=splits.search)
     sensitivity_s = time.perf_counter() - loaded
     space = SearchSpace.from_graph(graph, search.weight_bits, search.first_last_bits, sensitivity,
                                    search.sensitivity_metric, search.method, search.prune_sensitivity, cost_model,
@@ -111,17 +115,19 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
 
         problem.sensitivity = _measured_sensitivity(quantized, [len(s) for s in space.settings], model, splits.search,
                                                     search.measured_sensitivity_images,
-                                                    {**_measured_key(search, space), "model": identity["model"]})
+                                                    {**_measured_key(search, space), "model": identity["model"]},
+                                                    progress)
     measured_s = time.perf_counter() - measuring
     space, problem = space.without_dominated(problem)
     scorers = _scorers(search, splits.search, model, score)
     objective = Objective(trial_model, graph, space, factory, cost_model, budget, problem, scorers,
                           corrector, search.pareto_metric, calibration, search.fill_budget)
     seeds = []
-    for seed_name in search.seeds:
-        choice = SEEDS.get(seed_name)(problem)
-        if choice is not None:
-            seeds.append((space.params(choice), seed_name))
+    with stage(f"seeds ({', '.join(search.seeds)})", progress):
+        for seed_name in search.seeds:
+            choice = SEEDS.get(seed_name)(problem)
+            if choice is not None:
+                seeds.append((space.params(choice), seed_name))
     fingerprint = {
         **identity,
         "search split": splits.search.subset(search.eval_images).fingerprint(),
@@ -135,7 +141,7 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
     seconds = {"setup": loaded - started, "sensitivity": sensitivity_s, "measured sensitivity": measured_s,
                "seeds": time.perf_counter() - loaded - sensitivity_s - measured_s}
     return Engine(name, storage_url, model_name, search, model, splits, graph, space, objective, sensitivity, seeds,
-                  fingerprint, score is not None, seconds)
+                  fingerprint, score is not None, seconds, progress)
 
 
 def _check_metrics(totals: Mapping[str, float], budget: Budget, search: SearchConfig) -> None:
@@ -167,12 +173,12 @@ def _measured_key(search: SearchConfig, space: SearchSpace) -> dict:
 
 
 def _measured_sensitivity(quantized: Callable[[list[int]], nn.Module], counts: list[int], model: nn.Module,
-                          search_split: ImageSplit, images: int, settings: dict) -> np.ndarray:
+                          search_split: ImageSplit, images: int, settings: dict, progress: bool | None) -> np.ndarray:
     """Per group and setting, the output KL with only that group quantized, on the search split's last
     `images` (cached on disk by `settings`, the data and the weights)."""
     probe = next(search_split.last(images).batches(images))[0]
     return cached_group_sensitivity({**settings, "search split": search_split.fingerprint()}, model,
-                                    lambda: measure_group_sensitivity(quantized, counts, model, probe))
+                                    lambda: measure_group_sensitivity(quantized, counts, model, probe, progress))
 
 
 def open_study(engine: Engine, create: bool, worker_index: int = 0,
@@ -201,7 +207,7 @@ def open_study(engine: Engine, create: bool, worker_index: int = 0,
     screen_images = search.screen_images  # the pruner is only asked when a screening scorer runs
     study.pruner = ScreeningPruner(screen_images) if screen_images else optuna.pruners.NopPruner()
     if create:
-        fill_queue(study, search.n_trials, engine.seeds)
+        fill_queue(study, storage, search.n_trials, engine.seeds)
     if REPORT_FACTS not in study.user_attrs:
         study.set_user_attr(REPORT_FACTS, report_facts(engine))
     engine.objective.remember(study)
@@ -218,22 +224,20 @@ def report_facts(engine: Engine) -> dict:
             "sensitivity": {name: table.score(metric, method, name, bits) for name in engine.graph.names}}
 
 
-def run_trials(engine: Engine, study: optuna.Study, storage: optuna.storages.BaseStorage,
-               progress: bool | None = None) -> int:
-    """Work through the study's queue with a progress bar; returns how many trials this process ran."""
-    bar = tqdm(total=engine.search.n_trials, desc="search", disable=None if progress is None else not progress,
-               initial=len(study.get_trials(deepcopy=False, states=FINISHED)))
+def run_trials(engine: Engine, study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
+    """Work through the study's queue, showing progress; returns how many trials this process ran."""
+    counter = bar(engine.search.n_trials, "search trials", engine.progress, finished_trials(study), leave=True)
     grace = engine.search.grace_seconds
 
     def waiting(numbers: list[int]) -> None:
-        tqdm.write(f"search: waiting on trial(s) {', '.join(map(str, numbers))} running in other workers; a worker "
-                   f"silent for {grace} s has its trial retried here")
+        note(f"search: waiting on trial(s) {', '.join(map(str, numbers))} running in other workers; a worker "
+             f"silent for {grace} s has its trial retried here", engine.progress)
 
     started = time.perf_counter()
     try:
-        return work(study, storage, engine.objective, on_finished=lambda _trial: bar.update(1), on_waiting=waiting)
+        return work(study, storage, engine.objective, on_finished=lambda _trial: counter.update(1), on_waiting=waiting)
     finally:
-        bar.close()
+        counter.close()
         engine.seconds["search"] = engine.seconds.get("search", 0.0) + time.perf_counter() - started
 
 
@@ -244,7 +248,7 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None) 
     started = time.perf_counter()
     if search.finalists > 1 and not search.pareto_metric and not engine.custom_score:
         engine.objective.rescore_finalists(study, search.finalists, image_scorer(
-            search.score, engine.splits.search, engine.model, search.batch_size), search.seed_margin)
+            search.score, engine.splits.search, engine.model, search.batch_size), search.seed_margin, engine.progress)
     best = best_trial(study)
     plan = Plan.from_dict(best.user_attrs["plan"])
     engine.seconds["finalists"] = time.perf_counter() - started
@@ -254,13 +258,31 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None) 
                      "search_score": best.values[0], "finalist_score": finalist_score(study, best),
                      "budget": engine.objective.budget.limits, "cost_model": _name(search.cost_model)}
     started = time.perf_counter()
-    quantized = post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction)
+    with stage("post-training quantization of the chosen plan", engine.progress):
+        quantized = post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction)
     if test is not None:
-        plan.metadata.update({"fp_test_accuracy": accuracy(engine.model, test, search.batch_size),
-                              "test_accuracy": accuracy(quantized, test, search.batch_size), "test_images": len(test)})
+        plan.metadata.update({"fp_test_accuracy": accuracy(engine.model, test, search.batch_size, engine.progress),
+                              "test_accuracy": accuracy(quantized, test, search.batch_size, engine.progress),
+                              "test_images": len(test)})
         engine.seconds["test"] = time.perf_counter() - started
     plan.metadata["seconds"] = engine.seconds
+    outcome = {key: plan.metadata.get(key) for key in ("trial", "search_score", "finalist_score", "fp_test_accuracy",
+                                                         "test_accuracy", "test_images")}
+    study.set_user_attr(OUTCOME, {**outcome, "plan_key": plan.key(), "uniform": uniform_baselines(engine)})
     return plan, quantized
+
+
+def uniform_baselines(engine: Engine) -> list[dict]:
+    """Each searched weight bit-width as a uniform plan (the ends pinned as the search pins them): its
+    costs and its score as trials are scored, the reference points a mixed plan must beat."""
+    objective, search = engine.objective, engine.search
+    baselines = []
+    with stage("uniform baselines", engine.progress):
+        for bits in search.weight_bits:
+            plan = objective.factory.uniform(bits, search.default_activation_bits, search.first_last_bits)
+            baselines.append({"weight_bits": bits, "costs": objective.cost_model.evaluate(engine.graph, plan).totals,
+                              "score": objective.score(plan)})
+    return baselines
 
 
 def _name(cost_model: str | CostModel) -> str:

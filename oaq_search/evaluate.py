@@ -7,10 +7,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import ImageSplit
 from .layout import fast_layout
+from .progress import bar
 
 BATCH_SIZE = 100  # on CPU 1.6-2.2x faster per image than 500: activations stay in cache (benchmarks/inference_speed.py)
 
@@ -38,8 +38,7 @@ def logits(model: nn.Module, split: ImageSplit, batch_size: int = BATCH_SIZE, pr
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = tqdm(split.batches(batch_size), total=-(-len(split) // batch_size), desc=f"eval {split.name}",
-                   leave=False, disable=None if progress is None else not progress)
+    batches = bar(-(-len(split) // batch_size), f"eval {split.name}", progress, iterable=split.batches(batch_size))
     with torch.inference_mode():
         outputs = torch.cat([model(fast_layout(images.to(device), model)).float().cpu() for images, _ in batches])
     model.train(was_training)

@@ -16,9 +16,9 @@ import functools
 
 import torch
 
+from .choices import GRIDS
 from .errors import UserError
 
-GRIDS = ("uniform", "pot", "ipot", "midrise")
 MIN_BITS, MAX_BITS = 2, 8
 
 

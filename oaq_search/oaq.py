@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 
 from . import grids
+from .choices import METHODS
 from .errors import UserError
 
-METHODS = ("oaq", "vanilla", "literal")
 # Gaussian-MSE-optimal clipping thresholds (sigma units) of the symmetric uniform grids: 2^b - 1
 # levels (mid-tread, also used for pot and ipot) and 2^b levels (midrise); the method note's
 # 1.7/2.2/2.6/4.0 are neither. tests/test_quantizers.py re-derives both.

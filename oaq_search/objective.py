@@ -24,6 +24,7 @@ from .errors import UserError
 from .evaluate import paired_difference
 from .graph import LayerGraph
 from .plan import Plan
+from .progress import bar
 from .planning import PlanFactory
 from .ptq import requantize
 from .samplers import EVALUATED_PARAMS
@@ -134,11 +135,19 @@ class Objective:
         self.cache[key] = self.scorers[-1](self.model)
         return self.cache[key]
 
+    def score(self, plan: Plan) -> float:
+        """`plan`'s score outside any trial, by the last scorer (cached with the trials'): reference points."""
+        key = plan.key()
+        if key not in self.cache:
+            self.cache[key] = self.scorers[-1](self.apply(plan))
+        return self.cache[key]
+
     def apply(self, plan: Plan) -> nn.Module:
         """The model quantized by `plan`, activation ranges calibrated and BatchNorm corrected."""
         return requantize(self.model, plan, self.calibration, self.corrector)
 
-    def rescore_finalists(self, study: optuna.Study, count: int, scorer: ImageScorer, seed_margin: float) -> None:
+    def rescore_finalists(self, study: optuna.Study, count: int, scorer: ImageScorer, seed_margin: float,
+                          progress: bool | None = None) -> None:
         """Score the `count` best feasible trials and the integer-program seed again with `scorer` (the
         whole search split, image by image), and record the winner for `best_trial`.
 
@@ -159,7 +168,8 @@ class Objective:
         decided = {"finalists": sorted(t.number for t in finalists), "seed_margin": seed_margin}
         if {k: v for k, v in study.user_attrs.get(FINALIST_WINNER, {}).items() if k != "trial"} == decided:
             return
-        per_image = {t.number: scorer(self.apply(Plan.from_dict(t.user_attrs["plan"]))) for t in finalists}
+        per_image = {t.number: scorer(self.apply(Plan.from_dict(t.user_attrs["plan"])))
+                     for t in bar(len(finalists), "finalists (whole search split)", progress, iterable=finalists)}
         scores = {str(number): float(values.mean()) for number, values in per_image.items()}
         ranked = sorted(finalists, key=lambda t: (scores[str(t.number)], t.values[0], -t.number), reverse=True)
         winner = next(t for t in ranked if seed is None or t is seed or _standard_errors_above(

@@ -22,17 +22,19 @@ from .budget import Budget
 from .checkpoints import load_checkpoint
 from .config import DataConfig, FinetuneConfig, ModelConfig, StudyConfig
 from .data import Splits, load_cifar10, split_from_batches, split_training_tail
-from .engine import Engine, build_engine, finish, finished_trials, open_study, run_trials
+from .engine import OUTCOME, Engine, build_engine, finish, finished_trials, open_study, run_trials
 from .errors import UserError
 from .evaluate import accuracy
-from .finetune import FinetuneResult, finetune
+from .finetuning import FinetuneResult, finetune
 from .graph import LayerGraph, build_layer_graph
 from .imagefolder import load_imagefolder
 from .models import build_model, model_spec
 from .objective import best_trial, pareto_trials
 from .plan import Plan
 from .plugins import import_named
+from .progress import stage
 from .ptq import post_training_quantize
+from .report import write_report
 from .storage import open_storage
 
 
@@ -111,12 +113,13 @@ def model_identity(config: ModelConfig) -> dict[str, str]:
     return {"model": model, "checkpoint": _file_digest(config.checkpoint) if config.checkpoint else "none"}
 
 
-def prepare(config: StudyConfig) -> Engine:
+def prepare(config: StudyConfig, progress: bool | None = None) -> Engine:
     """The engine for a study file: its model, data, search settings and budget."""
     model = load_study_model(config.model, config.folder)
     splits = load_study_data(config.data, config.folder)
     return build_engine(config.name, config.storage_url, model, config.model.label, splits, config.search,
-                        Budget.parse(config.budget), model_identity(config.model), config.model.leaf_modules)
+                        Budget.parse(config.budget), model_identity(config.model), config.model.leaf_modules,
+                        progress=progress)
 
 
 @dataclass
@@ -134,13 +137,14 @@ class StudyResult:
     parameters: int
     seconds: dict[str, float] = field(default_factory=dict)
     finetuned: FinetuneResult | None = None  # when the study file has a [finetune] section
+    report_path: Path | None = None
 
 
 def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
-    """Create or resume the study, run its queue, write the best plan, report test accuracy."""
-    engine = prepare(config)
+    """Create or resume the study, run its queue, write the best plan and the report, score it on test."""
+    engine = prepare(config, progress)
     study, storage = open_study(engine, create=True)
-    run_trials(engine, study, storage, progress)
+    run_trials(engine, study, storage)
     result = finish_study(config, engine, study)
     if config.finetune.mode != "none":
         # One folder per plan: re-running resumes the same plan's fine-tune; a new best plan starts afresh.
@@ -148,6 +152,12 @@ def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
         result.finetuned = finetune_and_test(engine.model, result.plan, engine.splits, config.finetune, folder,
                                              config.data.test_images, progress)
         result.seconds["finetune"] = result.finetuned.seconds
+        tuned = result.finetuned.plan.metadata["finetune"]
+        study.set_user_attr(OUTCOME, {**study.user_attrs[OUTCOME], "finetuned": {
+            "mode": tuned["mode"], "epochs": len(tuned["history"]), "test_accuracy": tuned["test_accuracy"],
+            "plan": str(result.finetuned.files["plan"])}})
+    with stage("report", progress):
+        result.report_path = write_report(study, config.output_path / "report")
     return result
 
 
@@ -167,12 +177,17 @@ def finetune_and_test(model: nn.Module, plan: Plan, splits: Splits, config: Fine
                       progress: bool | None = None) -> FinetuneResult:
     """Fine-tune `plan`, then score full precision, post-training and fine-tuned on the test split.
 
-    The three accuracies go into the result's `scores` and the fine-tuned plan's metadata."""
+    The three accuracies go into the result's `scores` and the fine-tuned plan's metadata; the first
+    two are taken from the plan when `finish` already scored it on the same test images."""
     result = finetune(model, plan, splits, config, output_dir, progress)
     test_split = splits.test.subset(test_images or len(splits.test))
-    result.scores = {"fp_test_accuracy": accuracy(model, test_split),
-                     "ptq_test_accuracy": accuracy(post_training_quantize(model, plan, splits.search), test_split),
-                     "test_accuracy": accuracy(result.model, test_split), "test_images": len(test_split)}
+    scored = plan.metadata.get("test_images") == len(test_split)
+    fp = plan.metadata["fp_test_accuracy"] if scored else accuracy(model, test_split, progress=progress)
+    ptq = plan.metadata["test_accuracy"] if scored else accuracy(
+        post_training_quantize(model, plan, splits.search), test_split, progress=progress)
+    result.scores = {"fp_test_accuracy": fp, "ptq_test_accuracy": ptq,
+                     "test_accuracy": accuracy(result.model, test_split, progress=progress),
+                     "test_images": len(test_split)}
     result.plan.metadata["finetune"].update(result.scores)
     result.plan.save(result.files["plan"])
     return result
@@ -180,9 +195,9 @@ def finetune_and_test(model: nn.Module, plan: Plan, splits: Splits, config: Fine
 
 def run_worker(config: StudyConfig, worker_index: int, progress: bool | None = None) -> int:
     """Join an existing study and run waiting trials until the queue is empty; returns trials run."""
-    engine = prepare(config)
+    engine = prepare(config, progress)
     study, storage = open_study(engine, create=False, worker_index=worker_index)
-    return run_trials(engine, study, storage, progress)
+    return run_trials(engine, study, storage)
 
 
 def create_study(config: StudyConfig) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .choices import CODE_PACKINGS
 from .errors import UserError
 from .files import write_text_atomically
 from .graph import LayerGraph
@@ -17,7 +18,6 @@ from .schema import parse, read_document, to_dict
 
 PLAN_SCHEMA_VERSION = 1
 SCALE_FORMATS = ("float32", "pow2")
-CODE_PACKINGS = ("fields", "base3")  # how codes are stored: see oaq_search/packing.py
 TERNARY_BITS = 2  # 2-bit codes of the mid-tread grids are ternary (-1, 0, 1), so base3 can pack them
 
 

@@ -1,7 +1,7 @@
 """Exactly N trials, shared by any number of workers: the study is a queue of enqueued trials.
 
 `fill_queue` enqueues trials (seed plans first, then empty ones the sampler fills) until the study
-holds N that are waiting or done. `work` pops waiting trials one at a time, with a heartbeat, and
+holds N that are waiting or done, and cancels waiting ones beyond N (a rerun with fewer trials). `work` pops waiting trials one at a time, with a heartbeat, and
 never creates new ones, so two workers on PostgreSQL finish exactly N. A worker killed mid-trial
 stops beating; its trial goes stale, is marked failed and re-enqueued by the storage's
 `RetryHeartbeatStaleTrialCallback`, and another (or the resumed) worker runs it. A trial gets its
@@ -26,9 +26,13 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _POLL_SECONDS = 1.0
 
 
-def fill_queue(study: optuna.Study, n_trials: int, seeds: list[tuple[Mapping[str, int], str]] = ()) -> int:
-    """Enqueue trials until `n_trials` are waiting, running or finished; seeds go first. Returns how many."""
+def fill_queue(study: optuna.Study, storage: optuna.storages.BaseStorage, n_trials: int,
+               seeds: list[tuple[Mapping[str, int], str]] = ()) -> int:
+    """Enqueue trials until `n_trials` are waiting, running or finished, seeds first; returns how many.
+    Past `n_trials`, waiting trials are cancelled (failed, marked so), the newest sampled ones first."""
     present = len(study.get_trials(deepcopy=False, states=COUNTED))
+    if present > n_trials:
+        _cancel_waiting(study, storage, present - n_trials, n_trials)
     added = 0
     seeded = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)}
     for params, label in seeds:
@@ -41,6 +45,16 @@ def fill_queue(study: optuna.Study, n_trials: int, seeds: list[tuple[Mapping[str
         study.enqueue_trial({})
         added += 1
     return added
+
+
+def _cancel_waiting(study: optuna.Study, storage: optuna.storages.BaseStorage, count: int, n_trials: int) -> None:
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    for trial in sorted(waiting, key=lambda t: ("seed" not in t.user_attrs, t.number), reverse=True)[:count]:
+        storage.set_trial_user_attr(trial._trial_id, "cancelled", f"n_trials lowered to {n_trials}")
+        try:
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            pass  # a worker claimed and ran it meanwhile: it counts
 
 
 def work(study: optuna.Study, storage: optuna.storages.BaseStorage,

@@ -59,3 +59,11 @@ def test_output_into_a_closed_pipe_stops_quietly():
                             stderr=subprocess.PIPE, text=True)
     os.close(write_end)
     assert result.returncode == 1 and result.stderr == ""
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_optuna():
+    """What keeps `oaq-search --help` instant (timed in benchmarks/cli_startup.py): parsing loads nothing heavy."""
+    probe = ("import sys\nfrom oaq_search.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted({'torch', 'optuna', 'numpy'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]"), out

@@ -1,25 +1,24 @@
 """Fine-tuning: what it learns, the files it writes, exact resume, and the command line."""
 
-import importlib
 import json
 
 import pytest
 import torch
 
+from oaq_search import finetuning
 from oaq_search.activations import ActivationQuantizer
 from oaq_search.cli import main
 from oaq_search.config import FinetuneConfig
 from oaq_search.data import load_cifar10
 from oaq_search.errors import UserError
 from oaq_search.fake_quant import quantized_layers
-from oaq_search.finetune import distillation_loss, finetune, training_device, training_images
+from oaq_search.finetuning import distillation_loss, finetune, training_device, training_images
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.plan import LayerPlan, Plan
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import post_training_quantize
 
 TINY = {"epochs": 2, "batch_size": 32, "images_per_epoch": 64}
-finetune_module = importlib.import_module("oaq_search.finetune")  # `oaq_search.finetune` is also the function
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +76,17 @@ def test_interrupted_finetune_resumes_to_the_same_result(resnet20, tmp_path, mon
     config = FinetuneConfig(mode="scale", **TINY)
     straight = finetune(model, plan, splits, config, tmp_path / "straight", progress=False)
 
-    real_epoch = finetune_module._train_epoch
+    real_epoch = finetuning._train_epoch
 
     def interrupted_in_second_epoch(*args, **kwargs):
         if args[6] == 1:  # the epoch index
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(finetune_module, "_train_epoch", interrupted_in_second_epoch)
+    monkeypatch.setattr(finetuning, "_train_epoch", interrupted_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         finetune(model, plan, splits, config, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(finetune_module, "_train_epoch", real_epoch)
+    monkeypatch.setattr(finetuning, "_train_epoch", real_epoch)
     resumed = finetune(model, plan, splits, config, tmp_path / "resumed", progress=False)
     learned = ("loss", "train_accuracy", "search_accuracy")
     for resumed_epoch, straight_epoch in zip(resumed.history, straight.history):  # epoch 1 loaded, epoch 2 re-run
@@ -169,10 +168,12 @@ def test_finetune_command_writes_plan_checkpoint_and_packed_model(resnet20, shar
     plan.save(tmp_path / "plan.json")
     argv = ["finetune", "--plan", str(tmp_path / "plan.json"), "--checkpoint",
             str(shared / "models" / "resnet20_cifar10jpeg.pt"), "--data-root", str(shared / "data" / "cifar10"),
-            "--epochs", "1", "--images-per-epoch", "64", "--test-images", "200", "--out", str(tmp_path / "ft")]
+            "--epochs", "1", "--images-per-epoch", "64", "--test-images", "200", "--out", str(tmp_path / "ft"),
+            "--no-distill"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "fine-tuned (scale, 1 epoch," in out and "on 200 images" in out
     tuned = Plan.load(tmp_path / "ft" / "plan.json")
     assert tuned.metadata["finetune"]["test_images"] == 200
+    assert tuned.metadata["finetune"]["distill"] is False  # on by default; --no-distill turns it off
     assert {p.name for p in (tmp_path / "ft").iterdir()} >= {"plan.json", "finetuned.pt", "model.packed.pt"}

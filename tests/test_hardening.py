@@ -18,7 +18,7 @@ from oaq_search.cli import main
 from oaq_search.config import dump_study_config, load_study_config, validate
 from oaq_search.data import BATCH_FOLDER, TEST_FILE, load_cifar10
 from oaq_search.errors import UserError
-from oaq_search.finetune import _resume
+from oaq_search.finetuning import _resume
 from oaq_search.pipeline import layer_graph, load_model, run_study
 from oaq_search.plan import LayerPlan, Plan
 from oaq_search.planning import PlanFactory
@@ -149,7 +149,8 @@ def test_output_paths_that_cannot_be_written_are_refused_before_the_work(synthet
                             str(tmp_path / "taken")], "packed model"),
                           (["hw", "measure", "--model", "resnet20", "--out", str(tmp_path / "taken")], "target table"),
                           (["finetune", "--plan", "missing.json", "--out", str(tmp_path / "a-file" / "run")],
-                           "fine-tune output")):
+                           "fine-tune output"),
+                          (["export", "missing.toml", "--out", str(tmp_path / "taken")], "exported plan")):
         assert main(command) == 2
         error = capsys.readouterr().err
         assert what in error and error.count("\n") == 1, error

@@ -14,7 +14,7 @@ from oaq_search.storage import open_storage
 def test_a_worker_killed_right_after_claiming_a_trial_leaves_it_to_be_retried(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_seconds=1, grace_seconds=1)
     study = optuna.create_study(study_name="queue", storage=storage)
-    fill_queue(study, 2, seeds=[({"x": 3}, "seed")])
+    fill_queue(study, storage, 2, seeds=[({"x": 3}, "seed")])
     claimed = _claim_waiting(storage, study._study_id)  # then the worker "dies": it never beats again
     time.sleep(3)  # past the grace period (SQLite's clock counts whole seconds)
     optuna.storages.fail_stale_trials(study)
@@ -32,7 +32,7 @@ def test_a_worker_killed_right_after_claiming_a_trial_leaves_it_to_be_retried(tm
 def test_an_idle_worker_says_which_trials_it_waits_on_until_they_come_back(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_seconds=1, grace_seconds=1)
     study = optuna.create_study(study_name="queue", storage=storage)
-    fill_queue(study, 1)
+    fill_queue(study, storage, 1)
     claimed = _claim_waiting(storage, study._study_id)  # another worker holds the only trial, then dies
     waited_on = []
 
@@ -60,7 +60,7 @@ class InterruptedOnce(optuna.samplers.RandomSampler):
 def test_ctrl_c_as_a_trial_starts_fails_it_and_queues_it_again(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_seconds=30, grace_seconds=90)
     study = optuna.create_study(study_name="queue", storage=storage, sampler=InterruptedOnce())
-    fill_queue(study, 2, seeds=[({"x": 3}, "seed")])
+    fill_queue(study, storage, 2, seeds=[({"x": 3}, "seed")])
     with pytest.raises(KeyboardInterrupt):
         work(study, storage, lambda trial: trial.suggest_int("x", 0, 9) ** 2)
     states = [t.state for t in study.get_trials()]
@@ -70,3 +70,17 @@ def test_ctrl_c_as_a_trial_starts_fails_it_and_queues_it_again(tmp_path):
     assert time.perf_counter() - started < 30  # the next run does not wait on the interrupted trial
     seeded = [t for t in study.get_trials() if t.user_attrs.get("seed") == "seed" and t.state == TrialState.COMPLETE]
     assert [t.params for t in seeded] == [{"x": 3}]
+
+
+def test_a_rerun_with_fewer_trials_cancels_the_waiting_surplus(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(study_name="queue", storage=storage)
+    fill_queue(study, storage, 6, seeds=[({"x": 3}, "seed")])
+    assert fill_queue(study, storage, 2) == 0  # run again with n_trials 2: nothing added, four cancelled
+
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 2 and waiting[0].user_attrs.get("seed") == "seed"  # the seed stays
+    assert work(study, storage, lambda trial: trial.suggest_int("x", 0, 9)) == 2
+    cancelled = study.get_trials(states=(TrialState.FAIL,))
+    assert len(cancelled) == 4 and all(t.user_attrs["cancelled"] == "n_trials lowered to 2" for t in cancelled)
+    assert fill_queue(study, storage, 3) == 1  # raised again: one more, the finished two kept

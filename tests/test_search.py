@@ -185,13 +185,21 @@ def test_missing_study_for_worker_says_create_first(tmp_path, synthetic_cifar, c
 
 
 @pytest.mark.shared
-def test_report_page_references_only_valid_images(config, tmp_path):
+def test_run_writes_a_report_whose_numbers_are_the_plans(config, tmp_path):
     from html.parser import HTMLParser
 
     from PIL import Image
 
     config.search.n_trials = 5
-    run_study(config, progress=False)
+    config.finetune.mode, config.finetune.epochs, config.finetune.images_per_epoch = "scale", 1, 64
+    result = run_study(config, progress=False)
+    page = result.report_path.read_text()
+    plan, tuned = Plan.load(result.plan_path), result.finetuned.plan
+    for accuracy in (plan.metadata["fp_test_accuracy"], plan.metadata["test_accuracy"],
+                     tuned.metadata["finetune"]["test_accuracy"]):
+        assert f"<td>{accuracy:.2f} %</td>" in page
+    assert f"{plan.metadata['search_score']:.2f} %" in page
+    assert all(f"<td>W{bits}</td>" in page for bits in config.search.weight_bits)  # the uniform references
     config.data.root, config.model.checkpoint = str(tmp_path / "gone"), str(tmp_path / "gone.pt")
     study_path = tmp_path / "s.toml"
     study_path.write_text(dump_study_config(config))  # the report reads the study alone: no data, no weights

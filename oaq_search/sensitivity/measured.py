@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..evaluate import BATCH_SIZE
 from ..files import write_text_atomically
 from ..layout import fast_layout
+from ..progress import bar
 from . import cache_file
 
 # Part of the cache key; 2: activation ranges and BN correction fitted in one pass, so a move's score
@@ -42,15 +42,14 @@ def measure_group_sensitivity(quantize: Quantize, candidate_counts: list[int], r
     widest = [count - 1 for count in candidate_counts]
     scores = np.full((len(candidate_counts), max(candidate_counts)), np.inf)
     moves = [(group, index) for group, count in enumerate(candidate_counts) for index in range(count - 1)]
-    with tqdm(total=len(moves) + 1, desc="measure sensitivity", leave=False,
-              disable=None if progress is None else not progress) as bar:
+    with bar(len(moves) + 1, "measure sensitivity (each group at each setting)", progress) as counter:
         baseline = _divergence(quantize(widest), images, target)
-        bar.update(1)
+        counter.update(1)
         for group, index in moves:
             choice = list(widest)
             choice[group] = index
             scores[group][index] = _divergence(quantize(choice), images, target)
-            bar.update(1)
+            counter.update(1)
     for group, last in enumerate(widest):
         scores[group][last] = baseline
     return scores

@@ -18,6 +18,7 @@ from torch import nn
 from ..data import ImageSplit
 from ..errors import UserError
 from ..graph import LayerGraph
+from ..progress import bar
 from ..registry import Registry
 
 HISTOGRAM_BINS = 256
@@ -147,9 +148,10 @@ class HessianTrace(SensitivityMetric):
         was_training = model.training
         model.eval()
         with torch.enable_grad():
-            for start in range(0, len(labels), self.batch_size):  # the mean loss's Hessian: batches weighted by size
+            starts = range(0, len(labels), self.batch_size)
+            for start in bar(len(starts), "hessian trace (per-layer sensitivity)", iterable=starts):
                 batch = slice(start, start + self.batch_size)
-                weight = len(labels[batch]) / len(labels)
+                weight = len(labels[batch]) / len(labels)  # the mean loss's Hessian: batches weighted by size
                 loss = F.cross_entropy(model(images[batch]), labels[batch])
                 grads = torch.autograd.grad(loss, params, create_graph=True)
                 for probe in vectors:

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import FinetuneConfig
 from .data import Splits, ImageSplit
@@ -34,6 +33,7 @@ from .fake_quant import quantize_, quantized_layers, unwrap
 from .files import save_atomically
 from .packing import pack_model
 from .plan import Plan
+from .progress import bar, note
 from .ptq import post_training_quantize
 from .schema import to_dict
 
@@ -92,9 +92,9 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
         history.append({"epoch": epoch + 1, "loss": loss, "train_accuracy": train_accuracy,
                         "search_accuracy": accuracy(quantized, splits.search, progress=False), "seconds": seconds,
                         "images_per_second": steps_per_epoch * config.batch_size / seconds})
-        tqdm.write(f"finetune epoch {epoch + 1}/{config.epochs}: loss {loss:.4f}, train {train_accuracy:.2f} %, "
-                   f"search split {history[-1]['search_accuracy']:.2f} %, {seconds:.0f} s "
-                   f"({history[-1]['images_per_second']:.0f} images/s)")
+        note(f"finetune epoch {epoch + 1}/{config.epochs}: loss {loss:.4f}, train {train_accuracy:.2f} %, "
+             f"search split {history[-1]['search_accuracy']:.2f} %, {seconds:.0f} s "
+             f"({history[-1]['images_per_second']:.0f} images/s)", progress)
         _save_state(state_path, fingerprint, quantized, optimizers, schedulers, history)
     quantized.to("cpu", memory_format=torch.contiguous_format)
     tuned = learned_plan(quantized, plan)
@@ -174,9 +174,8 @@ def _train_epoch(model, teacher, split: ImageSplit, config: FinetuneConfig, opti
     batches = itertools.islice(split.batches(config.batch_size, shuffle=True, augment=True,
                                              seed=config.seed * 100_003 + epoch), steps)
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(batches, total=steps, desc=f"finetune {epoch + 1}/{config.epochs}", leave=False,
-               disable=None if progress is None else not progress)
-    for images, labels in bar:
+    counter = bar(steps, f"finetune {epoch + 1}/{config.epochs}", progress, iterable=batches)
+    for images, labels in counter:
         images = images.contiguous(memory_format=memory_format)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
@@ -193,8 +192,8 @@ def _train_epoch(model, teacher, split: ImageSplit, config: FinetuneConfig, opti
         total_loss += float(loss.detach()) * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", accuracy=f"{100 * correct / seen:.1f}")
-    bar.close()
+        counter.set_postfix(loss=f"{total_loss / seen:.3f}", accuracy=f"{100 * correct / seen:.1f}")
+    counter.close()
     return total_loss / seen, 100.0 * correct / seen
 
 
@@ -234,5 +233,5 @@ def _resume(path: Path, fingerprint: str, model, optimizers, schedulers) -> list
     for scheduler, saved in zip(schedulers, state["schedulers"]):
         scheduler.load_state_dict(saved)
     _refresh(model)
-    tqdm.write(f"finetune: resuming after epoch {len(state['history'])} from {path}")
+    note(f"finetune: resuming after epoch {len(state['history'])} from {path}")
     return state["history"]
