@@ -445,6 +445,22 @@ def own_model_section() -> list[str]:
             *(RESULTS / "own_model.md").read_text().split("\n\n", 1)[1].strip().splitlines()]  # past its header
 
 
+def deploy_section() -> list[str]:
+    """`benchmarks/deploy_onnx.py`: the deployed ONNX model in ONNX Runtime beside PyTorch, per model group."""
+    runs = sorted(RESULTS.glob("deploy_onnx_*.json"))
+    if not runs:
+        return []
+    lines = ["## Deployed in ONNX Runtime", "",
+             "Each plan post-training quantized, exported by `oaq-search deploy` (QDQ ONNX, int8 containers), and "
+             "run in ONNX Runtime's CPU provider on the whole test split; latency against the float ONNX model "
+             "of the same network, the two timed in alternation (see [how-it-works.md](how-it-works.md"
+             "#deploying-to-onnx-runtime)).", ""]
+    for path in runs:
+        lines += [f"Source: {source(load(path.stem))}.", "",
+                  *path.with_suffix(".md").read_text().split("\n\n", 1)[1].strip().splitlines(), ""]
+    return lines
+
+
 def readme_headline() -> list[str]:
     """The README's one table: ResNet-20 at four weight budgets, before -> after the same short fine-tune."""
     data = load(README_HEADLINE)
@@ -459,7 +475,7 @@ def readme_headline() -> list[str]:
 def main() -> None:
     body = [INTRO]
     for section in (ptq_section, sensitivity_section, search_section, latency_section, finetune_section, headline_section,
-                    own_model_section, reference_section, systems_section):
+                    own_model_section, deploy_section, reference_section, systems_section):
         body += section() + [""]
     RESULTS_PAGE.parent.mkdir(exist_ok=True)
     RESULTS_PAGE.write_text("\n".join(body).rstrip() + "\n")

@@ -15,6 +15,7 @@ _HOMES = {  # public name -> the module that defines it
     "load_checkpoint": "checkpoints",
     "FinetuneConfig": "config", "StudyConfig": "config", "load_study_config": "config",
     "load_cifar10": "data",
+    "export_onnx": "deploy",
     "UserError": "errors",
     "accuracy": "evaluate",
     "calibrate_activations": "fake_quant", "quantize_": "fake_quant",

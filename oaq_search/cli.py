@@ -136,6 +136,19 @@ def _parser() -> argparse.ArgumentParser:
     measure.add_argument("--repeats", type=positive, default=50, help="timed runs per kernel (median is kept)")
     measure.set_defaults(handler="hw_measure")
 
+    deploy = commands.add_parser("deploy", help="write a packed model as ONNX that ONNX Runtime runs with integer "
+                                                "kernels; --check compares accuracy and latency")
+    deploy.add_argument("packed", help="packed model from quantize/apply --out, finetune or run (model.packed.pt)")
+    deploy.add_argument("--out", default="model.onnx", help="ONNX file to write (default model.onnx)")
+    deploy.add_argument("--study", help="take the model (a factory) and data from this study file")
+    deploy.add_argument("--model", help="registered model name (default: the plan's)")
+    deploy.add_argument("--data-root", help="CIFAR-10 root: calibration images fix each layer's int8 output range")
+    deploy.add_argument("--check", action="store_true", help="run it in ONNX Runtime: test accuracy beside "
+                                                             "PyTorch's, integer kernels, latency against float")
+    deploy.add_argument("--test-images", type=positive, help="score --check on the first N test images (default all)")
+    deploy.add_argument("--threads", type=positive, default=2, help="ONNX Runtime threads for the latency check")
+    deploy.set_defaults(handler="deploy")
+
     evaluate = commands.add_parser("eval", help="top-1 accuracy of a full-precision checkpoint")
     _model_arguments(evaluate)
     _data_arguments(evaluate)

@@ -20,7 +20,8 @@ from .evaluate import BATCH_SIZE, accuracy, format_score
 from .files import check_writable, write_text_atomically
 from .models import model_spec
 from .packing import pack_model
-from .pipeline import create_study, export_plans, finetune_and_test, layer_graph, load_model, run_study, run_worker
+from .pipeline import (create_study, export_plans, finetune_and_test, layer_graph, load_model, load_study_data,
+                       load_study_model, run_study, run_worker)
 from .plan import Plan
 from .planning import PlanFactory
 from .ptq import CALIBRATION_IMAGES, post_training_quantize
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"scores: trial {format_score(score, result.search_score)}{whole_split}, test {result.test_accuracy:.2f} % "
           f"(full precision {result.fp_test_accuracy:.2f} %, change {result.test_accuracy - result.fp_test_accuracy:+.2f})")
     print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.seconds.items()))
-    print(f"plan written to {result.plan_path}")
+    print(f"plan written to {result.plan_path}, the packed model beside it (model.packed.pt)")
     if result.finetuned is not None:
         _print_finetune(result.finetuned)
     print(f"report written to {result.report_path}")
@@ -232,3 +233,49 @@ def evaluate(args: argparse.Namespace) -> int:
     split = getattr(splits, args.split)
     print(f"{args.model}: top-1 {accuracy(model, split, args.batch_size or BATCH_SIZE):.2f} % on {len(split)} {args.split} images")
     return 0
+
+
+def deploy(args: argparse.Namespace) -> int:
+    from .deploy import export_onnx, from_packed
+    from .packing import load_packed
+    from .runtime import kernel_counts
+
+    check_writable(args.out, "ONNX model")  # refused now, not after the export
+    packed = load_packed(args.packed)
+    if args.study:
+        config = _study_config(args)
+        model, splits = load_study_model(config.model, config.folder), load_study_data(config.data, config.folder)
+    else:
+        model, splits = load_model(args.model or packed.plan.model), load_cifar10(args.data_root)
+    layers = from_packed(packed, model)
+    export_onnx(model, packed.plan, next(splits.search.batches(CALIBRATION_IMAGES))[0], args.out, layers)
+    kernels = kernel_counts(args.out)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB): {kernels['integer']} of "
+          f"{kernels['integer'] + kernels['float']} convolutions and linears run as ONNX Runtime integer kernels")
+    if args.check:
+        _check_deployed(args, model, layers, splits.test)
+    return 0
+
+
+def _check_deployed(args: argparse.Namespace, model, layers, test) -> None:
+    """ONNX Runtime's accuracy beside PyTorch's for the same plan, and latency against the float model."""
+    import tempfile
+
+    from .deploy import export_float_onnx, reference_model
+    from .evaluate import logits
+    from .runtime import agreement, onnx_logits, paired_latency
+
+    test = test.subset(args.test_images or len(test))
+    ours, theirs = onnx_logits(args.out, test, threads=args.threads), logits(reference_model(model, layers), test)
+    deployed, planned = (100 * float((x.argmax(1) == test.labels).double().mean()) for x in (ours, theirs))
+    print(f"ONNX Runtime on {len(test)} test images: {deployed:.2f} % (PyTorch, same plan: {planned:.2f} %; change "
+          f"{deployed - planned:+.2f}; the same class for {100 * agreement(ours, theirs):.1f} % of images)")
+    with tempfile.TemporaryDirectory() as scratch:
+        float_path = Path(scratch) / "float.onnx"
+        export_float_onnx(model, next(test.batches(1))[0], float_path)
+        timings = []
+        for batch in (1, 64):
+            seconds = paired_latency({"int8": args.out, "float": float_path}, next(test.batches(batch))[0], args.threads)
+            timings.append(f"batch {batch} {seconds['int8'] * 1e3:.2f} ms vs float {seconds['float'] * 1e3:.2f} ms "
+                           f"({seconds['float'] / seconds['int8']:.2f}x)")
+    print(f"latency ({args.threads} threads, median of 50 alternating runs): {'; '.join(timings)}")

@@ -36,7 +36,7 @@ from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
 from .ptq import CALIBRATION_IMAGES, post_training_quantize, requantize
 from .pruning import ScreeningPruner
-from .progress import bar, note, stage
+from .progress import bar, note, silenced, stage
 from .queue import FINISHED, fill_queue, work
 from .samplers import make_sampler
 from .schema import to_dict
@@ -88,7 +88,7 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
     graph = build_layer_graph(model, splits.input_shape, leaf_modules)
     cost_model = hwmodels.get_cost_model(search.cost_model)
     loaded = time.perf_counter()
-    with stage(f"sensitivity table ({search.sensitivity_metric})", progress):
+    with stage(f"sensitivity table ({search.sensitivity_metric})", progress), silenced(progress is False):
         sensitivity = compute_sensitivity(model, graph, [search.sensitivity_metric], methods=[search.method],
                                           grid=search.grids[0], data=splits.search)
     sensitivity_s = time.perf_counter() - loaded

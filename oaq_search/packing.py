@@ -11,7 +11,9 @@ target with a 256-entry table.
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from torch import nn
 
 from .fake_quant import quantized_layers
 from .grids import code_range
+from .errors import UserError
 from .files import save_atomically
 from .oaq import QuantizedWeight, quantize_weight
 from .plan import TERNARY_BITS, Plan, check_code_packing
@@ -96,3 +99,39 @@ def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
     rest = {k: v for k, v in model.state_dict().items() if k not in quantized_names}
     save_atomically({"format": PACKED_FORMAT, "plan": plan.to_json(), "layers": layers, "state": rest}, path)
     return payload_bytes
+
+
+@dataclass
+class PackedModel:
+    """What `pack_model` wrote: the plan, each quantized layer's codes, and every other tensor."""
+
+    plan: Plan
+    layers: dict[str, dict]  # per layer: codes (unpacked, int8), scale, offset, bits, grid, bias (optional)
+    state: dict[str, torch.Tensor]  # the rest of the quantized model's state_dict (BatchNorm, activation ranges)
+
+    def weight(self, name: str) -> QuantizedWeight:
+        entry = self.layers[name]
+        return QuantizedWeight(entry["codes"], entry["scale"], entry["offset"])
+
+
+def load_packed(path: str | Path) -> PackedModel:
+    """Read a packed model (`weights_only=True`), its codes unpacked; one-line errors for other files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"packed model {path} does not exist: `quantize`, `apply`, `finetune` and `run` write one")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # damaged or not a torch file at all: many exception types
+        raise UserError(f"packed model {path} cannot be read: {str(error).strip().splitlines()[0][:200]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != PACKED_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise UserError(f"{path} is not a packed model of format {PACKED_FORMAT} (found {found!r}): write it again "
+                        f"with `oaq-search apply --out`")
+    try:
+        plan = Plan.from_dict(json.loads(payload["plan"]), f"packed model {path}")
+        layers = {name: {**entry, "codes": unpack_codes(entry["codes"], entry["bits"], tuple(entry["shape"]),
+                                                        entry["packing"], entry["grid"])}
+                  for name, entry in payload["layers"].items()}
+        return PackedModel(plan, layers, dict(payload["state"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"packed model {path} is damaged ({type(error).__name__}: {error}): write it again") from None

@@ -30,6 +30,7 @@ from .graph import LayerGraph, build_layer_graph
 from .imagefolder import load_imagefolder
 from .models import build_model, model_spec
 from .objective import best_trial, pareto_trials
+from .packing import pack_model
 from .plan import Plan
 from .plugins import import_named
 from .progress import stage
@@ -164,9 +165,10 @@ def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
 def finish_study(config: StudyConfig, engine: Engine, study: optuna.Study) -> StudyResult:
     """The best feasible plan, scored once on the test split and written to the study's output folder."""
     test = engine.splits.test.subset(config.data.test_images or len(engine.splits.test))
-    plan, _ = finish(engine, study, test)
+    plan, quantized = finish(engine, study, test)
     plan.metadata["checkpoint"] = config.model.checkpoint
     plan_path = plan.save(config.output_path / "plan.json")
+    pack_model(quantized, plan, config.output_path / "model.packed.pt")  # what `deploy` reads
     return StudyResult(plan, plan_path, config.name, config.storage_url, plan.metadata["search_score"],
                        plan.metadata["fp_test_accuracy"], plan.metadata["test_accuracy"], finished_trials(study),
                        len(engine.space.parameter_names), engine.seconds)

@@ -1,7 +1,8 @@
 """Progress of the stages a user waits on. On a terminal, a tqdm bar; in a log file, CI or nohup (not a
 terminal), plain lines: when a stage starts, at each tenth of it or after 20 s, and when it ends.
 
-`show` everywhere: None chooses by the terminal, True always a bar, False nothing.
+`show` everywhere: None chooses by the terminal, True always a bar, False nothing; within `silenced()`,
+None means nothing too (for stages, such as a sensitivity metric's, that take no `show`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from tqdm.auto import tqdm
 LINE_SECONDS = 20.0  # in a log, the longest silence while steps finish (issue 35: a line at least every 30 s)
 LINE_FRACTION = 0.1  # and a line at each tenth of the stage,
 LINE_GAP_SECONDS = 5.0  # unless the last line is younger than this (short stages: a start and an end line)
+_silenced = False
 
 
 def bar(total: int, desc: str, show: bool | None = None, initial: int = 0, leave: bool = False,
         iterable: Iterable | None = None):
     """A counter of `total` steps, or an iterator over `iterable` that counts its items, with tqdm's
     `update(n)`, `set_postfix`, `close()` and `with`: a bar, log lines or nothing."""
+    show = False if show is None and _silenced else show
     if show is None and not _terminal():
         return LogLines(total, desc, initial, iterable)
     return tqdm(iterable, total=total, desc=desc, initial=initial, leave=leave, disable=show is False)
@@ -29,8 +32,19 @@ def bar(total: int, desc: str, show: bool | None = None, initial: int = 0, leave
 
 def note(message: str, show: bool | None = None) -> None:
     """One line of news between bars (on stderr, as the bars are)."""
-    if show is not False:
+    if show is not False and not (show is None and _silenced):
         tqdm.write(message, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def silenced(when: bool = True) -> Iterator[None]:
+    """Within it (when `when`), progress left to choose (show=None) shows nothing."""
+    global _silenced
+    before, _silenced = _silenced, _silenced or when
+    try:
+        yield
+    finally:
+        _silenced = before
 
 
 @contextlib.contextmanager

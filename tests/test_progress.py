@@ -30,3 +30,11 @@ def test_show_false_prints_nothing(capsys):
     with progress.stage("quiet stage", show=False):
         pass
     assert capsys.readouterr().err == ""
+
+
+def test_silenced_quiets_stages_that_choose_for_themselves(capsys):
+    with progress.silenced():
+        with progress.bar(3, "metric's own bar") as counter:  # show=None, as a sensitivity metric's is
+            counter.update(3)
+        progress.note("a note")
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,421 @@
+"""A quantized model as QDQ ONNX that ONNX Runtime runs with integer kernels (QLinearConv, QGemm).
+
+`torch.onnx.export` cannot express ranges under 8 bits, so the float model is exported (BatchNorm
+folded by the exporter) and the quantization is written into the graph afterwards:
+- each quantized layer's weight becomes int8 codes and a per-output-channel scale (DequantizeLinear):
+  the plan's b-bit codes on an integer lattice of the grid's levels, refined (the codes multiplied by
+  up to 127 // lattice) so OAQ's offset mu lands near a lattice point, then added to the codes. What
+  is left of mu shifts a channel's weights alike; its mean effect on calibration images goes into the
+  bias, as BatchNorm correction would (W4A8 ResNet-20: -0.65 points without, -0.05 with, on 4,000
+  test images; an exact float correction after each kernel made the model 2.5x slower than float);
+- its input: QuantizeLinear (uint8; zero point 128 for signed inputs) -> Clip to the plan's 2^b levels
+  -> DequantizeLinear, exactly the fake quantizer's grid and range;
+- its output: int8 QuantizeLinear -> DequantizeLinear at the range calibration images reach, because
+  ONNX Runtime fuses a layer into an integer kernel only when its output is requantized.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import grids
+from .activations import fake_quantize_activation
+from .errors import UserError
+from .fake_quant import quantized_layers, unwrap
+from .files import replace_atomically
+from .oaq import QuantizedWeight, dequantize, quantize_weight
+from .packing import PackedModel
+from .plan import Plan
+
+OPSET = 17  # QDQ with per-channel weights needs 13; 17 is the newest the TorchScript exporter fully supports
+INT8_MAX = 127
+
+
+@dataclass
+class DeployableLayer:
+    """One quantized layer in the terms deployment needs: its codes and their grid, its input quantizer."""
+
+    weight: QuantizedWeight  # codes, scale (sigma * R) and offset (mu), per tensor or per output channel
+    grid: str
+    bits: int
+    input_bits: int | None
+    input_range: tuple[float, float] | None  # (0, clip) unsigned or (-clip, clip) signed
+
+
+def deployable_layers(model: nn.Module) -> dict[str, DeployableLayer]:
+    """A fake-quantized model's layers (post-training or fine-tuned): the codes `pack_model` would write."""
+    layers = {}
+    for layer in quantized_layers(model):
+        quantizer, activation = layer.weight_quantizer, layer.input_quantizer
+        layers[layer.name] = DeployableLayer(
+            quantize_weight(layer.layer.weight, quantizer, layer.name), quantizer.grid, quantizer.bits,
+            activation.bits if activation is not None else None, activation.range if activation is not None else None)
+    return layers
+
+
+def from_packed(packed: PackedModel, model: nn.Module) -> dict[str, DeployableLayer]:
+    """Load a packed file's tensors into `model` (its architecture, freshly built) and return its layers as
+    deployment needs them; `model`'s quantized layers get the plan's weights, dequantized."""
+    plain = dict(model.named_modules())
+    expected = {key for key in model.state_dict() if not key.endswith("num_batches_tracked")}
+    quantized = {f"{name}.{part}" for name in packed.layers for part in ("weight", "bias")}
+    missing = sorted(expected - quantized - set(packed.state))
+    if missing or any(name not in plain for name in packed.layers):
+        raise UserError(f"the packed model does not fit model {packed.plan.model!r} (missing {', '.join(missing[:3])}"
+                        f"): name the model it was made for")
+    model.load_state_dict({k: v for k, v in packed.state.items() if k in expected}, strict=False)
+    layers = {}
+    with torch.no_grad():
+        for name, entry in packed.layers.items():
+            layer_plan, weight = packed.plan.layer(name), packed.weight(name)
+            plain[name].weight.copy_(dequantize(weight, layer_plan.weight_quantizer()))
+            if "bias" in entry:
+                plain[name].bias.copy_(entry["bias"])
+            clip, signed = packed.state.get(f"{name}.input_quantizer.clip"), packed.state.get(
+                f"{name}.input_quantizer.signed_flag")
+            bits = layer_plan.activation_bits
+            layers[name] = DeployableLayer(weight, entry["grid"], entry["bits"], bits, None if clip is None else (
+                -float(clip) if bool(signed) else 0.0, float(clip)))
+    model.eval()
+    return layers
+
+
+def reference_model(model: nn.Module, layers: dict[str, DeployableLayer]) -> nn.Module:
+    """A copy of a `from_packed` model that fake-quantizes each quantized layer's input as the plan says:
+    what PyTorch computes for the packed plan, to compare ONNX Runtime with."""
+    reference = copy.deepcopy(model)
+    modules = dict(reference.named_modules())
+    for name, layer in layers.items():
+        if layer.input_range is not None:
+            low, high = layer.input_range
+            modules[name].register_forward_pre_hook(lambda _module, inputs, high=high, bits=layer.input_bits,
+                                                    signed=low < 0: (fake_quantize_activation(
+                                                        inputs[0], torch.tensor(high), bits, signed),))
+    return reference
+
+
+def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | Path,
+                layers: dict[str, DeployableLayer] | None = None) -> None:
+    """Write `model` (fake-quantized by `plan`, or a plain model with `layers` given) as QDQ ONNX to `path`.
+
+    `images`, a batch of calibration images (a few hundred), fixes the input shape and each quantized
+    layer's int8 output range. The file is written whole or not at all."""
+    import onnx
+
+    layers = deployable_layers(model) if layers is None else layers
+    _check_activations(plan, layers)
+    plain = unwrap(model)
+    integer = {name: _integer_weight(name, layer) for name, layer in layers.items()}
+    modules = dict(plain.named_modules())
+    with torch.no_grad():
+        for name, weight in integer.items():
+            modules[name].weight.copy_(torch.from_numpy(weight.representable()).to(modules[name].weight.dtype))
+    graph = _export_float(plain, images[:1])
+    residuals = _quantize_weights_and_inputs(graph, layers, integer)
+    _compensate_residuals(graph, residuals, images)
+    _quantize_outputs(graph, images)
+    onnx.checker.check_model(graph)
+    replace_atomically(path, lambda partial: partial.write_bytes(graph.SerializeToString()))
+
+
+def export_float_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> None:
+    """The full-precision model as ONNX (BatchNorm folded): the baseline deployed latency is compared with."""
+    graph = _export_float(unwrap(model), example[:1])
+    replace_atomically(path, lambda partial: partial.write_bytes(graph.SerializeToString()))
+
+
+def _check_activations(plan: Plan, layers: dict[str, DeployableLayer]) -> None:
+    missing = [name for name, layer in layers.items() if layer.input_range is None]
+    if missing:
+        raise UserError(f"layer {missing[0]} (and {len(missing) - 1} more) has no activation bits: ONNX Runtime's "
+                        f"integer kernels need quantized inputs; quantize the plan with activation bits (e.g. "
+                        f"activation_bits = 8 in [search], or --abits 8)")
+
+
+@dataclass
+class IntegerWeight:
+    """A layer's weight as step_c * codes + residual_c (per output channel), codes in int8."""
+
+    codes: np.ndarray
+    step: np.ndarray
+    residual: np.ndarray  # what the codes leave of OAQ's offset mu, |residual| <= step / 2
+
+    def representable(self) -> np.ndarray:
+        return self.step.reshape((-1,) + (1,) * (self.codes.ndim - 1)) * self.codes
+
+
+def _integer_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
+    """The plan's codes on the grid's integer lattice, each channel refined by the factor that leaves
+    the least of mu (the codes stay within int8). An 8-bit layer's 255 levels fill int8 with no room for
+    mu: its weights are rounded afresh onto int8's own grid, what is left of each channel's mean kept."""
+    low, high = grids.code_range(layer.grid, layer.bits)
+    levels = grids.codes_to_values(torch.arange(low, high + 1, dtype=torch.float64), layer.grid, layer.bits).numpy()
+    lattice = next((m for m in range(1, 2 * INT8_MAX + 2) if np.abs(levels * m - np.round(levels * m)).max() < 1e-6),
+                   None)
+    values = grids.codes_to_values(layer.weight.codes.to(torch.float64), layer.grid, layer.bits).numpy()
+    if lattice is not None and layer.bits == 8 and 2 * np.abs(levels * lattice).max() > INT8_MAX:
+        return _rounded_afresh(layer, values)
+    if lattice is None or np.abs(levels * lattice).max() > INT8_MAX:
+        raise UserError(f"layer {name}: the {layer.grid} grid at {layer.bits} bits has levels int8 codes cannot hold "
+                        f"exactly; deploy plans on the uniform or midrise grid, or pot/ipot at 4 bits or fewer")
+    ints = np.round(values * lattice)  # |ints| <= peak
+    peak = int(np.abs(levels * lattice).max())
+    channels = ints.shape[0]
+    scale = np.broadcast_to(layer.weight.scale.double().numpy(), (channels,)) / lattice  # one lattice step
+    offset = np.broadcast_to(layer.weight.offset.double().numpy(), (channels,))
+    factors = np.arange(1, INT8_MAX // peak + 1)[None, :]  # candidate refinements, per channel
+    shifts = np.round(offset[:, None] * factors / scale[:, None])
+    fits = factors * peak + np.abs(shifts) <= INT8_MAX
+    residuals = np.where(fits, np.abs(offset[:, None] - shifts * scale[:, None] / factors), np.inf)
+    best = residuals.argmin(1)
+    factor, shift = factors[0, best], np.where(fits[np.arange(channels), best], shifts[np.arange(channels), best], 0)
+    step = scale / factor
+    shape = (-1,) + (1,) * (ints.ndim - 1)
+    codes = (ints * factor.reshape(shape) + shift.reshape(shape)).astype(np.int8)
+    return IntegerWeight(codes, step, offset - shift * step)
+
+
+def _rounded_afresh(layer: DeployableLayer, values: np.ndarray) -> IntegerWeight:
+    """The plan's weights (scale * values + offset) rounded onto a symmetric int8 grid per output channel."""
+    channels = values.shape[0]
+    shape = (-1,) + (1,) * (values.ndim - 1)
+    scale = np.broadcast_to(layer.weight.scale.double().numpy(), (channels,)).reshape(shape)
+    weight = scale * values + np.broadcast_to(layer.weight.offset.double().numpy(), (channels,)).reshape(shape)
+    step = np.maximum(np.abs(weight).reshape(channels, -1).max(1), 1e-30) / INT8_MAX
+    codes = np.round(weight / step.reshape(shape))
+    return IntegerWeight(codes.astype(np.int8), step, (weight - step.reshape(shape) * codes).reshape(channels, -1).mean(1))
+
+
+def _export_float(model: nn.Module, example: torch.Tensor):
+    """The model as an ONNX graph (eval mode: BatchNorm folded into the convolutions), batch dynamic."""
+    import onnx
+
+    model.eval()
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notes
+        target = Path(scratch) / "model.onnx"
+        try:
+            torch.onnx.export(model, (example,), str(target), dynamo=False, opset_version=OPSET,
+                              input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+        except Exception as error:  # the exporter's own message names the op it does not know
+            raise UserError(f"ONNX export failed: {str(error).splitlines()[0][:300]}") from None
+        return onnx.load(str(target))
+
+
+def _layer_of(node, names: set[str]) -> str | None:
+    """The module a Conv/Gemm node came from, read from the exporter's scope name: one segment per module,
+    a container's child as '<container>.<index>' ('/blocks/blocks.0/depthwise/depthwise.0/Conv')."""
+    parts: list[str] = []
+    for scope in node.name.strip("/").split("/")[:-1]:
+        if parts and scope.startswith(parts[-1] + "."):
+            parts[-1] = scope
+        else:
+            parts.append(scope)
+    name = ".".join(parts)
+    return name if name in names else None
+
+
+def _quantize_weights_and_inputs(graph, layers: dict[str, DeployableLayer],
+                                 integer: dict[str, IntegerWeight]) -> list[tuple[object, np.ndarray]]:
+    """Each quantized Conv/Gemm: int8 codes through DequantizeLinear, its input through its quantizer.
+    Returns the nodes whose codes left part of mu, with that part per output channel (BatchNorm folded)."""
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in graph.graph.initializer}
+    found, chains, residuals = set(), {}, []
+    for node in list(graph.graph.node):
+        name = _layer_of(node, set(layers)) if node.op_type in ("Conv", "Gemm") else None
+        if name is None:
+            continue
+        weight = integer[name]
+        folded = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+        if folded.shape != weight.codes.shape:
+            raise UserError(f"layer {name}: the exported weight has shape {folded.shape}, the plan's codes "
+                            f"{weight.codes.shape}: the plan is for another model")
+        planned = weight.representable().reshape(len(folded), -1)
+        flat = folded.reshape(len(folded), -1)
+        gain = (flat * planned).sum(1) / np.maximum((planned**2).sum(1), 1e-30)  # BatchNorm folded in by the exporter
+        if np.abs(gain.reshape(-1, 1) * planned - flat).max() > 1e-4 * max(np.abs(flat).max(), 1e-12):
+            raise UserError(f"layer {name}: the exported weight is not the plan's weight times a per-channel factor")
+        shape = (-1,) + (1,) * (folded.ndim - 1)
+        codes = (weight.codes * np.sign(gain + (gain == 0)).reshape(shape)).astype(np.int8)  # scales stay positive
+        scale = np.maximum(np.abs(gain) * weight.step, 1e-30).astype(np.float32)
+        prefix = f"{name}.weight"
+        graph.graph.initializer.remove(initializers[node.input[1]])
+        _insert(graph, node, [helper.make_node(
+            "DequantizeLinear", [_constant(graph, f"{prefix}.codes", codes), _constant(graph, f"{prefix}.scale", scale),
+                                 _constant(graph, f"{prefix}.zero", np.zeros(len(scale), np.int8))],
+            [f"{prefix}.dequantized"], axis=0)])
+        node.input[1] = f"{prefix}.dequantized"
+        node.input[0] = _input_chain(graph, node, layers[name], chains)
+        if np.abs(weight.residual).max() > 0:
+            residuals.append((node, gain * weight.residual))
+        found.add(name)
+    missing = sorted(set(layers) - found)
+    if missing:
+        raise UserError(f"layer {missing[0]} is not a Conv or Gemm in the exported graph: the exporter does not know "
+                        f"how to place its quantization")
+    return residuals
+
+
+def _compensate_residuals(graph, residuals: list[tuple[object, np.ndarray]], images: torch.Tensor) -> None:
+    """Add to each bias what the residual of mu adds on average: residual_c * the mean sum of the layer's
+    (quantized) input over a kernel window, on `images`."""
+    from onnx import numpy_helper
+
+    if not residuals:
+        return
+    window_sums = _mean_window_sums(graph, [node for node, _ in residuals], images)
+    initializers = {init.name: init for init in graph.graph.initializer}
+    for (node, residual), window_sum in zip(residuals, window_sums):
+        if len(node.input) > 2 and node.input[2]:
+            bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+            graph.graph.initializer.remove(initializers[node.input[2]])
+        else:
+            bias = np.zeros(len(residual))
+            node.input.append("")
+        node.input[2] = _constant(graph, f"{node.output[0]}.bias", (bias + residual * window_sum).astype(np.float32))
+
+
+def _mean_window_sums(graph, nodes: list, images: torch.Tensor) -> list[np.ndarray]:
+    """Per node, the mean over images and output positions of its input summed over a kernel window (all
+    input channels; each channel alone for a depthwise conv)."""
+    import torch.nn.functional as F
+    from onnx import helper
+
+    inputs = [node.input[0] for node in nodes]
+    totals, count = [0.0] * len(nodes), 0
+    for batch in _run(graph, inputs, images):
+        for index, (node, tensor) in enumerate(zip(nodes, batch)):
+            x = torch.from_numpy(tensor).double()
+            if node.op_type == "Gemm":
+                totals[index] = totals[index] + x.sum(1).sum().item()
+                continue
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            groups, kernel = attributes.get("group", 1), attributes["kernel_shape"]
+            source = x if groups > 1 else x.sum(1, keepdim=True)
+            pads = attributes.get("pads", [0] * 4)
+            windows = F.conv2d(F.pad(source, (pads[1], pads[3], pads[0], pads[2])),
+                               torch.ones(source.shape[1], 1, *kernel, dtype=torch.float64),
+                               stride=attributes.get("strides", 1), dilation=attributes.get("dilations", 1),
+                               groups=source.shape[1])
+            totals[index] = totals[index] + windows.mean((2, 3)).sum(0).numpy()
+        count += len(batch[0])
+    return [np.asarray(total) / count for total in totals]
+
+
+def _run(graph, outputs: list[str], images: torch.Tensor, batch_size: int = 100):
+    """`graph`'s named tensors for `images`, batch by batch (exposed as extra outputs of a copy)."""
+    import onnx
+    import onnxruntime
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(graph)
+    known = {output.name for output in probe.graph.output}
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(outputs)
+                              if name not in known)
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in images.float().split(batch_size):
+        yield session.run(outputs, {"image": batch.contiguous().numpy()})
+
+
+def _constant(graph, name: str, value: np.ndarray) -> str:
+    from onnx import numpy_helper
+
+    graph.graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _insert(graph, anchor, nodes: list, after: bool = False) -> None:
+    """`nodes`, in order, just before (or after) `anchor`: the graph stays topologically sorted."""
+    position = list(graph.graph.node).index(anchor) + after
+    for offset, new in enumerate(nodes):
+        graph.graph.node.insert(position + offset, new)
+
+
+def _input_chain(graph, node, layer: DeployableLayer, chains: dict) -> str:
+    """node's input through Q (uint8) -> Clip to the plan's levels -> DQ; shared by layers quantizing alike."""
+    from onnx import helper
+
+    low, high = layer.input_range
+    signed = low < 0
+    levels = 2 ** (layer.input_bits - 1) - 1 if signed else 2**layer.input_bits - 1
+    zero = 128 if signed else 0
+    key = (node.input[0], round(high / levels, 12), zero, levels)
+    if key in chains:
+        return chains[key]
+    tag = f"{node.input[0]}.q{len(chains)}"
+    scale = _constant(graph, f"{tag}.scale", np.array(high / levels, np.float32))
+    zero_point = _constant(graph, f"{tag}.zero", np.array(zero, np.uint8))
+    clip = [] if levels == 255 else [helper.make_node("Clip", [  # the plan's levels, where uint8 has more
+        f"{tag}.codes", _constant(graph, f"{tag}.low", np.array(zero - levels if signed else 0, np.uint8)),
+        _constant(graph, f"{tag}.high", np.array(zero + levels, np.uint8))], [f"{tag}.clipped"])]
+    _insert(graph, node, [helper.make_node("QuantizeLinear", [node.input[0], scale, zero_point], [f"{tag}.codes"]),
+                          *clip, helper.make_node("DequantizeLinear", [f"{tag}.clipped" if clip else f"{tag}.codes",
+                                                                       scale, zero_point], [f"{tag}.values"])])
+    chains[key] = f"{tag}.values"
+    return chains[key]
+
+
+def _quantize_outputs(graph, images: torch.Tensor) -> None:
+    """Each quantized layer's output through Q -> DQ. A layer whose output only passes a ReLU (or a
+    ReLU6 above the range) on to the next layer's input quantizer takes that quantizer's grid: exact, as
+    the quantizer would round and clip it so anyway, and ONNX Runtime then drops the activation. Others:
+    the largest magnitude `images` reach, symmetric, as uint8 around 128 (with int8 outputs ONNX Runtime
+    leaves a convolution that also feeds a residual add in float)."""
+    from onnx import helper, numpy_helper
+
+    targets = [node for node in graph.graph.node if node.op_type in ("Conv", "Gemm") and
+               node.input[1].endswith(".weight.dequantized")]
+    peaks = np.zeros(len(targets))
+    for outputs in _run(graph, [node.output[0] for node in targets], images):
+        peaks = np.maximum(peaks, [float(np.abs(output).max()) for output in outputs])
+    consumers, values = {}, {init.name: numpy_helper.to_array(init) for init in graph.graph.initializer}
+    for candidate in graph.graph.node:
+        for name in candidate.input:
+            consumers.setdefault(name, []).append(candidate)
+        if candidate.op_type == "Constant":
+            values[candidate.output[0]] = numpy_helper.to_array(candidate.attribute[0].t)
+    for node, peak in zip(targets, peaks):
+        tensor, raw = node.output[0], f"{node.output[0]}.float"
+        node.output[0] = raw
+        grid = _next_quantizer(consumers.get(tensor, []), consumers, values)
+        if grid is not None:
+            scale, zero_point = grid
+        else:
+            scale = _constant(graph, f"{raw}.scale", np.array(max(peak, 1e-8) / INT8_MAX, np.float32))
+            zero_point = _constant(graph, f"{raw}.zero", np.array(128, np.uint8))
+        _insert(graph, node, [helper.make_node("QuantizeLinear", [raw, scale, zero_point], [f"{raw}.codes"]),
+                              helper.make_node("DequantizeLinear", [f"{raw}.codes", scale, zero_point], [tensor])],
+                after=True)
+
+
+def _next_quantizer(following: list, consumers: dict, values: dict) -> tuple[str, str] | None:
+    """(scale, zero point) of the input quantizer a layer's output reaches through nothing but a ReLU, or
+    a ReLU6 whose top is at or above the quantizer's (which then clips first); None otherwise."""
+    if len(following) != 1 or following[0].op_type not in ("Relu", "Clip"):
+        return None
+    activation = following[0]
+    quantizers = consumers.get(activation.output[0], [])
+    if not quantizers or any(q.op_type != "QuantizeLinear" or q.input[1:] != quantizers[0].input[1:] for q in quantizers):
+        return None
+    scale, zero_point = quantizers[0].input[1:3]
+    if int(values[zero_point]) != 0:
+        return None  # a signed input quantizer: its grid reaches below zero, where the ReLU cut
+    if activation.op_type == "Clip":
+        low, high = (values.get(name) if name else None for name in (list(activation.input) + ["", ""])[1:3])
+        clips = [n for n in consumers.get(quantizers[0].output[0], []) if n.op_type == "Clip"]
+        levels = int(values[clips[0].input[2]]) if clips else 255
+        if low is None or float(low) != 0 or (high is not None and float(high) < levels * float(values[scale])):
+            return None
+    return scale, zero_point

@@ -1,0 +1,71 @@
+"""ONNX Runtime as the judge of a deployed model: its accuracy, which kernels it runs, its latency."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .data import ImageSplit
+
+INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def session(path: str | Path, threads: int = 1, optimized_path: str | Path | None = None):
+    """An ONNX Runtime CPU session with `threads` intra-op threads (all optimizations on)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3  # no warnings about initializers the optimizer dropped
+    if optimized_path is not None:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(optimized_path)
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(path: str | Path, split: ImageSplit, batch_size: int = 100, threads: int = 1) -> torch.Tensor:
+    """The ONNX model's outputs for every image of `split`, (N, classes)."""
+    runner = session(path, threads)
+    name = runner.get_inputs()[0].name
+    return torch.cat([torch.from_numpy(runner.run(None, {name: images.float().contiguous().numpy()})[0])
+                      for images, _ in split.batches(batch_size)])
+
+
+def kernel_counts(path: str | Path) -> dict[str, int]:
+    """Integer and float conv/linear kernels in the graph ONNX Runtime optimizes `path` into."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as scratch:
+        optimized = Path(scratch) / "optimized.onnx"
+        session(path, optimized_path=optimized)
+        ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
+    return {"integer": sum(op in INTEGER_KERNELS for op in ops), "float": sum(op in FLOAT_KERNELS for op in ops)}
+
+
+def paired_latency(paths: dict[str, str | Path], images: torch.Tensor, threads: int = 2,
+                   rounds: int = 50) -> dict[str, float]:
+    """Median seconds per run of each model on `images`, the models timed in alternation round by round,
+    so a noisy machine slows them alike."""
+    runners = {label: session(path, threads) for label, path in paths.items()}
+    batch = images.float().contiguous().numpy()
+    feeds = {label: {runner.get_inputs()[0].name: batch} for label, runner in runners.items()}
+    for label, runner in runners.items():  # warm-up: allocations, kernel selection
+        for _ in range(3):
+            runner.run(None, feeds[label])
+    times = {label: [] for label in runners}
+    for _ in range(rounds):
+        for label, runner in runners.items():
+            started = time.perf_counter()
+            runner.run(None, feeds[label])
+            times[label].append(time.perf_counter() - started)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def agreement(first: torch.Tensor, second: torch.Tensor) -> float:
+    """The share of images two models give the same top-1 class."""
+    return float((first.argmax(1) == second.argmax(1)).double().mean())

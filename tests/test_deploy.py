@@ -1,0 +1,102 @@
+"""Deploying: the packed model as QDQ ONNX that ONNX Runtime runs with integer kernels (real ORT, no mocks)."""
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oaq_search.cli import main
+from oaq_search.deploy import DeployableLayer, _integer_weight, export_onnx
+from oaq_search.errors import UserError
+from oaq_search.graph import build_layer_graph
+from oaq_search.oaq import WeightQuantizer, dequantize, quantize_weight
+from oaq_search.packing import load_packed
+from oaq_search.planning import PlanFactory
+from oaq_search.ptq import post_training_quantize
+from oaq_search.runtime import kernel_counts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def layer_of(weight: torch.Tensor, quantizer: WeightQuantizer) -> DeployableLayer:
+    return DeployableLayer(quantize_weight(weight, quantizer), quantizer.grid, quantizer.bits, 8, (0.0, 1.0))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int8_codes_hold_the_plans_weights_up_to_a_per_channel_constant(bits):
+    weight = torch.randn(16, 8, 3, 3) * 0.1 + 0.013  # an offset mu that is no whole number of steps
+    quantizer = WeightQuantizer(bits, method="oaq", scale_factor=0.3)
+    layer = layer_of(weight, quantizer)
+    integer = _integer_weight("conv", layer)
+    planned = dequantize(layer.weight, quantizer).double().numpy()
+    error = planned - integer.representable() - integer.residual.reshape(-1, 1, 1, 1)
+    assert integer.codes.dtype == np.int8
+    if bits < 8:  # the plan's own codes, refined: exact but for the constant residual the bias takes
+        assert np.abs(error).max() < 1e-6
+        assert np.abs(integer.residual).max() <= integer.step.max() / 2 + 1e-12
+    else:  # 255 levels fill int8: rounded afresh, each channel's mean error kept as its residual
+        assert np.abs(error.reshape(16, -1).mean(1)).max() < 1e-7 and np.abs(error).max() <= integer.step.max()
+
+
+def test_a_grid_int8_cannot_hold_is_refused_naming_the_layer():
+    with pytest.raises(UserError, match="layer conv: the pot grid at 6 bits has levels int8 codes cannot hold"):
+        _integer_weight("conv", layer_of(torch.randn(4, 4, 3, 3), WeightQuantizer(6, grid="pot")))
+
+
+def test_the_examples_own_model_exports_with_every_layer_an_integer_kernel(tmp_path):
+    """A model users write (examples/own_model: depthwise convs, ReLU6, a two-branch stem, nested Sequentials)."""
+    sys.path.insert(0, str(REPO / "examples" / "own_model"))
+    try:
+        from model import build
+    finally:
+        sys.path.remove(str(REPO / "examples" / "own_model"))
+    torch.manual_seed(0)
+    model = build().eval()
+    images = torch.randn(64, 3, 32, 32)
+    graph = build_layer_graph(model, (3, 32, 32))
+    plan = PlanFactory("tiny", model, graph).uniform(4, 8)
+    from oaq_search.data import ImageSplit
+
+    quantized = post_training_quantize(model, plan, ImageSplit("search", images, torch.zeros(64, dtype=torch.long)))
+    export_onnx(quantized, plan, images, tmp_path / "tiny.onnx")
+    assert kernel_counts(tmp_path / "tiny.onnx") == {"integer": len(graph.names), "float": 0}
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.onnx"]  # nothing half-written left beside it
+
+
+@pytest.mark.shared
+def test_deploy_check_runs_the_packed_plan_in_onnx_runtime_as_pytorch_does(shared, tmp_path, capsys):
+    packed, onnx_file = tmp_path / "w4a8.packed.pt", tmp_path / "w4a8.onnx"
+    common = ["--data-root", str(shared / "data" / "cifar10")]
+    assert main(["quantize", "--model", "resnet20", "--checkpoint", str(shared / "models" / "resnet20_cifar10jpeg.pt"),
+                 "--wbits", "4", "--abits", "8", "--split", "search", "--out", str(packed), *common]) == 0
+    capsys.readouterr()
+    assert main(["deploy", str(packed), "--out", str(onnx_file), "--check", "--test-images", "500", *common]) == 0
+    out = capsys.readouterr().out
+    assert "20 of 20 convolutions and linears run as ONNX Runtime integer kernels" in out
+    deployed, planned, same = map(float, re.search(r"(\S+) % \(PyTorch, same plan: (\S+) %.*the same class for "
+                                                   r"(\S+) %", out).groups())
+    assert abs(deployed - planned) <= 1.0 and same >= 97.0, out
+    assert "batch 64" in out and onnx_file.stat().st_size < 400_000  # int8 codes: under half the float file
+
+
+@pytest.mark.shared
+def test_deploy_refuses_what_integer_kernels_cannot_run(shared, tmp_path, capsys):
+    packed = tmp_path / "w4.packed.pt"
+    assert main(["quantize", "--model", "resnet20", "--wbits", "4", "--split", "search", "--out", str(packed),
+                 "--data-root", str(shared / "data" / "cifar10"), "--checkpoint",
+                 str(shared / "models" / "resnet20_cifar10jpeg.pt")]) == 0
+    capsys.readouterr()
+    cases = [([str(packed)], "has no activation bits"),
+             ([str(packed), "--model", "resnet56"], "does not fit model"),
+             ([str(tmp_path / "w4.packed.plan.json")], "cannot be read")]
+    for arguments, message in cases:
+        assert main(["deploy", *arguments, "--out", str(tmp_path / "x.onnx"), "--data-root",
+                     str(shared / "data" / "cifar10")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.onnx").exists()
+    with pytest.raises(UserError, match="does not exist"):
+        load_packed(tmp_path / "missing.pt")
