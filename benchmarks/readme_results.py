@@ -445,20 +445,31 @@ def own_model_section() -> list[str]:
             *(RESULTS / "own_model.md").read_text().split("\n\n", 1)[1].strip().splitlines()]  # past its header
 
 
-def deploy_section() -> list[str]:
-    """`benchmarks/deploy_onnx.py`: the deployed ONNX model in ONNX Runtime beside PyTorch, per model group."""
-    runs = sorted(RESULTS.glob("deploy_onnx_*.json"))
+def results_files_section(title: str, intro: str, pattern: str) -> list[str]:
+    """Every results file matching `pattern` (one per run of its benchmark), each table as it wrote it."""
+    runs = sorted(RESULTS.glob(f"{pattern}.json"))
     if not runs:
         return []
-    lines = ["## Deployed in ONNX Runtime", "",
-             "Each plan post-training quantized, exported by `oaq-search deploy` (QDQ ONNX, int8 containers), and "
-             "run in ONNX Runtime's CPU provider on the whole test split; latency against the float ONNX model "
-             "of the same network, the two timed in alternation (see [how-it-works.md](how-it-works.md"
-             "#deploying-to-onnx-runtime)).", ""]
+    lines = [f"## {title}", "", intro, ""]
     for path in runs:
         lines += [f"Source: {source(load(path.stem))}.", "",
                   *path.with_suffix(".md").read_text().split("\n\n", 1)[1].strip().splitlines(), ""]
     return lines
+
+
+def deploy_section() -> list[str]:
+    return results_files_section(
+        "Deployed in ONNX Runtime", "Each plan post-training quantized, exported by `oaq-search deploy` (QDQ ONNX, "
+        "int8 containers), and run in ONNX Runtime's CPU provider on the whole test split; latency against the float "
+        "ONNX model of the same network, the two timed in alternation (see [how-it-works.md](how-it-works.md"
+        "#deploying-to-onnx-runtime)).", "deploy_onnx_*")
+
+
+def search_cost_section() -> list[str]:
+    return results_files_section(
+        "What a search costs", "`oaq-search run` per stage, from a cold cache and warm, each run a fresh process; "
+        "`before` is the code before the change the table measured, run in the same session (the machine's speed "
+        "varies by up to 2x from minute to minute, so compare rows of one table).", "search_cost_*")
 
 
 def readme_headline() -> list[str]:
@@ -475,7 +486,7 @@ def readme_headline() -> list[str]:
 def main() -> None:
     body = [INTRO]
     for section in (ptq_section, sensitivity_section, search_section, latency_section, finetune_section, headline_section,
-                    own_model_section, deploy_section, reference_section, systems_section):
+                    own_model_section, deploy_section, search_cost_section, reference_section, systems_section):
         body += section() + [""]
     RESULTS_PAGE.parent.mkdir(exist_ok=True)
     RESULTS_PAGE.write_text("\n".join(body).rstrip() + "\n")

@@ -115,7 +115,7 @@ class SearchConfig:
     local_search: float = 0.5  # share of tpe's trials spent on untried neighbours of the best plan (0: plain TPE)
     fill_budget: bool = True  # raise bits where a sampled plan leaves budget unused (single objective only)
     cost_model: str = "memory"
-    sensitivity_metric: str = "hessian"  # the per-layer table: pruning, the report; seeds and repair when not measured
+    sensitivity_metric: str = "hessian"  # the per-layer table, computed only where read: pruning; seeds and repair when not measured
     measured_sensitivity_images: int = 512  # >0: seeds and repair use each group's output KL on these images; 0: table
     prune_sensitivity: float | None = None  # drop a group's bit-widths whose sensitivity is above this
     seeds: list[str] = field(default_factory=lambda: ["integer_program", "greedy", "uniform"])

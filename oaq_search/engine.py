@@ -67,7 +67,7 @@ class Engine:
     graph: LayerGraph
     space: SearchSpace
     objective: Objective
-    sensitivity: SensitivityTable
+    sensitivity: SensitivityTable | None  # the per-layer table, None when nothing reads it (see build_engine)
     seeds: list[tuple[dict[str, int], str]]
     fingerprint: dict[str, str]
     custom_score: bool = False  # scored by the user's callable: no per-image scores to re-score finalists with
@@ -88,9 +88,11 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
     graph = build_layer_graph(model, splits.input_shape, leaf_modules)
     cost_model = hwmodels.get_cost_model(search.cost_model)
     loaded = time.perf_counter()
-    with stage(f"sensitivity table ({search.sensitivity_metric})", progress), silenced(progress is False):
-        sensitivity = compute_sensitivity(model, graph, [search.sensitivity_metric], methods=[search.method],
-                                          grid=search.grids[0], data=splits.search)
+    sensitivity = None  # the table is read by pruning, and by seeds and repair when they are not measured
+    if search.prune_sensitivity is not None or not search.measured_sensitivity_images:
+        with stage(f"sensitivity table ({search.sensitivity_metric})", progress), silenced(progress is False):
+            sensitivity = compute_sensitivity(model, graph, [search.sensitivity_metric], methods=[search.method],
+                                              grid=search.grids[0], data=splits.search)
     sensitivity_s = time.perf_counter() - loaded
     space = SearchSpace.from_graph(graph, search.weight_bits, search.first_last_bits, sensitivity,
                                    search.sensitivity_metric, search.method, search.prune_sensitivity, cost_model,
@@ -217,11 +219,17 @@ def open_study(engine: Engine, create: bool, worker_index: int = 0,
 def report_facts(engine: Engine) -> dict:
     """What `report` needs beyond the trials, kept in the study so it reads the study alone."""
     metric, method, table = engine.search.sensitivity_metric, engine.search.method, engine.sensitivity
-    bits = min(table.bits)
+    if table is not None:
+        bits = min(table.bits)
+        label, scores = f"{metric} ({method}) at {bits} bits", {
+            name: table.score(metric, method, name, bits) for name in engine.graph.names}
+    else:  # the measured KL the seeds used: each layer gets its group's, at the group's cheapest setting
+        label, scores = "measured KL, its group alone at its fewest bits", dict.fromkeys(engine.graph.names, 0.0)
+        for group, row in zip(engine.space.groups, engine.objective.problem.sensitivity):
+            scores.update(dict.fromkeys(group, float(row[0])))
     return {"model": engine.model_name, "score": "custom" if engine.custom_score else engine.search.score,
             "seed_margin": engine.search.seed_margin, "budget": engine.objective.budget.limits,
-            "pinned": sorted(engine.space.pinned), "sensitivity_label": f"{metric} ({method}) at {bits} bits",
-            "sensitivity": {name: table.score(metric, method, name, bits) for name in engine.graph.names}}
+            "pinned": sorted(engine.space.pinned), "sensitivity_label": label, "sensitivity": scores}
 
 
 def run_trials(engine: Engine, study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
