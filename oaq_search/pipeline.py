@@ -116,9 +116,8 @@ def model_identity(config: ModelConfig) -> dict[str, str]:
 
 def prepare(config: StudyConfig, progress: bool | None = None) -> Engine:
     """The engine for a study file: its model, data, search settings and budget."""
-    with stage("load the model and data", progress):
-        model = load_study_model(config.model, config.folder)
-        splits = load_study_data(config.data, config.folder)
+    model = load_study_model(config.model, config.folder)
+    splits = load_study_data(config.data, config.folder)
     return build_engine(config.name, config.storage_url, model, config.model.label, splits, config.search,
                         Budget.parse(config.budget), model_identity(config.model), config.model.leaf_modules,
                         progress=progress)
