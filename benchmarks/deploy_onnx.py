@@ -27,12 +27,12 @@ import oaq_search as oaq
 from oaq_search.checkpoints import load_checkpoint
 from oaq_search.data import load_cifar10
 from oaq_search.deploy import export_float_onnx, export_onnx
-from oaq_search.evaluate import logits
+from oaq_search.evaluate import logits, top1
 from oaq_search.graph import build_layer_graph
 from oaq_search.pipeline import load_model
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import CALIBRATION_IMAGES, post_training_quantize
-from oaq_search.runtime import agreement, kernel_counts, onnx_logits, paired_latency
+from oaq_search.runtime import LATENCY_ROUNDS, agreement, kernel_counts, onnx_logits, paired_latency
 
 EXAMPLE = REPOSITORY / "examples" / "own_model"
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=LATENCY_ROUNDS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     splits = load_cifar10(SHARED / "data" / "cifar10", 5000)
@@ -61,7 +61,7 @@ def main() -> None:
                  for setting in args.uniform}
         if name in args.search_models:
             plans.update(_search_plans(name, model, splits, args))
-        fp = 100 * float((logits(model, test).argmax(1) == test.labels).double().mean())
+        fp = top1(logits(model, test), test)
         for label, plan in plans.items():
             rows.append({"model": name, "plan": label, "fp_test": fp, **_deploy(model, plan, splits, test,
                                                                                   calibration, args)})
@@ -105,8 +105,7 @@ def _deploy(model, plan, splits, test, calibration, args) -> dict:
         latency = {batch: paired_latency({"int8": deployed, "float": baseline}, next(test.batches(batch))[0],
                                          args.threads, args.rounds) for batch in (1, 64)}
         sizes = {"onnx_kib": deployed.stat().st_size / 1024, "float_onnx_kib": baseline.stat().st_size / 1024}
-    accuracy = {label: 100 * float((x.argmax(1) == test.labels).double().mean())
-                for label, x in (("torch_test", torch_logits), ("ort_test", ort_logits))}
+    accuracy = {"torch_test": top1(torch_logits, test), "ort_test": top1(ort_logits, test)}
     return {**accuracy, "ort_minus_torch": accuracy["ort_test"] - accuracy["torch_test"],
             "same_class": agreement(ort_logits, torch_logits), "integer_kernels": kernels["integer"],
             "float_kernels": kernels["float"], **sizes, "export_s": export_seconds,

@@ -262,12 +262,12 @@ def _check_deployed(args: argparse.Namespace, model, layers, test) -> None:
     import tempfile
 
     from .deploy import export_float_onnx, reference_model
-    from .evaluate import logits
-    from .runtime import agreement, onnx_logits, paired_latency
+    from .evaluate import logits, top1
+    from .runtime import LATENCY_ROUNDS, agreement, onnx_logits, paired_latency
 
     test = test.subset(args.test_images or len(test))
     ours, theirs = onnx_logits(args.out, test, threads=args.threads), logits(reference_model(model, layers), test)
-    deployed, planned = (100 * float((x.argmax(1) == test.labels).double().mean()) for x in (ours, theirs))
+    deployed, planned = top1(ours, test), top1(theirs, test)
     print(f"ONNX Runtime on {len(test)} test images: {deployed:.2f} % (PyTorch, same plan: {planned:.2f} %; change "
           f"{deployed - planned:+.2f}; the same class for {100 * agreement(ours, theirs):.1f} % of images)")
     with tempfile.TemporaryDirectory() as scratch:
@@ -278,4 +278,4 @@ def _check_deployed(args: argparse.Namespace, model, layers, test) -> None:
             seconds = paired_latency({"int8": args.out, "float": float_path}, next(test.batches(batch))[0], args.threads)
             timings.append(f"batch {batch} {seconds['int8'] * 1e3:.2f} ms vs float {seconds['float'] * 1e3:.2f} ms "
                            f"({seconds['float'] / seconds['int8']:.2f}x)")
-    print(f"latency ({args.threads} threads, median of 50 alternating runs): {'; '.join(timings)}")
+    print(f"latency ({args.threads} threads, median of {LATENCY_ROUNDS} alternating runs): {'; '.join(timings)}")

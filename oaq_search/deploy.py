@@ -111,7 +111,7 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
     import onnx
 
     layers = deployable_layers(model) if layers is None else layers
-    _check_activations(plan, layers)
+    _check_layers(plan, layers)
     plain = unwrap(model)
     integer = {name: _integer_weight(name, layer) for name, layer in layers.items()}
     modules = dict(plain.named_modules())
@@ -123,16 +123,25 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
     _compensate_residuals(graph, residuals, images)
     _quantize_outputs(graph, images)
     onnx.checker.check_model(graph)
-    replace_atomically(path, lambda partial: partial.write_bytes(graph.SerializeToString()))
+    _save(graph, path)
 
 
 def export_float_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> None:
     """The full-precision model as ONNX (BatchNorm folded): the baseline deployed latency is compared with."""
-    graph = _export_float(unwrap(model), example[:1])
+    _save(_export_float(unwrap(model), example[:1]), path)
+
+
+def _save(graph, path: str | Path) -> None:
+    """The ONNX file, written whole or not at all."""
     replace_atomically(path, lambda partial: partial.write_bytes(graph.SerializeToString()))
 
 
-def _check_activations(plan: Plan, layers: dict[str, DeployableLayer]) -> None:
+def _check_layers(plan: Plan, layers: dict[str, DeployableLayer]) -> None:
+    """The model's quantized layers are the plan's, and each has an input quantizer."""
+    strays = sorted(set(plan.names()) ^ set(layers))
+    if strays:
+        raise UserError(f"layer {strays[0]} is quantized in the plan or the model but not both: export the model "
+                        f"with the plan it was quantized by")
     missing = [name for name, layer in layers.items() if layer.input_range is None]
     if missing:
         raise UserError(f"layer {missing[0]} (and {len(missing) - 1} more) has no activation bits: ONNX Runtime's "

@@ -20,6 +20,11 @@ def accuracy(model: nn.Module, split: ImageSplit, batch_size: int = BATCH_SIZE, 
     return 100.0 * int(correct(model, split, batch_size, progress).sum()) / len(split)
 
 
+def top1(outputs: torch.Tensor, split: ImageSplit) -> float:
+    """Top-1 accuracy in percent of outputs already computed for `split` (another runtime's, say)."""
+    return 100.0 * int((outputs.argmax(1) == split.labels.cpu()).sum()) / len(split)
+
+
 def correct(model: nn.Module, split: ImageSplit, batch_size: int = BATCH_SIZE, progress: bool | None = False) -> torch.Tensor:
     """Whether `model`'s top-1 prediction is right, for each image of `split` (bool, N)."""
     return logits(model, split, batch_size, progress).argmax(1) == split.labels.cpu()

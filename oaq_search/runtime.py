@@ -13,6 +13,7 @@ from .data import ImageSplit
 
 INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+LATENCY_ROUNDS = 50  # timed runs per model and batch size
 
 
 def session(path: str | Path, threads: int = 1, optimized_path: str | Path | None = None):
@@ -48,7 +49,7 @@ def kernel_counts(path: str | Path) -> dict[str, int]:
 
 
 def paired_latency(paths: dict[str, str | Path], images: torch.Tensor, threads: int = 2,
-                   rounds: int = 50) -> dict[str, float]:
+                   rounds: int = LATENCY_ROUNDS) -> dict[str, float]:
     """Median seconds per run of each model on `images`, the models timed in alternation round by round,
     so a noisy machine slows them alike."""
     runners = {label: session(path, threads) for label, path in paths.items()}
