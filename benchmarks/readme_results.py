@@ -465,6 +465,13 @@ def deploy_section() -> list[str]:
         "#deploying-to-onnx-runtime)).", "deploy_onnx_*")
 
 
+def reconstruction_section() -> list[str]:
+    return results_files_section(
+        "Reconstruction", "Post-training quantization rounded to nearest against block reconstruction (`--reconstruct`, "
+        "`[ptq]`: AdaRound's learned rounding inside OAQ's quantizer, a residual block at a time, QDrop's dropping; "
+        "see [how-it-works.md](how-it-works.md#reconstruction)).", "reconstruction_*")
+
+
 def search_cost_section() -> list[str]:
     return results_files_section(
         "What a search costs", "`oaq-search run` per stage, from a cold cache and warm, each run a fresh process; "
@@ -479,14 +486,14 @@ def readme_headline() -> list[str]:
             "post-training -> after one epoch of scale fine-tuning, in points against full precision:", "",
             *headline_table(data), "",
             "Every other table (post-training quantization, sensitivity metrics, the search against its "
-            "baselines, latency budgets, fine-tuning and QAT, ResNet-56, DenseNet, your own model, speed): "
+            "baselines, latency budgets, reconstruction, fine-tuning and QAT, ResNet-56, DenseNet, your own model, speed): "
             "[docs/results.md](docs/results.md)."]
 
 
 def main() -> None:
     body = [INTRO]
-    for section in (ptq_section, sensitivity_section, search_section, latency_section, finetune_section, headline_section,
-                    own_model_section, deploy_section, search_cost_section, reference_section, systems_section):
+    for section in (ptq_section, sensitivity_section, search_section, latency_section, reconstruction_section, finetune_section,
+                    headline_section, own_model_section, deploy_section, search_cost_section, reference_section, systems_section):
         body += section() + [""]
     RESULTS_PAGE.parent.mkdir(exist_ok=True)
     RESULTS_PAGE.write_text("\n".join(body).rstrip() + "\n")

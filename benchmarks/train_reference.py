@@ -27,7 +27,7 @@ from _common import CHECKPOINTS, SHARED, write_results
 from oaq_search.data import load_cifar10
 from oaq_search.evaluate import accuracy
 from oaq_search.files import save_atomically
-from oaq_search.finetuning import training_device
+from oaq_search.devices import training_device
 from oaq_search.config import ModelConfig
 from oaq_search.pipeline import load_study_model
 

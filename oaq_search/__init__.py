@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _HOMES = {  # public name -> the module that defines it
     "SearchResult": "api", "search": "api",
     "load_checkpoint": "checkpoints",
-    "FinetuneConfig": "config", "StudyConfig": "config", "load_study_config": "config",
+    "FinetuneConfig": "config", "PtqConfig": "config", "StudyConfig": "config", "load_study_config": "config",
     "load_cifar10": "data",
     "export_onnx": "deploy",
     "UserError": "errors",
@@ -26,6 +26,7 @@ _HOMES = {  # public name -> the module that defines it
     "LayerPlan": "plan", "Plan": "plan",
     "PlanFactory": "planning",
     "post_training_quantize": "ptq",
+    "reconstruct": "reconstruction",
 }
 __all__ = sorted(_HOMES)
 

@@ -33,6 +33,7 @@ class ActivationQuantizer(nn.Module):
         # The range's upper end: a parameter, so fine-tuning can learn it (LSQ-style), frozen otherwise.
         self.clip = nn.Parameter(torch.tensor(0.0), requires_grad=False)
         self.register_buffer("signed_flag", torch.tensor(False))
+        self.drop_probability = 0.0  # reconstruction (QDrop): each value passes unquantized with this probability
 
     @property
     def calibrated(self) -> bool:
@@ -73,7 +74,10 @@ class ActivationQuantizer(nn.Module):
             self.freeze()
         if not self.calibrated:
             raise UserError("activation quantizer used before calibration: run calibrate_activations() first")
-        return fake_quantize_activation(x, self.clip.clamp(min=1e-8), self.bits, bool(self.signed_flag))
+        quantized = fake_quantize_activation(x, self.clip.clamp(min=1e-8), self.bits, bool(self.signed_flag))
+        if self.drop_probability > 0:
+            return torch.where(torch.rand_like(x) < self.drop_probability, x, quantized)
+        return quantized
 
     def _observe(self, x: torch.Tensor) -> None:
         values = x.detach().flatten()

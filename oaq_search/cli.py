@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _reconstruction_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reconstruct", action="store_true", help="learn the weights' rounding and the activation "
+                        "ranges block by block on calibration images (AdaRound/QDrop; minutes on a CPU)")
+    parser.add_argument("--reconstruct-iterations", type=int, help="optimizer steps per block (default 1000)")
+    parser.add_argument("--reconstruct-images", type=int, help="calibration images of the search split (default 1024)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oaq-search", description="Hardware-aware mixed-precision OAQ search.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('oaq-search')}")
@@ -78,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--code-packing", choices=CODE_PACKINGS, default="fields",
                           help="base3: 2-bit layers' ternary codes five to a byte (1.6 bits a weight)")
     quantize.add_argument("--no-bn-correction", action="store_true", help="quantize weights data-free")
+    _reconstruction_arguments(quantize)
     quantize.add_argument("--out", help="write the packed model here (and the plan beside it)")
     quantize.set_defaults(handler="quantize")
 
@@ -86,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     _data_arguments(apply)
     apply.add_argument("--plan", required=True, help="plan.json from `run` or `export`")
     apply.add_argument("--no-bn-correction", action="store_true", help="quantize weights data-free")
+    _reconstruction_arguments(apply)
     apply.add_argument("--out", help="write the packed model here (and the plan beside it)")
     apply.set_defaults(handler="quantize")
 
@@ -98,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--mode", choices=("scale", "qat"), help="scale: learn OAQ's s and activation ranges "
                                                                   "(default); qat: train the weights too")
     finetune.add_argument("--epochs", type=int)
+    _reconstruction_arguments(finetune)
     finetune.add_argument("--images-per-epoch", type=int, help="fine-tuning images per epoch (default: all 45,000)")
     finetune.add_argument("--train-split", choices=("finetune", "all"), help="all: train on the search split too "
                                                                              "(images the checkpoint never saw)")

@@ -13,7 +13,7 @@ import hwmodels
 from hwmodels import MemoryModel
 
 from .budget import format_quantity
-from .config import DataConfig, FinetuneConfig, load_study_config, validate
+from .config import DataConfig, FinetuneConfig, PtqConfig, load_study_config, validate
 from .data import load_cifar10
 from .errors import UserError
 from .evaluate import BATCH_SIZE, accuracy, format_score
@@ -24,7 +24,9 @@ from .pipeline import (create_study, export_plans, finetune_and_test, layer_grap
                        load_study_model, run_study, run_worker)
 from .plan import Plan
 from .planning import PlanFactory
-from .ptq import CALIBRATION_IMAGES, post_training_quantize
+from .progress import note
+from .ptq import CALIBRATION_IMAGES, post_training_quantize, reconstructed_plan
+from .reconstruction import reconstruct
 from .sensitivity import DEFAULT_METRICS, compute_sensitivity, get_metric
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own summary and progress bar say enough
@@ -55,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"kept in full precision (not quantizable here): {', '.join(plan.float_layers)}")
     score, rescored = plan.metadata["score"], plan.metadata.get("finalist_score")
     whole_split = "" if rescored is None else f" (whole search split {format_score(score, rescored)})"
-    print(f"scores: trial {format_score(score, result.search_score)}{whole_split}, test {result.test_accuracy:.2f} % "
-          f"(full precision {result.fp_test_accuracy:.2f} %, change {result.test_accuracy - result.fp_test_accuracy:+.2f})")
+    nearest = plan.metadata.get("nearest_test_accuracy")
+    reconstructed = "" if nearest is None else f" reconstructed (rounded to nearest {nearest:.2f} %)"
+    print(f"scores: trial {format_score(score, result.search_score)}{whole_split}, test {result.test_accuracy:.2f} %"
+          f"{reconstructed} (full precision {result.fp_test_accuracy:.2f} %, change "
+          f"{result.test_accuracy - result.fp_test_accuracy:+.2f})")
     print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in result.seconds.items()))
     print(f"plan written to {result.plan_path}, the packed model beside it (model.packed.pt)")
     if result.finetuned is not None:
@@ -129,7 +134,11 @@ def finetune(args: argparse.Namespace) -> int:
     plan.check_against(layer_graph(model_name, model), model_name)
     data = study.data if study else DataConfig()
     splits = load_cifar10(args.data_root or data.root, data.search_size)
-    result = finetune_and_test(model, plan, splits, config, args.out, args.test_images)
+    ptq = _ptq_config(args, study.ptq if study else PtqConfig())
+    # reconstructed once here, for both the fine-tune's start and the post-training score
+    start = post_training_quantize(model, plan, splits.search, reconstruction=ptq) if ptq.reconstruct else None
+    result = finetune_and_test(model, plan, splits, config, args.out, args.test_images, reconstruction=ptq,
+                               quantized=start)
     _print_finetune(result)
     return 0
 
@@ -161,14 +170,29 @@ def quantize(args: argparse.Namespace) -> int:
     quantized = post_training_quantize(model, plan, splits.search, not args.no_bn_correction)
     split, batch_size = getattr(splits, args.split), args.batch_size or BATCH_SIZE
     fp, ours = accuracy(model, split, batch_size), accuracy(quantized, split, batch_size)
+    ptq, nearest = _ptq_config(args, PtqConfig()), ""
+    if "reconstruction" in plan.metadata and not ptq.reconstruct:
+        note("this plan was reconstructed: its learned rounding is in the packed model written with it; rounding to "
+             "nearest here (pass --reconstruct to learn the rounding again)")
+    if ptq.reconstruct:
+        reconstruct(quantized, model, next(splits.search.batches(ptq.images))[0], ptq)
+        plan, nearest = reconstructed_plan(quantized, plan, ptq), f"; rounded to nearest {ours:.2f} %"
+        ours = accuracy(quantized, split, batch_size)
     size = MemoryModel().evaluate(graph, plan).totals["weight_bytes"]
     print(f"{args.model} on {len(split)} {args.split} images: full precision {fp:.2f} %, quantized {ours:.2f} % "
-          f"(change {ours - fp:+.2f}); weights {format_quantity('weight_bytes', size)} packed")
+          f"(change {ours - fp:+.2f}{nearest}); weights {format_quantity('weight_bytes', size)} packed")
     if args.out:
         payload = pack_model(quantized, plan, args.out)
         plan_path = plan.save(Path(args.out).with_suffix(".plan.json"))
         print(f"packed model {args.out} ({payload} bytes of layers), plan {plan_path}")
     return 0
+
+
+def _ptq_config(args: argparse.Namespace, base: PtqConfig) -> PtqConfig:
+    """`base` with the command line's reconstruction options over it, validated."""
+    overrides = {"reconstruct": args.reconstruct or base.reconstruct, "iterations": args.reconstruct_iterations,
+                 "images": args.reconstruct_images}
+    return PtqConfig(**{**vars(base), **{key: value for key, value in overrides.items() if value is not None}})
 
 
 def sensitivity(args: argparse.Namespace) -> int:

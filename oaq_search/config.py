@@ -219,12 +219,46 @@ class FinetuneConfig:
             raise UserError(f"finetune train_split must be one of {', '.join(TRAIN_SPLITS)}, got {self.train_split!r}")
         if self.images_per_epoch is not None and self.images_per_epoch < 1:
             raise UserError(f"finetune images_per_epoch must be at least 1, got {self.images_per_epoch}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise UserError(f"finetune device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device(self.device, "finetune")
         for name in ("learning_rate", "quantizer_learning_rate", "distill_temperature"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"finetune {name} must be positive, got {value}")
+
+
+@dataclass
+class PtqConfig:
+    """How the chosen plan becomes a model post-training: rounding to nearest, or block reconstruction
+    (oaq_search.reconstruction: AdaRound's learned rounding per residual block, QDrop's dropping)."""
+
+    reconstruct: bool = False
+    images: int = 1024  # calibration images of the search split the blocks are fitted on
+    iterations: int = 1000  # optimizer steps per block
+    batch_size: int = 32
+    learn_rounding: bool = True  # each weight's rounding direction (AdaRound)
+    learn_activation_ranges: bool = True  # the activation quantizers' ranges (step sizes)
+    drop_probability: float = 0.5  # QDrop: each activation value passes unquantized with this probability
+    rounding_weight: float = 0.01  # AdaRound's regularizer pulling each rounding to down or up
+    learning_rate: float = 0.01  # Adam, rounding logits (ResNet-20 W2A8, 1000 steps: 0.01 -3.3 points, 0.003 -5.6)
+    range_learning_rate: float = 0.001  # Adam, activation ranges
+    device: str = "auto"  # auto (cuda when there is one) | cpu | cuda[:N]
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("images", "iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"ptq {name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.drop_probability < 1:
+            raise UserError(f"ptq drop_probability must be in [0, 1), got {self.drop_probability}")
+        for name in ("rounding_weight", "learning_rate", "range_learning_rate"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"ptq {name} must not be negative, got {getattr(self, name)}")
+        check_device(self.device, "ptq")
+
+
+def check_device(device: str, section: str) -> None:
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise UserError(f"{section} device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 @dataclass
@@ -233,6 +267,7 @@ class StudyConfig:
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    ptq: PtqConfig = field(default_factory=PtqConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     budget: dict[str, str] = field(default_factory=dict)  # e.g. {"memory": "98KiB"}
     storage: str | None = None  # Optuna storage URL; None: SQLite file in output_dir
@@ -253,7 +288,7 @@ class StudyConfig:
 
 def validate(config: StudyConfig) -> StudyConfig:
     """Check a config again after its fields were changed (command-line overrides): every section's rules."""
-    for section in (config.model, config.data, config.search, config.finetune, config):
+    for section in (config.model, config.data, config.search, config.ptq, config.finetune, config):
         section.__post_init__()
     return config
 

@@ -31,7 +31,7 @@ from .activations import fake_quantize_activation
 from .errors import UserError
 from .fake_quant import quantized_layers, unwrap
 from .files import replace_atomically
-from .oaq import QuantizedWeight, dequantize, quantize_weight
+from .oaq import QuantizedWeight, dequantize
 from .packing import PackedModel
 from .plan import Plan
 
@@ -56,7 +56,7 @@ def deployable_layers(model: nn.Module) -> dict[str, DeployableLayer]:
     for layer in quantized_layers(model):
         quantizer, activation = layer.weight_quantizer, layer.input_quantizer
         layers[layer.name] = DeployableLayer(
-            quantize_weight(layer.layer.weight, quantizer, layer.name), quantizer.grid, quantizer.bits,
+            layer.codes(), quantizer.grid, quantizer.bits,
             activation.bits if activation is not None else None, activation.range if activation is not None else None)
     return layers
 

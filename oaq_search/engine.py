@@ -24,7 +24,7 @@ from hwmodels.base import CostModel
 
 from .bn_correction import BatchNormCorrector
 from .budget import Budget
-from .config import SearchConfig
+from .config import PtqConfig, SearchConfig
 from .data import ImageSplit, Splits
 from .errors import UserError
 from .evaluate import accuracy, image_scorer, split_scorer
@@ -34,10 +34,11 @@ from .objective import (Objective, Scorer, allocation_problem, best_trial, check
                         incumbent_params)
 from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
-from .ptq import CALIBRATION_IMAGES, post_training_quantize, requantize
+from .ptq import CALIBRATION_IMAGES, post_training_quantize, reconstructed_plan, requantize
 from .pruning import ScreeningPruner
 from .progress import bar, note, silenced, stage
 from .queue import FINISHED, fill_queue, work
+from .reconstruction import reconstruct
 from .samplers import make_sampler
 from .schema import to_dict
 from .seeds import SEEDS
@@ -249,9 +250,11 @@ def run_trials(engine: Engine, study: optuna.Study, storage: optuna.storages.Bas
         engine.seconds["search"] = engine.seconds.get("search", 0.0) + time.perf_counter() - started
 
 
-def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None) -> tuple[Plan, nn.Module]:
+def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None,
+           ptq: PtqConfig | None = None) -> tuple[Plan, nn.Module]:
     """The best feasible plan, its finalists re-scored first, with its costs, where it came from, and
-    (given `test`) full-precision and quantized accuracy on it; and the model it quantizes."""
+    (given `test`) full-precision and quantized accuracy on it; and the model it quantizes, reconstructed
+    when `ptq` says so (then the plan holds the learned ranges, and the accuracy rounding to nearest gave)."""
     search = engine.search
     started = time.perf_counter()
     if search.finalists > 1 and not search.pareto_metric and not engine.custom_score:
@@ -273,9 +276,17 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None) 
                               "test_accuracy": accuracy(quantized, test, search.batch_size, engine.progress),
                               "test_images": len(test)})
         engine.seconds["test"] = time.perf_counter() - started
+    if ptq is not None and ptq.reconstruct:
+        started = time.perf_counter()
+        reconstruct(quantized, engine.model, next(engine.splits.search.batches(ptq.images))[0], ptq, engine.progress)
+        plan = reconstructed_plan(quantized, plan, ptq)
+        engine.seconds["reconstruction"] = time.perf_counter() - started
+        if test is not None:
+            plan.metadata.update({"nearest_test_accuracy": plan.metadata["test_accuracy"],
+                                  "test_accuracy": accuracy(quantized, test, search.batch_size, engine.progress)})
     plan.metadata["seconds"] = engine.seconds
     outcome = {key: plan.metadata.get(key) for key in ("trial", "search_score", "finalist_score", "fp_test_accuracy",
-                                                         "test_accuracy", "test_images")}
+                                                         "nearest_test_accuracy", "test_accuracy", "test_images")}
     # the uniform plans depend only on what the study's fingerprint fixes: measured once per study
     baselines = study.user_attrs.get(OUTCOME, {}).get("uniform") or uniform_baselines(engine)
     study.set_user_attr(OUTCOME, {**outcome, "uniform": baselines})

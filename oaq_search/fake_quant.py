@@ -18,7 +18,7 @@ from torch import nn
 from .activations import ActivationQuantizer
 from .errors import UserError
 from .layout import fast_layout
-from .oaq import WeightQuantizer, fake_quantize_weight
+from .oaq import QuantizedWeight, WeightQuantizer, fake_quantize_weight, quantize_weight
 from .plan import LayerPlan, Plan
 
 
@@ -33,6 +33,8 @@ class QuantizedLayer(nn.Module):
         self.input_quantizer: ActivationQuantizer | None = None
         self.register_parameter("scale_logit", None)  # learnable OAQ s = sigmoid(scale_logit), fine-tuning only
         self.register_buffer("cached_weight", None, persistent=False)
+        self.register_buffer("round_up", None)  # 0/1 per weight, learned by reconstruction; None: nearest level
+        self.rounding: nn.Module | None = None  # while reconstruction learns the rounding: computes the weight
 
     @property
     def weight(self) -> torch.Tensor:
@@ -40,7 +42,10 @@ class QuantizedLayer(nn.Module):
         return self.layer.weight
 
     def configure(self, layer_plan: LayerPlan, calibration: str = "mse") -> None:
-        self.weight_quantizer = layer_plan.weight_quantizer()
+        quantizer = layer_plan.weight_quantizer()
+        if self.weight_quantizer is None or _lattice(quantizer) != _lattice(self.weight_quantizer):
+            self.round_up = None  # a learned rounding belongs to its grid; a change of s or T keeps it
+        self.weight_quantizer = quantizer
         self.scale_logit = None
         bits = layer_plan.activation_bits
         if bits is None:
@@ -75,16 +80,27 @@ class QuantizedLayer(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         scale_factor = None if self.scale_logit is None else torch.sigmoid(self.scale_logit)
-        return fake_quantize_weight(self.layer.weight, self.weight_quantizer, self.name, scale_factor)
+        return fake_quantize_weight(self.layer.weight, self.weight_quantizer, self.name, scale_factor, self.round_up)
+
+    def codes(self) -> QuantizedWeight:
+        """The integer codes, scale and offset of the weight as the model computes it: what is packed."""
+        return quantize_weight(self.layer.weight, self.weight_quantizer, self.name, self.round_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         learning = self.layer.weight.requires_grad or (self.scale_logit is not None and self.scale_logit.requires_grad)
-        weight = self.quantized_weight() if learning and torch.is_grad_enabled() else self.cached_weight
+        if self.rounding is not None:
+            weight = self.rounding()
+        else:
+            weight = self.quantized_weight() if learning and torch.is_grad_enabled() else self.cached_weight
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, weight, self.layer.bias)
         return F.linear(x, weight, self.layer.bias)
+
+
+def _lattice(quantizer: WeightQuantizer) -> tuple:
+    return quantizer.bits, quantizer.grid, quantizer.method, quantizer.per_channel
 
 
 def quantize_(model: nn.Module, plan: Plan, calibration: str = "mse") -> nn.Module:
@@ -127,6 +143,18 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
             model(fast_layout(images, model))
     for observer in observers:
         observer.freeze()
+
+
+def learned_plan(quantized: nn.Module, plan: Plan) -> Plan:
+    """`plan` with each layer's current s and activation range, read off a fine-tuned or
+    reconstructed model."""
+    changes = {}
+    for layer in quantized_layers(quantized):
+        change = {"scale_factor": round(layer.scale_factor, 6)}
+        if layer.input_quantizer is not None:
+            change["activation_range"] = [round(bound, 6) for bound in layer.input_quantizer.range]
+        changes[layer.name] = change
+    return plan.with_layers(changes)
 
 
 def needs_calibration(model: nn.Module) -> bool:

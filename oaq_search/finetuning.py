@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FinetuneConfig
+from .config import FinetuneConfig, PtqConfig
 from .data import Splits, ImageSplit
+from .devices import training_device
 from .errors import UserError
 from .evaluate import accuracy
 from .layout import channels_last_works
-from .fake_quant import quantize_, quantized_layers, unwrap
+from .fake_quant import learned_plan, quantize_, quantized_layers, unwrap
 from .files import save_atomically
 from .packing import pack_model
 from .plan import Plan
@@ -58,16 +59,31 @@ class FinetuneResult:
 
 
 def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfig, output_dir: str | Path,
-             progress: bool | None = None) -> FinetuneResult:
+             progress: bool | None = None, reconstruction: PtqConfig | None = None,
+             quantized: nn.Module | None = None) -> FinetuneResult:
     """Fine-tune `model` (full precision) quantized by `plan`; files go to `output_dir`.
 
-    Resumes from `output_dir`'s saved state when it was made with the same plan and settings.
+    Starts from post-training quantization, reconstructed when `reconstruction` says so (`quantized`, when
+    given, is that start already made). Resumes from `output_dir`'s saved state when it was made with the
+    same plan and settings.
     """
     if config.mode == "none":
         raise UserError("finetune mode is 'none': choose 'scale' (learn OAQ's s) or 'qat' (train the weights too)")
     output_dir = Path(output_dir)
+    state_path = output_dir / STATE_FILE
+    settings = {key: value for key, value in to_dict(config).items() if key != "device"}  # resumable anywhere
+    identity = {"plan": plan.key(), "model": plan.model, "finetune": settings}
+    reconstructed = reconstruction is not None and reconstruction.reconstruct
+    if reconstructed:
+        identity["reconstruction"] = {k: v for k, v in to_dict(reconstruction).items() if k != "device"}
+    fingerprint = json.dumps(identity, sort_keys=True)
+    saved = _saved_state(state_path, fingerprint)
+    if quantized is None:  # a saved state holds the reconstructed rounding: no need to learn it again
+        quantized = post_training_quantize(model, plan, splits.search, reconstruction=None if saved else reconstruction,
+                                           progress=progress)
+    else:
+        quantized = copy.deepcopy(quantized)
     torch.manual_seed(config.seed)
-    quantized = post_training_quantize(model, plan, splits.search)
     quantized.requires_grad_(False)
     optimizers = _optimizers(quantized, config)
     device = training_device(config.device)
@@ -76,10 +92,7 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
     steps_per_epoch = math.ceil(min(config.images_per_epoch or len(train), len(train)) / config.batch_size)
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
                   for optimizer in optimizers]
-    state_path = output_dir / STATE_FILE
-    settings = {key: value for key, value in to_dict(config).items() if key != "device"}  # resumable anywhere
-    fingerprint = json.dumps({"plan": plan.key(), "model": plan.model, "finetune": settings}, sort_keys=True)
-    history = _resume(state_path, fingerprint, quantized, optimizers, schedulers)
+    history = _resume(saved, state_path, quantized, optimizers, schedulers)
     memory_format = torch.channels_last if config.channels_last and channels_last_works(model) else torch.contiguous_format
     quantized.to(memory_format=memory_format)
     teacher = copy.deepcopy(model).eval().to(device, memory_format=memory_format) if config.distill else None
@@ -99,6 +112,8 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
     quantized.to("cpu", memory_format=torch.contiguous_format)
     tuned = learned_plan(quantized, plan)
     tuned.metadata = {**plan.metadata, "finetune": {**to_dict(config), "history": history}}
+    if reconstructed:
+        tuned.metadata["reconstruction"] = to_dict(reconstruction)
     quantize_(quantized, tuned)  # s and ranges become plain plan values; the model equals `apply(tuned)`
     quantized.eval()
     files = {"plan": output_dir / "plan.json", "checkpoint": output_dir / "finetuned.pt",
@@ -110,32 +125,12 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
     return FinetuneResult(quantized, tuned, history, files)
 
 
-def training_device(name: str) -> torch.device:
-    """The device fine-tuning runs on: `auto` picks CUDA when PyTorch sees a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"finetune device {name!r} asked for, but PyTorch sees no CUDA GPU: use device = 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 def training_images(splits: Splits, train_split: str) -> ImageSplit:
     """The fine-tuning split, or (`all`) it and the search split, whose images the checkpoint never saw."""
     if train_split == "finetune":
         return splits.finetune
     return replace(splits.finetune, name="finetune+search", images=torch.cat([splits.finetune.images, splits.search.images]),
                    labels=torch.cat([splits.finetune.labels, splits.search.labels]))
-
-
-def learned_plan(quantized: nn.Module, plan: Plan) -> Plan:
-    """`plan` with each layer's current s and activation range, read off the fine-tuned model."""
-    changes = {}
-    for layer in quantized_layers(quantized):
-        change = {"scale_factor": round(layer.scale_factor, 6)}
-        if layer.input_quantizer is not None:
-            change["activation_range"] = [round(bound, 6) for bound in layer.input_quantizer.range]
-        changes[layer.name] = change
-    return plan.with_layers(changes)
 
 
 def _optimizers(quantized: nn.Module, config: FinetuneConfig) -> list[torch.optim.Optimizer]:
@@ -215,10 +210,10 @@ def _save_state(path: Path, fingerprint: str, model, optimizers, schedulers, his
                      "schedulers": [s.state_dict() for s in schedulers]}, path)
 
 
-def _resume(path: Path, fingerprint: str, model, optimizers, schedulers) -> list[dict[str, float]]:
-    """Load the saved state into model and optimizers; returns the finished epochs' history ([] if none)."""
+def _saved_state(path: Path, fingerprint: str) -> dict | None:
+    """The saved state of an unfinished fine-tune with this fingerprint; None when there is none."""
     if not path.is_file():
-        return []
+        return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated file, or one holding more than tensors (refused by weights_only)
@@ -227,6 +222,16 @@ def _resume(path: Path, fingerprint: str, model, optimizers, schedulers) -> list
     if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         raise UserError(f"{path} holds a fine-tune of a different plan or with different settings: delete it to "
                         f"start over, or choose another output folder")
+    return state
+
+
+def _resume(state: dict | None, path: Path, model, optimizers, schedulers) -> list[dict[str, float]]:
+    """Load a saved state into model and optimizers; returns the finished epochs' history ([] if none)."""
+    if state is None:
+        return []
+    for key, value in state["model"].items():  # learned roundings: buffers a fresh model does not have yet
+        if key.endswith(".round_up"):
+            model.get_submodule(key.removesuffix(".round_up")).round_up = value
     model.load_state_dict(state["model"])
     for optimizer, saved in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)

@@ -86,6 +86,19 @@ def level_index(x: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
     return torch.sign(x) * index
 
 
+def floor_code(x: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
+    """The code of the highest level at or below x, never the top code: x lies between the levels of
+    this code and the next, the two choices a learned rounding (AdaRound) picks from."""
+    every = levels(grid, bits).to(x.device, x.dtype)
+    index = torch.bucketize(x.clamp(-1.0, 1.0).contiguous(), every, right=True) - 1
+    return (index.clamp(0, len(every) - 2) + code_range(grid, bits)[0]).to(x.dtype)
+
+
+def rounded_codes(x: torch.Tensor, grid: str, bits: int, round_up: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes of x: the nearest levels, or with `round_up` (0/1 per value) the level below or above."""
+    return level_index(x, grid, bits) if round_up is None else floor_code(x, grid, bits) + round_up.to(x.dtype)
+
+
 def codes_to_values(codes: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
     """Grid values in [-1, 1] for signed integer codes from `level_index`."""
     if grid == "midrise":
@@ -96,8 +109,8 @@ def codes_to_values(codes: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
     return torch.sign(codes) * positive[codes.abs().long()]
 
 
-def quantize(x: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
-    """x in [-1, 1] -> nearest grid value, with a straight-through gradient."""
+def quantize(x: torch.Tensor, grid: str, bits: int, round_up: torch.Tensor | None = None) -> torch.Tensor:
+    """x in [-1, 1] -> its grid value (nearest, or as `round_up` says), with a straight-through gradient."""
     with torch.no_grad():
-        rounded = codes_to_values(level_index(x, grid, bits), grid, bits)
+        rounded = codes_to_values(rounded_codes(x, grid, bits, round_up), grid, bits)
     return x + (rounded - x).detach()

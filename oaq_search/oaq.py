@@ -89,22 +89,24 @@ def reshape_outliers(z: torch.Tensor, quantizer: WeightQuantizer, scale_factor: 
 
 
 def fake_quantize_weight(weight: torch.Tensor, quantizer: WeightQuantizer, name: str = "weight",
-                         scale_factor: torch.Tensor | None = None) -> torch.Tensor:
-    """w^ in the weight's own units, differentiable w.r.t. `scale_factor` and the weight (STE)."""
-    x, mu, sigma, scale = _normalized_grid_input(weight, quantizer, name, scale_factor)
-    return sigma * scale * grids.quantize(x, quantizer.grid, quantizer.bits) + mu
+                         scale_factor: torch.Tensor | None = None, round_up: torch.Tensor | None = None) -> torch.Tensor:
+    """w^ in the weight's own units, differentiable w.r.t. `scale_factor` and the weight (STE).
+    `round_up` (0/1 per weight, learned by reconstruction) replaces rounding to the nearest level."""
+    x, mu, sigma, scale = normalized_grid_input(weight, quantizer, name, scale_factor)
+    return sigma * scale * grids.quantize(x, quantizer.grid, quantizer.bits, round_up) + mu
 
 
-def quantize_weight(weight: torch.Tensor, quantizer: WeightQuantizer, name: str = "weight") -> QuantizedWeight:
+def quantize_weight(weight: torch.Tensor, quantizer: WeightQuantizer, name: str = "weight",
+                    round_up: torch.Tensor | None = None) -> QuantizedWeight:
     """Integer codes plus per-tensor or per-channel (scale, offset): what gets packed and deployed."""
     with torch.no_grad():
-        x, mu, sigma, scale = _normalized_grid_input(weight, quantizer, name)
-        codes = grids.level_index(x, quantizer.grid, quantizer.bits).to(torch.int8)
+        x, mu, sigma, scale = normalized_grid_input(weight, quantizer, name)
+        codes = grids.rounded_codes(x, quantizer.grid, quantizer.bits, round_up).to(torch.int8)
     shape = (-1,) if quantizer.per_channel else ()
     return QuantizedWeight(codes, (sigma * scale).reshape(shape), mu.reshape(shape))
 
 
-def _normalized_grid_input(weight, quantizer, name, scale_factor=None):
+def normalized_grid_input(weight, quantizer, name="weight", scale_factor=None):
     """(x in [-1, 1], mu, sigma, R): the reshaped, range-normalised weight and its statistics."""
     if not torch.isfinite(weight).all():
         raise UserError(f"layer {name} has NaN or inf weights: fix the checkpoint before quantizing")

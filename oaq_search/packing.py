@@ -24,7 +24,7 @@ from .fake_quant import quantized_layers
 from .grids import code_range
 from .errors import UserError
 from .files import save_atomically
-from .oaq import QuantizedWeight, quantize_weight
+from .oaq import QuantizedWeight
 from .plan import TERNARY_BITS, Plan, check_code_packing
 
 FLOAT_BYTES = 4  # scales, offsets and biases are stored as float32
@@ -77,7 +77,7 @@ def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
     """
     layers, payload_bytes = {}, 0
     for layer in quantized_layers(model):
-        quantized: QuantizedWeight = quantize_weight(layer.layer.weight, layer.weight_quantizer, layer.name)
+        quantized = layer.codes()
         bits = layer.weight_quantizer.bits
         packing = plan.layer(layer.name).code_packing
         bias = layer.layer.bias
@@ -95,7 +95,7 @@ def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
         layers[layer.name] = entry
         payload_bytes += (entry["codes"].numel() + FLOAT_BYTES * (entry["scale"].numel() + entry["offset"].numel()
                           + (bias.numel() if bias is not None else 0)))
-    quantized_names = {f"{name}.layer.{suffix}" for name in layers for suffix in ("weight", "bias")}
+    quantized_names = {f"{name}.{suffix}" for name in layers for suffix in ("layer.weight", "layer.bias", "round_up")}
     rest = {k: v for k, v in model.state_dict().items() if k not in quantized_names}
     save_atomically({"format": PACKED_FORMAT, "plan": plan.to_json(), "layers": layers, "state": rest}, path)
     return payload_bytes

@@ -20,7 +20,7 @@ from torch import nn
 
 from .budget import Budget
 from .checkpoints import load_checkpoint
-from .config import DataConfig, FinetuneConfig, ModelConfig, StudyConfig
+from .config import DataConfig, FinetuneConfig, ModelConfig, PtqConfig, StudyConfig
 from .data import Splits, load_cifar10, split_from_batches, split_training_tail
 from .engine import OUTCOME, Engine, build_engine, finish, finished_trials, open_study, run_trials
 from .errors import UserError
@@ -137,6 +137,7 @@ class StudyResult:
     finished_trials: int
     parameters: int
     seconds: dict[str, float] = field(default_factory=dict)
+    model: nn.Module | None = None  # the plan's quantized model, as packed beside the plan
     finetuned: FinetuneResult | None = None  # when the study file has a [finetune] section
     report_path: Path | None = None
 
@@ -151,7 +152,7 @@ def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
         # One folder per plan: re-running resumes the same plan's fine-tune; a new best plan starts afresh.
         folder = config.output_path / "finetune" / result.plan.key()
         result.finetuned = finetune_and_test(engine.model, result.plan, engine.splits, config.finetune, folder,
-                                             config.data.test_images, progress)
+                                             config.data.test_images, progress, config.ptq, result.model)
         result.seconds["finetune"] = result.finetuned.seconds
         tuned = result.finetuned.plan.metadata["finetune"]
         study.set_user_attr(OUTCOME, {**study.user_attrs[OUTCOME], "finetuned": {
@@ -163,30 +164,33 @@ def run_study(config: StudyConfig, progress: bool | None = None) -> StudyResult:
 
 
 def finish_study(config: StudyConfig, engine: Engine, study: optuna.Study) -> StudyResult:
-    """The best feasible plan, scored once on the test split and written to the study's output folder."""
+    """The best feasible plan, scored once on the test split and written to the study's output folder
+    with its packed model (post-training quantized, reconstructed if [ptq] says so)."""
     test = engine.splits.test.subset(config.data.test_images or len(engine.splits.test))
-    plan, quantized = finish(engine, study, test)
+    plan, quantized = finish(engine, study, test, config.ptq)
     plan.metadata["checkpoint"] = config.model.checkpoint
     plan_path = plan.save(config.output_path / "plan.json")
     pack_model(quantized, plan, config.output_path / "model.packed.pt")  # what `deploy` reads
     return StudyResult(plan, plan_path, config.name, config.storage_url, plan.metadata["search_score"],
                        plan.metadata["fp_test_accuracy"], plan.metadata["test_accuracy"], finished_trials(study),
-                       len(engine.space.parameter_names), engine.seconds)
+                       len(engine.space.parameter_names), engine.seconds, model=quantized)
 
 
 def finetune_and_test(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfig,
-                      output_dir: str | Path, test_images: int | None = None,
-                      progress: bool | None = None) -> FinetuneResult:
-    """Fine-tune `plan`, then score full precision, post-training and fine-tuned on the test split.
+                      output_dir: str | Path, test_images: int | None = None, progress: bool | None = None,
+                      reconstruction: PtqConfig | None = None, quantized: nn.Module | None = None) -> FinetuneResult:
+    """Fine-tune `plan` (from `quantized`, or its post-training quantization, reconstructed when
+    `reconstruction` says so), then score full precision, post-training and fine-tuned on the test split.
 
     The three accuracies go into the result's `scores` and the fine-tuned plan's metadata; the first
     two are taken from the plan when `finish` already scored it on the same test images."""
-    result = finetune(model, plan, splits, config, output_dir, progress)
+    result = finetune(model, plan, splits, config, output_dir, progress, reconstruction, quantized)
     test_split = splits.test.subset(test_images or len(splits.test))
     scored = plan.metadata.get("test_images") == len(test_split)
     fp = plan.metadata["fp_test_accuracy"] if scored else accuracy(model, test_split, progress=progress)
-    ptq = plan.metadata["test_accuracy"] if scored else accuracy(
-        post_training_quantize(model, plan, splits.search), test_split, progress=progress)
+    if not scored and quantized is None:
+        quantized = post_training_quantize(model, plan, splits.search, reconstruction=reconstruction, progress=progress)
+    ptq = plan.metadata["test_accuracy"] if scored else accuracy(quantized, test_split, progress=progress)
     result.scores = {"fp_test_accuracy": fp, "ptq_test_accuracy": ptq,
                      "test_accuracy": accuracy(result.model, test_split, progress=progress),
                      "test_images": len(test_split)}

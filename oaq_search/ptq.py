@@ -8,27 +8,44 @@ import torch
 from torch import nn
 
 from .bn_correction import BatchNormCorrector
+from .config import PtqConfig
 from .data import ImageSplit
 from .errors import UserError
-from .fake_quant import activation_quantizers, calibrate_activations, needs_calibration, quantize_
+from .fake_quant import activation_quantizers, calibrate_activations, learned_plan, needs_calibration, quantize_
 from .plan import Plan
+from .reconstruction import reconstruct
+from .schema import to_dict
 
 CALIBRATION_IMAGES = 500
 
 
 def post_training_quantize(model: nn.Module, plan: Plan, calibration: ImageSplit | None = None,
-                           bn_correction: bool = True, calibration_images: int = CALIBRATION_IMAGES) -> nn.Module:
+                           bn_correction: bool = True, calibration_images: int = CALIBRATION_IMAGES,
+                           reconstruction: PtqConfig | None = None, progress: bool | None = None) -> nn.Module:
     """A quantized copy of `model`. Calibration data (the search split) fixes activation ranges and,
     with `bn_correction`, matches BatchNorm statistics to full precision; without it the weights are
-    quantized data-free."""
+    quantized data-free. With `reconstruction` (its `reconstruct` set) the rounding and ranges are then
+    learned block by block (oaq_search.reconstruction); `reconstructed_plan` gives the plan it follows."""
     quantized = quantize_(copy.deepcopy(model), plan)
+    reconstructing = reconstruction is not None and reconstruction.reconstruct
     if calibration is None:
-        if needs_calibration(quantized):
-            raise UserError("a plan with activation bits needs calibration data: pass the search split")
+        if needs_calibration(quantized) or reconstructing:
+            raise UserError("a plan with activation bits, and reconstruction, need calibration data: pass the search split")
         return quantized
     images = next(calibration.batches(calibration_images))[0]
     corrector = BatchNormCorrector(model, images) if bn_correction else None
-    return calibrate_and_correct(quantized, images, corrector, ranges_from_data=needs_calibration(quantized))
+    calibrate_and_correct(quantized, images, corrector, ranges_from_data=needs_calibration(quantized))
+    if reconstructing:
+        reconstruct(quantized, model, next(calibration.batches(reconstruction.images))[0], reconstruction, progress)
+    return quantized
+
+
+def reconstructed_plan(quantized: nn.Module, plan: Plan, reconstruction: PtqConfig) -> Plan:
+    """`plan` with the ranges reconstruction learned, and its settings in the metadata: the plan of the model
+    `post_training_quantize` returned (its rounding is in the model's codes, not in the plan)."""
+    result = learned_plan(quantized, plan)
+    result.metadata = {**plan.metadata, "reconstruction": to_dict(reconstruction)}
+    return result
 
 
 def requantize(wrapped: nn.Module, plan: Plan, images: torch.Tensor | None,

@@ -88,8 +88,12 @@ def _accuracy_table(outcome: dict, score: str, best: int) -> str:
                                                  f"ended; run the study again to score trial #{best}.</p>")
     search = format_score(score, outcome["search_score"]) + (
         "" if outcome["finalist_score"] is None else f" ({format_score(score, outcome['finalist_score'])} whole split)")
-    rows = [("full precision", "", fp), (f"chosen plan (trial #{outcome['trial']}), post-training", search,
-                                         outcome["test_accuracy"])]
+    chosen = f"chosen plan (trial #{outcome['trial']}), post-training"
+    if outcome.get("nearest_test_accuracy") is None:
+        rows = [("full precision", "", fp), (chosen, search, outcome["test_accuracy"])]
+    else:
+        rows = [("full precision", "", fp), (f"{chosen}, rounded to nearest", search, outcome["nearest_test_accuracy"]),
+                (f"{chosen}, reconstructed", "", outcome["test_accuracy"])]
     if "finetuned" in outcome:
         tuned = outcome["finetuned"]
         rows.append((f"fine-tuned ({tuned['mode']}, {tuned['epochs']} epoch{'s' * (tuned['epochs'] != 1)})", "",

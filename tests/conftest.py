@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -74,3 +75,27 @@ def quick_study(shared, tmp_path):
     config.data.test_images = 1000
     config.finetune.mode = "none"  # tests that fine-tune turn it back on, shrunk
     return config
+
+
+@pytest.fixture
+def second_epoch_interrupted(monkeypatch):
+    """A context: a fine-tune run inside it stops with KeyboardInterrupt as its second epoch starts."""
+    from oaq_search import finetuning
+
+    real_epoch = finetuning._train_epoch
+
+    def epoch(*args, **kwargs):
+        if args[6] == 1:  # the epoch index
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def interrupted():
+        monkeypatch.setattr(finetuning, "_train_epoch", epoch)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(finetuning, "_train_epoch", real_epoch)
+
+    return interrupted

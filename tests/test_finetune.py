@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from oaq_search import finetuning
 from oaq_search.activations import ActivationQuantizer
 from oaq_search.cli import main
 from oaq_search.config import FinetuneConfig
 from oaq_search.data import load_cifar10
 from oaq_search.errors import UserError
 from oaq_search.fake_quant import quantized_layers
-from oaq_search.finetuning import distillation_loss, finetune, training_device, training_images
+from oaq_search.devices import training_device
+from oaq_search.finetuning import distillation_loss, finetune, training_images
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.plan import LayerPlan, Plan
 from oaq_search.planning import PlanFactory
@@ -71,22 +71,12 @@ def test_qat_trains_weights_and_writes_a_plain_checkpoint(resnet20, tmp_path):
     assert json.loads(result.files["plan"].read_text())["metadata"]["finetune"]["mode"] == "qat"
 
 
-def test_interrupted_finetune_resumes_to_the_same_result(resnet20, tmp_path, monkeypatch):
+def test_interrupted_finetune_resumes_to_the_same_result(resnet20, tmp_path, second_epoch_interrupted):
     model, plan, splits = resnet20
     config = FinetuneConfig(mode="scale", **TINY)
     straight = finetune(model, plan, splits, config, tmp_path / "straight", progress=False)
-
-    real_epoch = finetuning._train_epoch
-
-    def interrupted_in_second_epoch(*args, **kwargs):
-        if args[6] == 1:  # the epoch index
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(finetuning, "_train_epoch", interrupted_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with second_epoch_interrupted():
         finetune(model, plan, splits, config, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(finetuning, "_train_epoch", real_epoch)
     resumed = finetune(model, plan, splits, config, tmp_path / "resumed", progress=False)
     learned = ("loss", "train_accuracy", "search_accuracy")
     for resumed_epoch, straight_epoch in zip(resumed.history, straight.history):  # epoch 1 loaded, epoch 2 re-run

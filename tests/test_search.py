@@ -192,12 +192,15 @@ def test_run_writes_a_report_whose_numbers_are_the_plans(config, tmp_path):
 
     config.search.n_trials = 5
     config.finetune.mode, config.finetune.epochs, config.finetune.images_per_epoch = "scale", 1, 64
+    config.ptq.reconstruct, config.ptq.iterations, config.ptq.images = True, 10, 64  # reconstructed, then fine-tuned
     result = run_study(config, progress=False)
     page = result.report_path.read_text()
     plan, tuned = Plan.load(result.plan_path), result.finetuned.plan
-    for accuracy in (plan.metadata["fp_test_accuracy"], plan.metadata["test_accuracy"],
-                     tuned.metadata["finetune"]["test_accuracy"]):
+    for accuracy in (plan.metadata["fp_test_accuracy"], plan.metadata["nearest_test_accuracy"],
+                     plan.metadata["test_accuracy"], tuned.metadata["finetune"]["test_accuracy"]):
         assert f"<td>{accuracy:.2f} %</td>" in page
+    assert plan.metadata["reconstruction"]["iterations"] == 10 and "reconstruction" in tuned.metadata
+    assert tuned.metadata["finetune"]["ptq_test_accuracy"] == plan.metadata["test_accuracy"]
     assert f"{plan.metadata['search_score']:.2f} %" in page
     assert all(f"<td>W{bits}</td>" in page for bits in config.search.weight_bits)  # the uniform references
     config.data.root, config.model.checkpoint = str(tmp_path / "gone"), str(tmp_path / "gone.pt")

@@ -1,0 +1,126 @@
+"""Post-training quantization rounded to nearest vs block reconstruction (AdaRound rounding, QDrop).
+
+For each model and plan: post-training quantization (500 search-split calibration images, BatchNorm
+corrected), then reconstruction on the search split's first `--images` images with the study
+defaults (`[ptq]`), both scored on the whole test split as change against the checkpoint's own full
+precision; optionally followed by fine-tuning (`--finetune-epochs`, `--finetune-mode`) of the reconstructed model.
+Plans: `W3A8` (uniform OAQ), `vanilla:W3A8` (max-range, no outlier handling), `search:3.0` (the
+search's plan at 3 average weight bits, 8-bit activations, as benchmarks/deploy_onnx.py makes it).
+
+    python benchmarks/reconstruction.py --models resnet20 --plans W3A8 W2A8 W4A4 vanilla:W3A8 search:3.0 search:2.5
+    python benchmarks/reconstruction.py --models resnet20 --plans W4A4 --finetune-epochs 1 3 --tag w4a4_finetune
+    python benchmarks/reconstruction.py --plans search:2.4:A4 --search-cost-model memory-base3 --tag resnet20_2.4bits
+    python benchmarks/reconstruction.py --models resnet56 --plans W3A8 W2A8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+import torch
+from _common import SHARED, checkpoint, write_results
+from search_quality import budget_bytes
+
+import hwmodels
+import oaq_search as oaq
+from oaq_search.config import FinetuneConfig, PtqConfig
+from oaq_search.data import load_cifar10
+from oaq_search.evaluate import accuracy
+from oaq_search.finetuning import finetune
+from oaq_search.pipeline import layer_graph, load_model
+from oaq_search.planning import PlanFactory
+from oaq_search.ptq import CALIBRATION_IMAGES, post_training_quantize
+from oaq_search.reconstruction import reconstruct
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20"])
+    parser.add_argument("--plans", nargs="+", default=["W3A8", "W2A8", "W4A4", "vanilla:W3A8", "search:3.0",
+                                                       "search:2.5"])
+    parser.add_argument("--iterations", type=int, default=PtqConfig.iterations, help="steps per block")
+    parser.add_argument("--images", type=int, default=PtqConfig.images)
+    parser.add_argument("--finetune-epochs", type=int, nargs="*", default=[], help="fine-tune after reconstruction")
+    parser.add_argument("--finetune-mode", choices=("scale", "qat"), default="scale")
+    parser.add_argument("--search-trials", type=int, default=32)
+    parser.add_argument("--search-cost-model", default="memory", help="memory-base3: ternary layers packed five a byte")
+    parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
+    parser.add_argument("--tag", help="results file suffix (default: the models)")
+    args = parser.parse_args()
+    splits = load_cifar10(args.data_root)
+    config = PtqConfig(reconstruct=True, iterations=args.iterations, images=args.images)
+    calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
+    rows, cost_model = [], hwmodels.get_cost_model(args.search_cost_model)  # sizes as the search counts them
+    for name in args.models:
+        model = load_model(name, checkpoint(name))
+        graph = layer_graph(name, model)
+        fp = accuracy(model, splits.test, progress=False)
+        print(f"{name}: full precision {fp:.2f} %", flush=True)
+        for label in args.plans:
+            plan = _plan(label, name, model, graph, splits, calibration, args)
+            nearest = post_training_quantize(model, plan, splits.search)
+            row = {"model": name, "plan": label, "weight_kib": round(cost_model.evaluate(graph, plan).totals[
+                "weight_bytes"] / 1024, 1), "fp": fp, "nearest": accuracy(nearest, splits.test, progress=False) - fp}
+            started = time.perf_counter()
+            reconstructed = reconstruct(copy.deepcopy(nearest), model, next(splits.search.batches(config.images))[0],
+                                        config, progress=False)
+            row["seconds"] = time.perf_counter() - started
+            row["reconstructed"] = accuracy(reconstructed, splits.test, progress=False) - fp
+            for epochs in args.finetune_epochs:
+                row[f"finetune_{epochs}"], row[f"finetune_{epochs}_seconds"] = _finetuned(
+                    model, plan, splits, reconstructed, FinetuneConfig(mode=args.finetune_mode, epochs=epochs), fp)
+            print(_line(row, args), flush=True)
+            rows.append(row)
+    _write(rows, args, config)
+
+
+def _plan(label: str, name: str, model, graph, splits, calibration, args):
+    """A plan from its label: [vanilla:]W<bits>A<bits>, or search:<average weight bits>[:A<bits>] (default A8)."""
+    if label.startswith("search:"):
+        _, bits, *activation = label.split(":")
+        budget = f"{budget_bytes(name, float(bits)) / 1024:.1f}KiB"
+        return oaq.search(model, list(splits.search.batches(500)), budget={"memory": budget}, n_trials=args.search_trials,
+                          seed=0, activation_bits=int(activation[0][1:]) if activation else 8, name=f"{name}-{label}",
+                          cost_model=args.search_cost_model, progress=False).plan
+    method, _, setting = label.rpartition(":")
+    weight_bits, activation_bits = setting[1:].split("A")
+    return PlanFactory(name, model, graph, method or "oaq", "uniform", False, calibration).uniform(
+        int(weight_bits), int(activation_bits))
+
+
+def _finetuned(model, plan, splits, reconstructed, config: FinetuneConfig, fp: float) -> tuple[float, float]:
+    """Test change after fine-tuning started from the reconstructed model, and its seconds."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = finetune(model, plan, splits, config, folder, progress=False, quantized=reconstructed)
+    return accuracy(result.model, splits.test, progress=False) - fp, result.seconds
+
+
+def _line(row: dict, args) -> str:
+    tuned = "".join(f", +{e} epoch{'s' * (e > 1)} {args.finetune_mode} {row[f'finetune_{e}']:+.2f}"
+                    for e in args.finetune_epochs)
+    return (f"  {row['plan']:14} {row['weight_kib']:6.1f} KiB: nearest {row['nearest']:+.2f}, reconstructed "
+            f"{row['reconstructed']:+.2f} ({row['seconds']:.0f} s){tuned}")
+
+
+def _write(rows: list[dict], args, config: PtqConfig) -> None:
+    tuned = "".join(f" | + {e} epoch{'s' * (e > 1)} {args.finetune_mode} fine-tune" for e in args.finetune_epochs)
+    lines = [f"Test split (10,000 images), change vs each checkpoint's full precision; reconstruction with "
+             f"{config.iterations} steps per block on {config.images} search-split images, {torch.get_num_threads()} "
+             f"threads.", "",
+             f"| model | plan | weights (KiB) | rounded to nearest | reconstructed | reconstruction time{tuned} |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(args.finetune_epochs)]
+    for row in rows:
+        cells = "".join(f" | {row[f'finetune_{e}']:+.2f} ({row[f'finetune_{e}_seconds']:.0f} s)"
+                        for e in args.finetune_epochs)
+        lines.append(f"| {row['model']} (FP {row['fp']:.2f}) | {row['plan']} | {row['weight_kib']} | "
+                     f"{row['nearest']:+.2f} | {row['reconstructed']:+.2f} | {row['seconds']:.0f} s{cells} |")
+    path = write_results(f"reconstruction_{args.tag or '_'.join(args.models)}", rows, "\n".join(lines),
+                         {"reconstruction": vars(config)})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
