@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 import optuna
+import torch
 from torch import nn
 
 import hwmodels
@@ -35,6 +36,7 @@ from .objective import (Objective, Scorer, allocation_problem, best_trial, check
 from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
 from .ptq import CALIBRATION_IMAGES, post_training_quantize, reconstructed_plan, requantize
+from .prefix import PrefixCache
 from .pruning import ScreeningPruner
 from .progress import bar, note, silenced, stage
 from .queue import FINISHED, fill_queue, work
@@ -116,7 +118,7 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
         def quantized(choice: list[int]) -> nn.Module:
             return requantize(trial_model, factory.from_settings(space.layer_settings(choice)), calibration, corrector)
 
-        problem.sensitivity = _measured_sensitivity(quantized, [len(s) for s in space.settings], model, splits.search,
+        problem.sensitivity = _measured_sensitivity(quantized, space, model, splits.search, calibration,
                                                     search.measured_sensitivity_images,
                                                     {**_measured_key(search, space), "model": identity["model"]},
                                                     progress)
@@ -175,13 +177,19 @@ def _measured_key(search: SearchConfig, space: SearchSpace) -> dict:
             "measured_sensitivity_images": search.measured_sensitivity_images}
 
 
-def _measured_sensitivity(quantized: Callable[[list[int]], nn.Module], counts: list[int], model: nn.Module,
-                          search_split: ImageSplit, images: int, settings: dict, progress: bool | None) -> np.ndarray:
+def _measured_sensitivity(quantized: Callable[[list[int]], nn.Module], space: SearchSpace, model: nn.Module,
+                          search_split: ImageSplit, calibration: torch.Tensor, images: int, settings: dict,
+                          progress: bool | None) -> np.ndarray:
     """Per group and setting, the output KL with only that group quantized, on the search split's last
-    `images` (cached on disk by `settings`, the data and the weights)."""
+    `images` (cached on disk by `settings`, the data and the weights); each move computed from its
+    group's first block on when the blocks' outputs on these and the calibration images fit in memory."""
     probe = next(search_split.last(images).batches(images))[0]
+    prefix = PrefixCache(model, probe[:1], (nn.Conv2d, nn.Linear))
+    if not prefix.fits(model, probe, images + len(calibration)):
+        prefix = None
     return cached_group_sensitivity({**settings, "search split": search_split.fingerprint()}, model,
-                                    lambda: measure_group_sensitivity(quantized, counts, model, probe, progress))
+                                    lambda: measure_group_sensitivity(quantized, [len(s) for s in space.settings], model,
+                                                                      probe, progress, prefix, space.groups))
 
 
 def open_study(engine: Engine, create: bool, worker_index: int = 0,

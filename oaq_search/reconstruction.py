@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from . import grids
+from .blocks import find_blocks
 from .config import PtqConfig
 from .devices import training_device
 from .fake_quant import QuantizedLayer, quantized_layers
 from .oaq import normalized_grid_input
 from .progress import bar
 
-MAX_UNIT_LAYERS = 4  # a module with more quantized layers is split into its children (a stage, a whole model)
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2  # the rounding regularizer's annealing and its delay (share of steps)
 
@@ -68,7 +68,7 @@ def reconstruct(quantized: nn.Module, fp_model: nn.Module, images: torch.Tensor,
     returns it in eval mode."""
     config = config or PtqConfig()
     device = training_device(config.device)
-    units = reconstruction_units(quantized, images[:1])
+    units = find_blocks(quantized, images[:1], QuantizedLayer)
     _restore_outer_batchnorms(quantized, fp_model, units)
     quantized.eval().requires_grad_(False).to(device)
     fp_model = fp_model.eval().to(device)
@@ -84,46 +84,6 @@ def reconstruct(quantized: nn.Module, fp_model: nn.Module, images: torch.Tensor,
         quantized.to("cpu")
         fp_model.to("cpu")
     return quantized
-
-
-def reconstruction_units(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Qualified names of the modules reconstructed one at a time, in execution order: blocks of at most
-    MAX_UNIT_LAYERS quantized layers that run once with one tensor in and out (found on `example`),
-    else their children, down to single layers. A layer that runs more than once is left as it is."""
-    calls: dict[str, list] = {}
-
-    def record(name):
-        def hook(_module, args, kwargs, output):
-            simple = len(args) == 1 and not kwargs and torch.is_tensor(args[0]) and torch.is_tensor(output)
-            calls.setdefault(name, []).append(simple)
-        return hook
-
-    layer_counts = {name: sum(1 for _ in quantized_layers(module)) for name, module in model.named_modules()}
-    handles = [module.register_forward_hook(record(name), with_kwargs=True)
-               for name, module in model.named_modules() if name and layer_counts[name]]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    def visit(name: str, module: nn.Module) -> list[str]:
-        usable = calls.get(name) == [True]
-        if isinstance(module, QuantizedLayer):
-            return [name] if usable else []
-        container = isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) or not name
-        if usable and not container and layer_counts[name] <= MAX_UNIT_LAYERS:
-            return [name]
-        return [unit for child, submodule in module.named_children() if layer_counts[_join(name, child)]
-                for unit in visit(_join(name, child), submodule)]
-
-    order = list(calls)
-    return sorted(visit("", model), key=order.index)
-
-
-def _join(parent: str, child: str) -> str:
-    return f"{parent}.{child}" if parent else child
 
 
 def _restore_outer_batchnorms(quantized: nn.Module, fp_model: nn.Module, units: list[str]) -> None:

@@ -25,7 +25,8 @@ from oaq_search.plan import Plan
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import post_training_quantize, reconstructed_plan
-from oaq_search.reconstruction import SoftRounding, reconstruct, reconstruction_units
+from oaq_search.blocks import find_blocks
+from oaq_search.reconstruction import SoftRounding, reconstruct
 from oaq_search.runtime import agreement, onnx_logits
 
 
@@ -70,7 +71,7 @@ def test_units_are_blocks_in_execution_order_and_layers_that_run_twice_are_left_
     model = load_model("resnet20", shared / "models" / "resnet20_cifar10jpeg.pt")
     plan = PlanFactory("resnet20", model, layer_graph("resnet20", model), "oaq", "uniform", False).uniform(4)
     quantized = quantize_(copy.deepcopy(model), plan)
-    units = reconstruction_units(quantized, torch.zeros(1, 3, 32, 32))
+    units = find_blocks(quantized, torch.zeros(1, 3, 32, 32), QuantizedLayer)
     assert units == ["conv1"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["linear"]
 
     tangled = nn.Sequential(nn.Conv2d(3, 4, 1), _Shared(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
@@ -81,7 +82,8 @@ def test_units_are_blocks_in_execution_order_and_layers_that_run_twice_are_left_
         wrapper.refresh()
         parent, _, child = name.rpartition(".")
         setattr(tangled.get_submodule(parent) if parent else tangled, child, wrapper)
-    assert reconstruction_units(tangled, torch.zeros(1, 3, 8, 8)) == ["0", "1", "3"]
+    assert find_blocks(tangled, torch.zeros(1, 3, 8, 8), QuantizedLayer) == ["0", "1", "3"]
+    assert find_blocks(model, torch.zeros(1, 3, 32, 32), (nn.Conv2d, nn.Linear)) == units  # the same, unwrapped
 
 
 @pytest.fixture(scope="module")

@@ -109,3 +109,41 @@ def test_sensitivity_command_writes_table_csv_and_heatmap(tmp_path, capsys):
     table = SensitivityTable.load(tmp_path / "sensitivity.json")
     assert set(table.scores) == {"ssim_weight", "mse"} and set(table.scores["mse"]) == {"vanilla", "oaq"}
     assert np.array(table.scores["mse"]["oaq"]).shape == (20, 7)
+
+
+@pytest.mark.shared
+def test_measuring_each_move_from_its_groups_first_block_gives_the_same_scores(shared):
+    import copy
+
+    from oaq_search.bn_correction import BatchNormCorrector
+    from oaq_search.data import load_cifar10
+    from oaq_search.planning import PlanFactory, uniform_activation_bits
+    from oaq_search.prefix import PrefixCache
+    from oaq_search.ptq import requantize
+    from oaq_search.sensitivity.measured import measure_group_sensitivity
+
+    model = load_model("resnet20", shared / "models" / "resnet20_cifar10jpeg.pt")
+    graph = layer_graph("resnet20", model)
+    splits = load_cifar10(shared / "data" / "cifar10")
+    calibration, probe = next(splits.search.batches(100))[0], next(splits.search.last(64).batches(64))[0]
+    factory = PlanFactory("resnet20", model, graph, "oaq", "uniform", False)
+    groups = graph.tie_groups()
+    counts = [2 if index % 3 == 1 else 1 for index in range(len(groups))]  # moves early, middle and late
+    trial, corrector = copy.deepcopy(model), BatchNormCorrector(model, calibration)
+    activations = uniform_activation_bits(graph, 8, 8)
+
+    def quantize(choice):  # a group's last index is its widest, 8 bits; the other 2
+        weights = {name: 8 if index == count - 1 else 2 for group, index, count in zip(groups, choice, counts)
+                   for name in group}
+        return requantize(trial, factory(weights, activations), calibration, corrector)
+
+    quantize([count - 1 for count in counts])
+    runs = []
+    trial.layer1[0].conv1.register_forward_pre_hook(lambda *_: runs.append(1))
+    full = measure_group_sensitivity(quantize, counts, model, probe, progress=False)
+    full_runs, runs[:] = len(runs), []
+    prefix = PrefixCache(model, probe[:1], (torch.nn.Conv2d, torch.nn.Linear))
+    assert prefix.fits(model, probe, len(probe) + len(calibration))
+    reused = measure_group_sensitivity(quantize, counts, model, probe, False, prefix, groups)
+    assert np.isfinite(full).sum() > 5 and np.allclose(reused, full, rtol=1e-5, atol=1e-8)
+    assert len(runs) < full_runs / 2  # most moves start past layer1.0

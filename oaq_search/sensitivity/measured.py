@@ -11,6 +11,7 @@ Measured on ResNet-20 at the 3-bit budget: its integer-program seed scores 86.06
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 from ..evaluate import BATCH_SIZE
 from ..files import write_text_atomically
 from ..layout import fast_layout
+from ..prefix import PrefixCache
 from ..progress import bar
 from . import cache_file
 
@@ -34,21 +36,27 @@ Quantize = Callable[[list[int]], nn.Module]  # one candidate index per group -> 
 
 
 def measure_group_sensitivity(quantize: Quantize, candidate_counts: list[int], reference: nn.Module,
-                              images: torch.Tensor, progress: bool | None = None) -> np.ndarray:
+                              images: torch.Tensor, progress: bool | None = None, prefix: PrefixCache | None = None,
+                              group_layers: list[list[str]] | None = None) -> np.ndarray:
     """scores[g][k]: KL(full precision || group g at candidate k, the rest widest); inf past a group's list.
 
-    A group at its widest is the all-widest plan, measured once."""
+    A group at its widest is the all-widest plan, measured once. With `prefix` (and each group's layer
+    names), a move computes only from its group's first block on: the blocks before it compute what the
+    all-widest plan did, recorded once (the scores are the same)."""
     target = _log_probabilities(reference, images)
     widest = [count - 1 for count in candidate_counts]
     scores = np.full((len(candidate_counts), max(candidate_counts)), np.inf)
     moves = [(group, index) for group, count in enumerate(candidate_counts) for index in range(count - 1)]
     with bar(len(moves) + 1, "measure sensitivity (each group at each setting)", progress) as counter:
-        baseline = _divergence(quantize(widest), images, target)
+        model = quantize(widest)
+        with prefix.record(model) if prefix else contextlib.nullcontext():
+            baseline = _divergence(quantize(widest) if prefix else model, images, target)
         counter.update(1)
         for group, index in moves:
             choice = list(widest)
             choice[group] = index
-            scores[group][index] = _divergence(quantize(choice), images, target)
+            with prefix.skip(model, set(group_layers[group])) if prefix else contextlib.nullcontext():
+                scores[group][index] = _divergence(quantize(choice), images, target)
             counter.update(1)
     for group, last in enumerate(widest):
         scores[group][last] = baseline
