@@ -7,6 +7,7 @@ again with a new study (warm: sensitivity measurements reused). Stage times are 
 `git worktree` of the commit before a change) in the same session, so a speed-up is a ratio in one run.
 
     python benchmarks/search_cost.py --models resnet20 resnet56 --source before=/tmp/before now=.
+    python benchmarks/search_cost.py --models resnet56 --caches cold --source before=/tmp/before now=. --tag r56
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--source", nargs="+", default=[f"now={REPOSITORY}"],
                         help="label=checkout folder whose oaq_search runs (default: this one)")
+    parser.add_argument("--caches", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
+                        help="warm runs after a cold one in the same cache folder")
+    parser.add_argument("--tag", help="results file name after search_cost_ (default: the models)")
     args = parser.parse_args()
     sources = dict(item.split("=", 1) for item in args.source)
     rows = []
     for model in args.models:
         for label, folder in sources.items():
             with tempfile.TemporaryDirectory() as scratch:
-                for state in ("cold", "warm"):
+                for state in args.caches:
                     rows.append({"model": model, "code": label, "cache": state,
                                  **_run(model, Path(folder).resolve(), Path(scratch), state, args)})
                     print(rows[-1], flush=True)
@@ -79,7 +83,7 @@ def _write(rows: list[dict], args) -> None:
                  "fine-tune; stage seconds from the run's plan, wall time of the whole process (imports, data).")
     text = "\n".join(table)
     print(text)
-    print(f"written to {write_results('search_cost_' + '_'.join(args.models), rows, text)}")
+    print(f"written to {write_results('search_cost_' + (args.tag or '_'.join(args.models)), rows, text)}")
 
 
 if __name__ == "__main__":

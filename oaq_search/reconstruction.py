@@ -1,10 +1,10 @@
 """Block reconstruction: post-training quantization that holds at 2-3 bits (BRECQ and QDrop, with
 AdaRound's learned rounding), kept inside OAQ's quantizer.
 
-Unit by unit in execution order (a residual block, or a layer outside any block), each weight's
-rounding, down or up to the grid levels around it, and each input's quantization range are learned
-so the unit's output on calibration images matches full precision's. The unit is fed what the
-already reconstructed units before it compute, and while it learns, each activation value passes
+Block by block in execution order (a residual block, or a layer outside any block: `blocks`), each
+weight's rounding, down or up to the grid levels around it, and each input's quantization range are
+learned so the block's output on calibration images matches full precision's. The block is fed what the
+already reconstructed blocks before it compute, and while it learns, each activation value passes
 unquantized with probability `drop_probability` (QDrop), which makes the fit hold on new images.
 OAQ's s and T, the weights and BatchNorm stay as post-training quantization left them; the result
 is a 0/1 `round_up` per weight (packed and exported as codes) and the learned ranges.
@@ -68,15 +68,15 @@ def reconstruct(quantized: nn.Module, fp_model: nn.Module, images: torch.Tensor,
     returns it in eval mode."""
     config = config or PtqConfig()
     device = training_device(config.device)
-    units = find_blocks(quantized, images[:1], QuantizedLayer)
-    _restore_outer_batchnorms(quantized, fp_model, units)
+    blocks = find_blocks(quantized, images[:1], QuantizedLayer)
+    _restore_outer_batchnorms(quantized, fp_model, blocks)
     quantized.eval().requires_grad_(False).to(device)
     fp_model = fp_model.eval().to(device)
     images = images.to(device)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed)
-            for name in bar(len(units), "reconstruct", progress, iterable=units):
+            for name in bar(len(blocks), "reconstruct", progress, iterable=blocks):
                 inputs = _captured(quantized, name, images, output=False)
                 targets = _captured(fp_model, name, images, output=True)
                 _fit(quantized.get_submodule(name), inputs, targets, config)
@@ -86,19 +86,19 @@ def reconstruct(quantized: nn.Module, fp_model: nn.Module, images: torch.Tensor,
     return quantized
 
 
-def _restore_outer_batchnorms(quantized: nn.Module, fp_model: nn.Module, units: list[str]) -> None:
-    """BatchNorms outside every unit get full precision's statistics back: the units before them are fitted
+def _restore_outer_batchnorms(quantized: nn.Module, fp_model: nn.Module, blocks: list[str]) -> None:
+    """BatchNorms outside every block get full precision's statistics back: the blocks before them are fitted
     to full precision's outputs, so BatchNorm correction's shift for rounding to nearest no longer applies."""
     fp_modules = dict(fp_model.named_modules())
     for name, module in quantized.named_modules():
-        inside = any(name.startswith(unit + ".") for unit in units)
+        inside = any(name.startswith(block + ".") for block in blocks)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not inside and name in fp_modules:
             module.running_mean.copy_(fp_modules[name].running_mean)
             module.running_var.copy_(fp_modules[name].running_var)
 
 
 class _Captured(Exception):
-    """Stops a forward pass once the unit's tensor is captured: nothing after it is needed."""
+    """Stops a forward pass once the block's tensor is captured: nothing after it is needed."""
 
 
 def _captured(model: nn.Module, name: str, images: torch.Tensor, output: bool, batch_size: int = 256) -> torch.Tensor:
@@ -122,30 +122,30 @@ def _captured(model: nn.Module, name: str, images: torch.Tensor, output: bool, b
     return torch.cat(found)
 
 
-def _fit(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: PtqConfig) -> None:
-    """Learn `unit`'s roundings and input ranges so that unit(inputs) matches `targets` (squared error
+def _fit(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, config: PtqConfig) -> None:
+    """Learn `block`'s roundings and input ranges so that block(inputs) matches `targets` (squared error
     summed over channels), then fix them: hard roundings, ranges frozen, no dropping. Where the result
-    fits the calibration images worse than what the unit had (too few steps), the unit keeps that."""
-    layers = [unit] if isinstance(unit, QuantizedLayer) else list(quantized_layers(unit))
+    fits the calibration images worse than what the block had (too few steps), the block keeps that."""
+    layers = [block] if isinstance(block, QuantizedLayer) else list(quantized_layers(block))
     quantizers = [layer.input_quantizer for layer in layers if layer.input_quantizer is not None]
-    before = {name: value.clone() for name, value in unit.state_dict().items()}
-    error_before = _error(unit, inputs, targets)
-    _learn(unit, layers, quantizers, inputs, targets, config)
-    if _error(unit, inputs, targets) > error_before:
+    before = {name: value.clone() for name, value in block.state_dict().items()}
+    error_before = _error(block, inputs, targets)
+    _learn(block, layers, quantizers, inputs, targets, config)
+    if _error(block, inputs, targets) > error_before:
         for layer in layers:
             layer.round_up = None
-        unit.load_state_dict(before)
+        block.load_state_dict(before)
         for layer in layers:
             layer.refresh()
 
 
-def _error(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 256) -> float:
+def _error(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 256) -> float:
     with torch.no_grad():
-        return sum(float((unit(x) - y).pow(2).sum(1).sum()) for x, y in zip(inputs.split(batch_size),
+        return sum(float((block(x) - y).pow(2).sum(1).sum()) for x, y in zip(inputs.split(batch_size),
                                                                            targets.split(batch_size)))
 
 
-def _learn(unit: nn.Module, layers: list[QuantizedLayer], quantizers: list, inputs: torch.Tensor, targets: torch.Tensor,
+def _learn(block: nn.Module, layers: list[QuantizedLayer], quantizers: list, inputs: torch.Tensor, targets: torch.Tensor,
            config: PtqConfig) -> None:
     """The optimization itself: soft roundings and ranges by Adam, the rounding regularizer annealed."""
     if config.learn_rounding:
@@ -167,7 +167,7 @@ def _learn(unit: nn.Module, layers: list[QuantizedLayer], quantizers: list, inpu
         with torch.enable_grad():
             for step in range(config.iterations):
                 index = torch.randint(len(inputs), (config.batch_size,), device=inputs.device)
-                loss = (unit(inputs[index]) - targets[index]).pow(2).sum(1).mean()
+                loss = (block(inputs[index]) - targets[index]).pow(2).sum(1).mean()
                 if roundings and step >= warmup:
                     decay = 1 - (step - warmup) / max(config.iterations - warmup, 1)
                     beta = BETA_END + (BETA_START - BETA_END) * decay
