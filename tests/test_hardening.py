@@ -18,7 +18,7 @@ from oaq_search.cli import main
 from oaq_search.config import dump_study_config, load_study_config, validate
 from oaq_search.data import BATCH_FOLDER, TEST_FILE, load_cifar10
 from oaq_search.errors import UserError
-from oaq_search.finetuning import _resume
+from oaq_search.finetuning import _saved_state
 from oaq_search.pipeline import layer_graph, load_model, run_study
 from oaq_search.plan import LayerPlan, Plan
 from oaq_search.planning import PlanFactory
@@ -161,7 +161,7 @@ def test_a_malicious_finetune_state_is_refused_in_one_line(tmp_path):
     marker = tmp_path / "ran"
     (tmp_path / "state.pt").write_bytes(pickle.dumps(PlantedCommand(marker)))
     with pytest.raises(UserError, match="fine-tune state .*state.pt cannot be read"):
-        _resume(tmp_path / "state.pt", "fingerprint", None, [], [])
+        _saved_state(tmp_path / "state.pt", "fingerprint")
     assert not marker.exists()
 
 
