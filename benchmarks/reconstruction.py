@@ -32,8 +32,7 @@ from oaq_search.evaluate import accuracy
 from oaq_search.finetuning import finetune
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.planning import PlanFactory
-from oaq_search.ptq import CALIBRATION_IMAGES, post_training_quantize
-from oaq_search.reconstruction import reconstruct
+from oaq_search.ptq import CALIBRATION_IMAGES, post_training_quantize, reconstruct_plan
 
 
 def main() -> None:
@@ -65,8 +64,8 @@ def main() -> None:
             row = {"model": name, "plan": label, "weight_kib": round(cost_model.evaluate(graph, plan).totals[
                 "weight_bytes"] / 1024, 1), "fp": fp, "nearest": accuracy(nearest, splits.test, progress=False) - fp}
             started = time.perf_counter()
-            reconstructed = reconstruct(copy.deepcopy(nearest), model, next(splits.search.batches(config.images))[0],
-                                        config, progress=False)
+            reconstructed = copy.deepcopy(nearest)
+            reconstruct_plan(reconstructed, model, plan, splits.search, config, progress=False)
             row["seconds"] = time.perf_counter() - started
             row["reconstructed"] = accuracy(reconstructed, splits.test, progress=False) - fp
             for epochs in args.finetune_epochs:

@@ -25,8 +25,7 @@ from .pipeline import (create_study, export_plans, finetune_and_test, layer_grap
 from .plan import Plan
 from .planning import PlanFactory
 from .progress import note
-from .ptq import CALIBRATION_IMAGES, post_training_quantize, reconstructed_plan
-from .reconstruction import reconstruct
+from .ptq import CALIBRATION_IMAGES, post_training_quantize, reconstruct_plan
 from .sensitivity import DEFAULT_METRICS, compute_sensitivity, get_metric
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own summary and progress bar say enough
@@ -134,11 +133,8 @@ def finetune(args: argparse.Namespace) -> int:
     plan.check_against(layer_graph(model_name, model), model_name)
     data = study.data if study else DataConfig()
     splits = load_cifar10(args.data_root or data.root, data.search_size)
-    ptq = _ptq_config(args, study.ptq if study else PtqConfig())
-    # reconstructed once here, for both the fine-tune's start and the post-training score
-    start = post_training_quantize(model, plan, splits.search, reconstruction=ptq) if ptq.reconstruct else None
-    result = finetune_and_test(model, plan, splits, config, args.out, args.test_images, reconstruction=ptq,
-                               quantized=start)
+    result = finetune_and_test(model, plan, splits, config, args.out, args.test_images,
+                               reconstruction=_ptq_config(args, study.ptq if study else PtqConfig()))
     _print_finetune(result)
     return 0
 
@@ -175,8 +171,7 @@ def quantize(args: argparse.Namespace) -> int:
         note("this plan was reconstructed: its learned rounding is in the packed model written with it; rounding to "
              "nearest here (pass --reconstruct to learn the rounding again)")
     if ptq.reconstruct:
-        reconstruct(quantized, model, next(splits.search.batches(ptq.images))[0], ptq)
-        plan, nearest = reconstructed_plan(quantized, plan, ptq), f"; rounded to nearest {ours:.2f} %"
+        plan, nearest = reconstruct_plan(quantized, model, plan, splits.search, ptq), f"; rounded to nearest {ours:.2f} %"
         ours = accuracy(quantized, split, batch_size)
     size = MemoryModel().evaluate(graph, plan).totals["weight_bytes"]
     print(f"{args.model} on {len(split)} {args.split} images: full precision {fp:.2f} %, quantized {ours:.2f} % "

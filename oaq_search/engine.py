@@ -35,12 +35,11 @@ from .objective import (Objective, Scorer, allocation_problem, best_trial, check
                         incumbent_params)
 from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
-from .ptq import CALIBRATION_IMAGES, post_training_quantize, reconstructed_plan, requantize
+from .ptq import CALIBRATION_IMAGES, post_training_quantize, reconstruct_plan, requantize
 from .prefix import PrefixCache
 from .pruning import ScreeningPruner
 from .progress import bar, note, silenced, stage
 from .queue import FINISHED, fill_queue, work
-from .reconstruction import reconstruct
 from .samplers import make_sampler
 from .schema import to_dict
 from .seeds import SEEDS
@@ -184,12 +183,14 @@ def _measured_sensitivity(quantized: Callable[[list[int]], nn.Module], space: Se
     `images` (cached on disk by `settings`, the data and the weights); each move computed from its
     group's first block on when the blocks' outputs on these and the calibration images fit in memory."""
     probe = next(search_split.last(images).batches(images))[0]
-    prefix = PrefixCache(model, probe[:1], (nn.Conv2d, nn.Linear))
-    if not prefix.fits(model, probe, images + len(calibration)):
-        prefix = None
-    return cached_group_sensitivity({**settings, "search split": search_split.fingerprint()}, model,
-                                    lambda: measure_group_sensitivity(quantized, [len(s) for s in space.settings], model,
-                                                                      probe, progress, prefix, space.groups))
+
+    def measure() -> np.ndarray:  # only when the measurement is not cached
+        prefix = PrefixCache(model, probe[:1], (nn.Conv2d, nn.Linear))
+        return measure_group_sensitivity(quantized, [len(s) for s in space.settings], model, probe, progress,
+                                         prefix if prefix.fits(model, probe, images + len(calibration)) else None,
+                                         space.groups)
+
+    return cached_group_sensitivity({**settings, "search split": search_split.fingerprint()}, model, measure)
 
 
 def open_study(engine: Engine, create: bool, worker_index: int = 0,
@@ -286,8 +287,7 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None,
         engine.seconds["test"] = time.perf_counter() - started
     if ptq is not None and ptq.reconstruct:
         started = time.perf_counter()
-        reconstruct(quantized, engine.model, next(engine.splits.search.batches(ptq.images))[0], ptq, engine.progress)
-        plan = reconstructed_plan(quantized, plan, ptq)
+        plan = reconstruct_plan(quantized, engine.model, plan, engine.splits.search, ptq, engine.progress)
         engine.seconds["reconstruction"] = time.perf_counter() - started
         if test is not None:
             plan.metadata.update({"nearest_test_accuracy": plan.metadata["test_accuracy"],

@@ -183,13 +183,15 @@ def finetune_and_test(model: nn.Module, plan: Plan, splits: Splits, config: Fine
     `reconstruction` says so), then score full precision, post-training and fine-tuned on the test split.
 
     The three accuracies go into the result's `scores` and the fine-tuned plan's metadata; the first
-    two are taken from the plan when `finish` already scored it on the same test images."""
-    result = finetune(model, plan, splits, config, output_dir, progress, reconstruction, quantized)
+    two are taken from the plan when `finish` already scored it on the same test images. The
+    post-training model is made once, for both the fine-tune's start and its score."""
     test_split = splits.test.subset(test_images or len(splits.test))
     scored = plan.metadata.get("test_images") == len(test_split)
-    fp = plan.metadata["fp_test_accuracy"] if scored else accuracy(model, test_split, progress=progress)
-    if not scored and quantized is None:
+    reconstructing = reconstruction is not None and reconstruction.reconstruct
+    if quantized is None and (reconstructing or not scored):
         quantized = post_training_quantize(model, plan, splits.search, reconstruction=reconstruction, progress=progress)
+    result = finetune(model, plan, splits, config, output_dir, progress, reconstruction, quantized)
+    fp = plan.metadata["fp_test_accuracy"] if scored else accuracy(model, test_split, progress=progress)
     ptq = plan.metadata["test_accuracy"] if scored else accuracy(quantized, test_split, progress=progress)
     result.scores = {"fp_test_accuracy": fp, "ptq_test_accuracy": ptq,
                      "test_accuracy": accuracy(result.model, test_split, progress=progress),

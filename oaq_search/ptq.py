@@ -25,7 +25,7 @@ def post_training_quantize(model: nn.Module, plan: Plan, calibration: ImageSplit
     """A quantized copy of `model`. Calibration data (the search split) fixes activation ranges and,
     with `bn_correction`, matches BatchNorm statistics to full precision; without it the weights are
     quantized data-free. With `reconstruction` (its `reconstruct` set) the rounding and ranges are then
-    learned block by block (oaq_search.reconstruction); `reconstructed_plan` gives the plan it follows."""
+    learned block by block (`reconstruct_plan`, which also gives the plan the result follows)."""
     quantized = quantize_(copy.deepcopy(model), plan)
     reconstructing = reconstruction is not None and reconstruction.reconstruct
     if calibration is None:
@@ -36,13 +36,16 @@ def post_training_quantize(model: nn.Module, plan: Plan, calibration: ImageSplit
     corrector = BatchNormCorrector(model, images) if bn_correction else None
     calibrate_and_correct(quantized, images, corrector, ranges_from_data=needs_calibration(quantized))
     if reconstructing:
-        reconstruct(quantized, model, next(calibration.batches(reconstruction.images))[0], reconstruction, progress)
+        reconstruct_plan(quantized, model, plan, calibration, reconstruction, progress)
     return quantized
 
 
-def reconstructed_plan(quantized: nn.Module, plan: Plan, reconstruction: PtqConfig) -> Plan:
-    """`plan` with the ranges reconstruction learned, and its settings in the metadata: the plan of the model
-    `post_training_quantize` returned (its rounding is in the model's codes, not in the plan)."""
+def reconstruct_plan(quantized: nn.Module, model: nn.Module, plan: Plan, calibration: ImageSplit,
+                     reconstruction: PtqConfig, progress: bool | None = None) -> Plan:
+    """Reconstruct `quantized` (`model` post-training quantized by `plan`) in place on the first
+    `reconstruction.images` images of `calibration`; returns the plan it now follows: the learned ranges,
+    and the settings in the metadata (the rounding is in the model's codes, not in the plan)."""
+    reconstruct(quantized, model, next(calibration.batches(reconstruction.images))[0], reconstruction, progress)
     result = learned_plan(quantized, plan)
     result.metadata = {**plan.metadata, "reconstruction": to_dict(reconstruction)}
     return result

@@ -11,22 +11,22 @@ from torch import nn
 
 from oaq_search import grids
 from oaq_search import ptq as ptq_module
+from oaq_search.blocks import find_blocks
 from oaq_search.cli import main
 from oaq_search.config import FinetuneConfig, PtqConfig
 from oaq_search.data import load_cifar10
 from oaq_search.deploy import export_onnx, from_packed, reference_model
-from oaq_search.evaluate import logits
 from oaq_search.errors import UserError
+from oaq_search.evaluate import logits
 from oaq_search.fake_quant import QuantizedLayer, quantize_, quantized_layers
-from oaq_search.oaq import WeightQuantizer, fake_quantize_weight, normalized_grid_input, quantize_weight
 from oaq_search.finetuning import finetune
+from oaq_search.oaq import WeightQuantizer, fake_quantize_weight, normalized_grid_input, quantize_weight
 from oaq_search.packing import load_packed, pack_model
-from oaq_search.plan import Plan
 from oaq_search.pipeline import layer_graph, load_model
+from oaq_search.plan import Plan
 from oaq_search.planning import PlanFactory
-from oaq_search.ptq import post_training_quantize, reconstructed_plan
-from oaq_search.blocks import find_blocks
-from oaq_search.reconstruction import SoftRounding, reconstruct
+from oaq_search.ptq import post_training_quantize, reconstruct_plan
+from oaq_search.reconstruction import SoftRounding
 from oaq_search.runtime import agreement, onnx_logits
 
 
@@ -97,12 +97,13 @@ def reconstructed_w2(shared):
                        calibration).uniform(2, 8)
     nearest = post_training_quantize(model, plan, splits.search)
     config = PtqConfig(reconstruct=True, images=256, iterations=150, learning_rate=0.01)
-    reconstructed = reconstruct(copy.deepcopy(nearest), model, next(splits.search.batches(256))[0], config, False)
-    return model, splits, plan, nearest, reconstructed, config
+    reconstructed = copy.deepcopy(nearest)
+    tuned_plan = reconstruct_plan(reconstructed, model, plan, splits.search, config, False)
+    return model, splits, plan, nearest, reconstructed, config, tuned_plan
 
 
 def test_reconstruction_brings_held_out_outputs_closer_to_full_precision(reconstructed_w2):
-    model, splits, _, nearest, reconstructed, _ = reconstructed_w2
+    model, splits, _, nearest, reconstructed, _, _ = reconstructed_w2
     held_out = next(splits.test.batches(500))[0]  # images reconstruction never saw
     with torch.no_grad():
         target = model(held_out)
@@ -115,8 +116,7 @@ def test_reconstruction_brings_held_out_outputs_closer_to_full_precision(reconst
 
 
 def test_the_packed_model_and_its_onnx_reference_carry_the_learned_codes(reconstructed_w2, tmp_path):
-    model, splits, plan, nearest, reconstructed, config = reconstructed_w2
-    tuned_plan = reconstructed_plan(reconstructed, plan, config)
+    model, splits, plan, nearest, reconstructed, config, tuned_plan = reconstructed_w2
     assert tuned_plan.metadata["reconstruction"]["iterations"] == config.iterations
     pack_model(reconstructed, tuned_plan, tmp_path / "model.packed.pt")
     packed = load_packed(tmp_path / "model.packed.pt")
@@ -138,7 +138,7 @@ def test_the_packed_model_and_its_onnx_reference_carry_the_learned_codes(reconst
 
 
 def test_a_new_grid_drops_the_learned_rounding_and_a_new_scale_factor_keeps_it(reconstructed_w2):
-    _, _, plan, _, reconstructed, _ = reconstructed_w2
+    _, _, plan, _, reconstructed, _, _ = reconstructed_w2
     model = copy.deepcopy(reconstructed)
     name = next(layer.name for layer in quantized_layers(model) if layer.round_up is not None)
     quantize_(model, plan.with_layers({name: {"scale_factor": 0.5}}))

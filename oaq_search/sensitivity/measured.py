@@ -48,7 +48,7 @@ def measure_group_sensitivity(quantize: Quantize, candidate_counts: list[int], r
     scores = np.full((len(candidate_counts), max(candidate_counts)), np.inf)
     moves = [(group, index) for group, count in enumerate(candidate_counts) for index in range(count - 1)]
     with bar(len(moves) + 1, "measure sensitivity (each group at each setting)", progress) as counter:
-        model = quantize(widest)
+        model = quantize(widest)  # wraps the layers: the recording hooks attach to the wrappers
         with prefix.record(model) if prefix else contextlib.nullcontext():
             baseline = _divergence(quantize(widest) if prefix else model, images, target)
         counter.update(1)
