@@ -30,7 +30,7 @@ from oaq_search.data import load_cifar10
 from oaq_search.pipeline import layer_graph, load_model, prepare
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import post_training_quantize
-from oaq_search.sensitivity import CACHE_ENV
+from oaq_search.cache import CACHE_ENV
 
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 BATCH_SIZES = (25, 50, 100, 250, 500)

@@ -25,7 +25,7 @@ from .data import Splits, split_from_batches
 from .engine import Engine, build_engine, finish, finished_trials, open_study, run_trials
 from .errors import UserError
 from .plan import Plan
-from .sensitivity import weights_digest
+from .cache import weights_digest
 from .storage import IN_MEMORY
 
 

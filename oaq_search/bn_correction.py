@@ -26,6 +26,7 @@ class BatchNormCorrector:
 
     def __init__(self, fp_model: nn.Module, images: torch.Tensor):
         self.images = images
+        self.outputs: torch.Tensor | None = None  # the last corrected model's outputs on `images` (its logits)
         self.reference = {}
         observe_inputs(fp_model, _batchnorms(fp_model), images,
                        lambda name, module, x: self.reference.__setitem__(name, _channel_statistics(x)))
@@ -33,7 +34,9 @@ class BatchNormCorrector:
                          for name, module in _batchnorms(fp_model).items()}
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Set every BN's running statistics of `model` (same architecture) to corrected values."""
+        """Set every BN's running statistics of `model` (same architecture) to corrected values. Each BN
+        is corrected before it runs, so the pass computes the corrected model's outputs on `images`:
+        kept in `outputs`, for scoring on the same images not to compute them again (`evaluate.reusing`)."""
         def correct(name, module, x):
             mean_q, var_q = _channel_statistics(x)
             mean_fp, var_fp = self.reference[name]
@@ -42,7 +45,7 @@ class BatchNormCorrector:
             module.running_var.copy_(var * ratio)
             module.running_mean.copy_(mean_q - (mean_fp - mean) * ratio.sqrt())
 
-        observe_inputs(model, _batchnorms(model), self.images, correct)
+        self.outputs = observe_inputs(model, _batchnorms(model), self.images, correct).float().cpu()
         return model
 
 

@@ -16,7 +16,7 @@ from .budget import format_quantity
 from .config import DataConfig, FinetuneConfig, PtqConfig, load_study_config, validate
 from .data import load_cifar10
 from .errors import UserError
-from .evaluate import BATCH_SIZE, accuracy, format_score
+from .evaluate import BATCH_SIZE, accuracy, format_score, reference_accuracy
 from .files import check_writable, write_text_atomically
 from .models import model_spec
 from .packing import pack_model
@@ -161,11 +161,11 @@ def quantize(args: argparse.Namespace) -> int:
     if plan is None:  # with calibration data, (s, T) minimise each layer's output error; data-free, weight MSE
         calibration = None if args.no_bn_correction else next(splits.search.batches(CALIBRATION_IMAGES))[0]
         factory = PlanFactory(args.model, model, graph, args.method, args.grid, args.per_channel, calibration,
-                              code_packing=args.code_packing)
+                              code_packing=args.code_packing, cache_dir="default")
         plan = factory.uniform(args.wbits, args.abits, args.first_last_bits)
     quantized = post_training_quantize(model, plan, splits.search, not args.no_bn_correction)
     split, batch_size = getattr(splits, args.split), args.batch_size or BATCH_SIZE
-    fp, ours = accuracy(model, split, batch_size), accuracy(quantized, split, batch_size)
+    fp, ours = reference_accuracy(model, split, batch_size), accuracy(quantized, split, batch_size)
     ptq, nearest = _ptq_config(args, PtqConfig()), ""
     if "reconstruction" in plan.metadata and not ptq.reconstruct:
         note("this plan was reconstructed: its learned rounding is in the packed model written with it; rounding to "

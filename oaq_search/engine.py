@@ -25,10 +25,11 @@ from hwmodels.base import CostModel
 
 from .bn_correction import BatchNormCorrector
 from .budget import Budget
+from .cache import cached_json
 from .config import PtqConfig, SearchConfig
 from .data import ImageSplit, Splits
 from .errors import UserError
-from .evaluate import accuracy, image_scorer, split_scorer
+from .evaluate import accuracy, image_scorer, reference_accuracy, split_scorer
 from .graph import LayerGraph, build_layer_graph
 from .layout import choose_layout
 from .objective import (Objective, Scorer, allocation_problem, best_trial, check_feasible, finalist_score,
@@ -103,7 +104,7 @@ def build_engine(name: str, storage_url: str, model: nn.Module, model_name: str,
     factory = PlanFactory(model_name, model, graph, search.method, search.grids[0], search.per_channel,
                           calibration if search.outlier_rule == "output_error" else None,
                           uniform_activation_bits(graph, search.default_activation_bits, search.first_last_bits),
-                          cost_model.code_packing)
+                          cost_model.code_packing, cache_dir="default")
     _check_metrics(cost_model.evaluate(graph, factory.uniform(max(search.weight_bits))).totals, budget, search)
     problem = allocation_problem(space, factory, cost_model, graph, budget, sensitivity, search.sensitivity_metric,
                                  search.method, [search.pareto_metric] if search.pareto_metric else [])
@@ -281,7 +282,8 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None,
     with stage("post-training quantization of the chosen plan", engine.progress):
         quantized = post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction)
     if test is not None:
-        plan.metadata.update({"fp_test_accuracy": accuracy(engine.model, test, search.batch_size, engine.progress),
+        plan.metadata.update({"fp_test_accuracy": reference_accuracy(engine.model, test, search.batch_size,
+                                                                       engine.progress),
                               "test_accuracy": accuracy(quantized, test, search.batch_size, engine.progress),
                               "test_images": len(test)})
         engine.seconds["test"] = time.perf_counter() - started
@@ -303,15 +305,18 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None,
 
 def uniform_baselines(engine: Engine) -> list[dict]:
     """Each searched weight bit-width as a uniform plan (the ends pinned as the search pins them): its
-    costs and its score as trials are scored, the reference points a mixed plan must beat."""
+    costs and its score as trials are scored, the reference points a mixed plan must beat. The scores
+    depend only on what the study's fingerprint fixes: read from the cache when a study like it ran
+    before (unless scored by the user's callable, which the fingerprint cannot tell apart)."""
     objective, search = engine.objective, engine.search
-    baselines = []
+    plans = [objective.factory.uniform(bits, search.default_activation_bits, search.first_last_bits)
+             for bits in search.weight_bits]
     with stage("uniform baselines", engine.progress):
-        for bits in search.weight_bits:
-            plan = objective.factory.uniform(bits, search.default_activation_bits, search.first_last_bits)
-            baselines.append({"weight_bits": bits, "costs": objective.cost_model.evaluate(engine.graph, plan).totals,
-                              "score": objective.score(plan)})
-    return baselines
+        scores = cached_json(engine.model.state_dict(), {"fingerprint": engine.fingerprint, "version": 1}, "uniform-",
+                             lambda: [objective.score(plan) for plan in plans],
+                             None if engine.custom_score else "default")
+    return [{"weight_bits": bits, "costs": objective.cost_model.evaluate(engine.graph, plan).totals, "score": score}
+            for bits, plan, score in zip(search.weight_bits, plans, scores)]
 
 
 def _name(cost_model: str | CostModel) -> str:

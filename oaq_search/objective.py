@@ -21,7 +21,7 @@ from hwmodels.base import CostModel, CostReport
 from .bn_correction import BatchNormCorrector
 from .budget import Budget, format_quantity
 from .errors import UserError
-from .evaluate import paired_difference
+from .evaluate import paired_difference, reusing
 from .graph import LayerGraph
 from .plan import Plan
 from .progress import bar
@@ -129,22 +129,30 @@ class Objective:
             return self.cache[key]
         self.apply(plan)
         for step, scorer in enumerate(self.scorers[:-1]):
-            trial.report(scorer(self.model), step)
+            trial.report(self.scored(scorer), step)
             if not self.pareto_metric and trial.should_prune():
                 raise optuna.TrialPruned()
-        self.cache[key] = self.scorers[-1](self.model)
+        self.cache[key] = self.scored(self.scorers[-1])
         return self.cache[key]
 
     def score(self, plan: Plan) -> float:
         """`plan`'s score outside any trial, by the last scorer (cached with the trials'): reference points."""
         key = plan.key()
         if key not in self.cache:
-            self.cache[key] = self.scorers[-1](self.apply(plan))
+            self.apply(plan)
+            self.cache[key] = self.scored(self.scorers[-1])
         return self.cache[key]
 
     def apply(self, plan: Plan) -> nn.Module:
         """The model quantized by `plan`, activation ranges calibrated and BatchNorm corrected."""
         return requantize(self.model, plan, self.calibration, self.corrector)
+
+    def scored(self, scorer: Scorer | ImageScorer) -> float | torch.Tensor:
+        """`scorer` on the model as the last `apply` left it, reusing what its calibration pass computed."""
+        if self.corrector is None:
+            return scorer(self.model)
+        with reusing(self.model, self.corrector.images, self.corrector.outputs):
+            return scorer(self.model)
 
     def rescore_finalists(self, study: optuna.Study, count: int, scorer: ImageScorer, seed_margin: float,
                           progress: bool | None = None) -> None:
@@ -168,8 +176,10 @@ class Objective:
         decided = {"finalists": sorted(t.number for t in finalists), "seed_margin": seed_margin}
         if {k: v for k, v in study.user_attrs.get(FINALIST_WINNER, {}).items() if k != "trial"} == decided:
             return
-        per_image = {t.number: scorer(self.apply(Plan.from_dict(t.user_attrs["plan"])))
-                     for t in bar(len(finalists), "finalists (whole search split)", progress, iterable=finalists)}
+        per_image = {}
+        for t in bar(len(finalists), "finalists (whole search split)", progress, iterable=finalists):
+            self.apply(Plan.from_dict(t.user_attrs["plan"]))
+            per_image[t.number] = self.scored(scorer)
         scores = {str(number): float(values.mean()) for number, values in per_image.items()}
         ranked = sorted(finalists, key=lambda t: (scores[str(t.number)], t.values[0], -t.number), reverse=True)
         winner = next(t for t in ranked if seed is None or t is seed or _standard_errors_above(

@@ -24,7 +24,7 @@ from .config import DataConfig, FinetuneConfig, ModelConfig, PtqConfig, StudyCon
 from .data import Splits, load_cifar10, split_from_batches, split_training_tail
 from .engine import OUTCOME, Engine, build_engine, finish, finished_trials, open_study, run_trials
 from .errors import UserError
-from .evaluate import accuracy
+from .evaluate import accuracy, reference_accuracy
 from .finetuning import FinetuneResult, finetune
 from .graph import LayerGraph, build_layer_graph
 from .imagefolder import load_imagefolder
@@ -191,7 +191,7 @@ def finetune_and_test(model: nn.Module, plan: Plan, splits: Splits, config: Fine
     if quantized is None and (reconstructing or not scored):
         quantized = post_training_quantize(model, plan, splits.search, reconstruction=reconstruction, progress=progress)
     result = finetune(model, plan, splits, config, output_dir, progress, reconstruction, quantized)
-    fp = plan.metadata["fp_test_accuracy"] if scored else accuracy(model, test_split, progress=progress)
+    fp = plan.metadata["fp_test_accuracy"] if scored else reference_accuracy(model, test_split, progress=progress)
     ptq = plan.metadata["test_accuracy"] if scored else accuracy(quantized, test_split, progress=progress)
     result.scores = {"fp_test_accuracy": fp, "ptq_test_accuracy": ptq,
                      "test_accuracy": accuracy(result.model, test_split, progress=progress),

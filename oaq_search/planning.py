@@ -7,17 +7,23 @@ layer's output error on those images (see `oaq.choose_outlier_settings_by_output
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import cache_file
+from .files import write_text_atomically
 from .graph import LayerGraph
 from .oaq import (
+    SCALE_FACTOR_CANDIDATES,
+    THRESHOLD_MULTIPLIERS,
     WeightQuantizer,
     choose_outlier_settings,
     choose_outlier_settings_by_output,
@@ -40,20 +46,30 @@ class Setting:
 
 
 class PlanFactory:
-    """Per-layer settings -> a Plan, each layer's (s, T) picked once per bit-width and grid, and cached."""
+    """Per-layer settings -> a Plan, each layer's (s, T) picked once per bit-width and grid, and cached.
+
+    `cache_dir` (e.g. "default", see `oaq_search.cache`) keeps the choices made on calibration images
+    on disk, keyed by the weights and those images: the next run on the same model reads them."""
 
     def __init__(self, model_name: str, model: nn.Module, graph: LayerGraph, method: str = "oaq",
                  grid: str = "uniform", per_channel: bool = False, calibration: torch.Tensor | None = None,
-                 activation_bits: Mapping[str, int] | None = None, code_packing: str = "fields"):
+                 activation_bits: Mapping[str, int] | None = None, code_packing: str = "fields",
+                 cache_dir: str | Path | None = None):
         self.model_name, self.graph = model_name, graph
         self.code_packing = code_packing  # how the cost model's target stores ternary codes
         self.activation_bits = activation_bits  # per layer, for plans that do not say otherwise
         self.method, self.grid, self.per_channel = method, grid, per_channel
         modules = dict(model.named_modules())
         self._weights = {name: modules[name].weight.detach() for name in graph.names}
-        self._output_errors = None if calibration is None or method == "vanilla" else \
-            _output_error_functions(model, graph, calibration)
         self._quantizers: dict[tuple[str, int, str], WeightQuantizer] = {}
+        self._output_errors, self._stored_choices, self._unsaved = None, None, False
+        if calibration is not None and method != "vanilla":
+            images = _output_error_images(graph, calibration)
+            self._output_errors = _output_error_functions(model, graph, images)
+            self._stored_choices = cache_file(cache_dir, {**self._weights, "calibration images": images}, {
+                "method": method, "per_channel": per_channel, "version": 1,
+                "candidates": [SCALE_FACTOR_CANDIDATES, THRESHOLD_MULTIPLIERS]}, prefix="outliers-")
+            self._read_choices()
 
     def weight_quantizer(self, layer: str, bits: int, grid: str | None = None) -> WeightQuantizer:
         """The layer's quantizer at `bits` on `grid` (default: the factory's), its (s, T) chosen once."""
@@ -65,7 +81,21 @@ class PlanFactory:
             else:
                 self._quantizers[key] = choose_outlier_settings_by_output(self._weights[layer], base,
                                                                         self._output_errors[layer])
+                self._unsaved = self._stored_choices is not None
         return self._quantizers[key]
+
+    def _read_choices(self) -> None:
+        if self._stored_choices is not None and self._stored_choices.is_file():
+            for key, (scale_factor, threshold) in json.loads(self._stored_choices.read_text()).items():
+                layer, bits, grid = key.rsplit("|", 2)
+                self._quantizers[layer, int(bits), grid] = WeightQuantizer(
+                    int(bits), grid, self.method, scale_factor, threshold, self.per_channel)
+
+    def _write_choices(self) -> None:
+        choices = {f"{layer}|{bits}|{grid}": [q.scale_factor, q.threshold]
+                   for (layer, bits, grid), q in self._quantizers.items()}
+        write_text_atomically(self._stored_choices, json.dumps(choices) + "\n")
+        self._unsaved = False
 
     def __call__(self, weight_bits: Mapping[str, int], activation_bits: Mapping[str, int] | None = None,
                  tie_groups: Mapping[str, int] | None = None, grids: Mapping[str, str] | None = None) -> Plan:
@@ -78,6 +108,8 @@ class PlanFactory:
                                     chosen.scale_factor, chosen.threshold, chosen.per_channel,
                                     code_packing=packing_for(self.code_packing, chosen.bits, chosen.grid),
                                     tie_group=(tie_groups or {}).get(name)))
+        if self._unsaved:
+            self._write_choices()
         return Plan(self.model_name, layers, list(self.graph.float_layers))
 
     def from_settings(self, settings: Mapping[str, Setting], tie_groups: Mapping[str, int] | None = None) -> Plan:
@@ -110,12 +142,15 @@ def uniform_activation_bits(graph: LayerGraph, bits: int | None, first_last_bits
     return {n: max(first_last_bits, bits) if n in ends else bits for n in graph.names}
 
 
-def _output_error_functions(model: nn.Module, graph: LayerGraph, images: torch.Tensor) -> dict[str, Callable]:
-    """Per layer, stacked weight errors (K, *weight) -> K squared output errors on the layer's FP inputs.
-
-    Inputs of every layer are kept, so the image count is capped to bound their memory."""
+def _output_error_images(graph: LayerGraph, calibration: torch.Tensor) -> torch.Tensor:
+    """The calibration images (s, T) are chosen on: every layer's inputs on them are kept, so their count
+    is capped to bound that memory."""
     per_image = sum(math.prod(graph.info(name).input_shape) for name in graph.names)
-    images = images[:max(1, min(OUTPUT_ERROR_IMAGES, STORED_INPUT_VALUES // per_image))]
+    return calibration[:max(1, min(OUTPUT_ERROR_IMAGES, STORED_INPUT_VALUES // per_image))]
+
+
+def _output_error_functions(model: nn.Module, graph: LayerGraph, images: torch.Tensor) -> dict[str, Callable]:
+    """Per layer, stacked weight errors (K, *weight) -> K squared output errors on the layer's FP inputs."""
     modules = dict(model.named_modules())
     inputs: dict[str, torch.Tensor] = {}
     observe_inputs(model, {name: modules[name] for name in graph.names}, images,

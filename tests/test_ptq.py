@@ -11,7 +11,7 @@ from torch import nn
 from oaq_search.bn_correction import BatchNormCorrector
 from oaq_search.cli import main
 from oaq_search.data import load_cifar10
-from oaq_search.evaluate import accuracy
+from oaq_search.evaluate import accuracy, logits, reference_accuracy, reusing
 from oaq_search.fake_quant import quantize_
 from oaq_search.oaq import fake_quantize_weight
 from oaq_search.pipeline import layer_graph, load_model
@@ -97,6 +97,36 @@ def test_bn_correction_fitted_with_the_ranges_in_one_pass_is_already_settled():
         assert torch.allclose(value, before[name], rtol=1e-4, atol=1e-6), name
 
 
+def test_a_trial_scored_on_its_calibration_images_reuses_the_calibration_pass_exactly(synthetic_cifar):
+    """The correction pass computes the corrected model's outputs on the calibration images; scoring the
+    split they lead reads them instead of running the model again, and gets the same numbers."""
+    model = trained_like_resnet20()
+    graph = layer_graph("resnet20", model)
+    split = load_cifar10(synthetic_cifar, search_size=120).search
+    images = next(split.batches(50))[0]
+    corrector = BatchNormCorrector(model, images)
+    plan = PlanFactory("resnet20", model, graph).uniform(3, 4)
+    quantized = requantize(quantize_(copy.deepcopy(model), plan), plan, images, corrector)
+    fresh = logits(quantized, split, batch_size=25)
+    calls = []
+    quantized.register_forward_pre_hook(lambda _module, args: calls.append(len(args[0])))
+    with reusing(quantized, corrector.images, corrector.outputs):
+        reused = logits(quantized, split, batch_size=25)
+    assert torch.allclose(reused, fresh, atol=1e-5)
+    assert sum(calls) == 120 - 50  # the two batches inside the calibration images were not run
+
+
+def test_the_full_precision_accuracy_is_read_back_from_the_cache(monkeypatch, synthetic_cifar):
+    model = trained_like_resnet20()
+    split = load_cifar10(synthetic_cifar, search_size=100).test
+    first = reference_accuracy(model, split)
+    monkeypatch.setattr("oaq_search.evaluate.accuracy", lambda *args: pytest.fail("computed again"))
+    assert reference_accuracy(model, split) == first
+    model.linear.bias.data += 1.0  # other weights: a new entry, computed
+    with pytest.raises(pytest.fail.Exception, match="computed again"):
+        reference_accuracy(model, split)
+
+
 def test_quantize_command_writes_a_safe_packed_model(tmp_path, synthetic_cifar, capsys):
     torch.save(load_model("resnet20").state_dict(), tmp_path / "r20.pt")
     argv = ["quantize", "--model", "resnet20", "--checkpoint", str(tmp_path / "r20.pt"), "--data-root",
@@ -152,6 +182,18 @@ def test_plans_pack_ternary_layers_the_way_the_cost_model_stores_them():
     assert packings["layer1.0.conv1"] == "base3" and packings["conv1"] == packings["linear"] == "fields"  # 8-bit ends
     assert Plan.from_dict(json.loads(plan.to_json())).layer("layer1.0.conv1").code_packing == "base3"
     assert plan.key() != PlanFactory("resnet20", model, graph).uniform(2).key()  # the same bits, packed otherwise
+
+
+def test_outlier_settings_chosen_on_calibration_images_are_read_back_from_the_cache(tmp_path, monkeypatch):
+    model = trained_like_resnet20()
+    graph = layer_graph("resnet20", model)
+    images = torch.randn(16, 3, 32, 32)
+    chosen = PlanFactory("resnet20", model, graph, calibration=images, cache_dir=tmp_path).uniform(3)
+    monkeypatch.setattr("oaq_search.planning.choose_outlier_settings_by_output",
+                        lambda *args: pytest.fail("chosen again"))
+    assert PlanFactory("resnet20", model, graph, calibration=images, cache_dir=tmp_path).uniform(3).key() == chosen.key()
+    with pytest.raises(pytest.fail.Exception, match="chosen again"):  # other images: chosen afresh
+        PlanFactory("resnet20", model, graph, calibration=images[:8], cache_dir=tmp_path).uniform(3)
 
 
 @pytest.mark.shared

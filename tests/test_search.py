@@ -229,7 +229,7 @@ def test_run_writes_a_report_whose_numbers_are_the_plans(config, tmp_path):
 @pytest.mark.shared
 def test_measured_sensitivity_drives_the_seeds_and_is_cached(config):
     from oaq_search.pipeline import prepare
-    from oaq_search.sensitivity import default_cache_dir
+    from oaq_search.cache import default_cache_dir
 
     config.search.weight_bits, config.search.measured_sensitivity_images = [2, 8], 64
     prepared = prepare(config)
@@ -242,6 +242,22 @@ def test_measured_sensitivity_drives_the_seeds_and_is_cached(config):
     stored = sorted(default_cache_dir().glob("measured-*.json"))
     assert stored and np.array_equal(prepare(config).objective.problem.sensitivity, scores)
     assert sorted(default_cache_dir().glob("measured-*.json")) == stored  # read back, not measured again
+
+
+@pytest.mark.shared
+def test_uniform_baselines_are_read_back_for_a_study_like_one_that_ran(config, monkeypatch):
+    from oaq_search.engine import uniform_baselines
+    from oaq_search.pipeline import prepare
+
+    config.search.weight_bits = [2, 8]
+    engine = prepare(config)
+    first = uniform_baselines(engine)
+    assert first[0]["score"] < first[1]["score"]
+    monkeypatch.setattr(engine.objective, "score", lambda plan: pytest.fail("scored again"))
+    assert uniform_baselines(engine) == first
+    engine.fingerprint = {**engine.fingerprint, "search split": "other images"}
+    with pytest.raises(pytest.fail.Exception, match="scored again"):
+        uniform_baselines(engine)
 
 
 @pytest.mark.shared

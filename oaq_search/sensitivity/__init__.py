@@ -8,9 +8,7 @@ value.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..cache import cache_file
 from ..data import ImageSplit
 from ..files import write_text_atomically
 from ..graph import LayerGraph
@@ -27,7 +26,6 @@ from .metrics import METRICS, SensitivityMetric, get_metric, register_metric
 
 __all__ = ["METRICS", "SensitivityMetric", "SensitivityTable", "compute_sensitivity", "get_metric", "register_metric"]
 
-CACHE_ENV = "OAQ_CACHE_DIR"
 DEFAULT_METRICS = ("ssim_weight", "ssim_distribution", "mse")
 _FORMAT_VERSION = 1
 
@@ -120,38 +118,8 @@ def compute_sensitivity(model: nn.Module, graph: LayerGraph, metrics: Iterable[s
     return table
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "oaq-search") / "sensitivity"
-
-
 def _cache_path(cache_dir, weights, metrics, bits, methods, grid, data) -> Path | None:
     settings = {"metrics": [m.name for m in metrics], "bits": bits, "methods": methods, "grid": grid,
                 "data": data.fingerprint() if data is not None and any(m.needs_data for m in metrics) else None,
                 "version": _FORMAT_VERSION}
     return cache_file(cache_dir, weights, settings)
-
-
-def cache_file(cache_dir: str | Path | None, tensors: Mapping[str, torch.Tensor], settings: Mapping,
-               prefix: str = "") -> Path | None:
-    """Where a result computed from `tensors` under `settings` is cached; None when caching is off.
-
-    `cache_dir="default"` is `default_cache_dir()`; the name is a hash of both."""
-    if cache_dir is None:
-        return None
-    digest = _tensors_hash(tensors)
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    folder = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
-    return folder / f"{prefix}{digest.hexdigest()[:24]}.json"
-
-
-def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """A short hash of named tensors (a state_dict): whether two models hold the same weights."""
-    return _tensors_hash(tensors).hexdigest()[:16]
-
-
-def _tensors_hash(tensors: Mapping[str, torch.Tensor]):
-    digest = hashlib.sha256()
-    for name, tensor in tensors.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest

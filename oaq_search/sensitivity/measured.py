@@ -12,7 +12,6 @@ Measured on ResNet-20 at the 3-bit budget: its integer-program seed scores 86.06
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -21,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache import cached_json
 from ..evaluate import BATCH_SIZE
-from ..files import write_text_atomically
 from ..layout import fast_layout
 from ..prefix import PrefixCache
 from ..progress import bar
-from . import cache_file
 
 # Part of the cache key; 2: activation ranges and BN correction fitted in one pass, so a move's score
 # no longer depends on the move measured before it.
@@ -66,13 +64,12 @@ def measure_group_sensitivity(quantize: Quantize, candidate_counts: list[int], r
 def cached_group_sensitivity(key: Mapping[str, object], reference: nn.Module, measure: Callable[[], np.ndarray],
                              cache_dir: str | Path | None = "default") -> np.ndarray:
     """`measure()`, or its stored result for the same `key` (settings) and `reference` weights."""
-    path = cache_file(cache_dir, reference.state_dict(), {**key, "version": _VERSION}, prefix="measured-")
-    if path is not None and path.is_file():
-        return np.array([[np.inf if v is None else v for v in row] for row in json.loads(path.read_text())])
-    scores = measure()
-    if path is not None:
-        write_text_atomically(path, json.dumps(np.where(np.isfinite(scores), scores, None).tolist()) + "\n")
-    return scores
+    def measured() -> list[list[float | None]]:  # JSON has no infinity: None where a group has no such setting
+        scores = measure()
+        return np.where(np.isfinite(scores), scores, None).tolist()
+
+    stored = cached_json(reference.state_dict(), {**key, "version": _VERSION}, "measured-", measured, cache_dir)
+    return np.array([[np.inf if v is None else v for v in row] for row in stored])
 
 
 def _divergence(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> float:
