@@ -465,6 +465,14 @@ def deploy_section() -> list[str]:
         "#deploying-to-onnx-runtime)).", "deploy_onnx_*")
 
 
+def ort_latency_section() -> list[str]:
+    return results_files_section(
+        "ONNX Runtime latency table", "`oaq-search hw measure --runtime onnxruntime`: each layer shape exported as "
+        "`deploy` writes it and timed in ONNX Runtime with an 8-bit and a float input; its prediction for whole plans "
+        "(which layers get integer kernels) against their deployed latency, measured in the same run.",
+        "ort_latency_table_*")
+
+
 def reconstruction_section() -> list[str]:
     return results_files_section(
         "Reconstruction", "Post-training quantization rounded to nearest against block reconstruction (`--reconstruct`, "
@@ -492,8 +500,9 @@ def readme_headline() -> list[str]:
 
 def main() -> None:
     body = [INTRO]
-    for section in (ptq_section, sensitivity_section, search_section, latency_section, reconstruction_section, finetune_section,
-                    headline_section, own_model_section, deploy_section, search_cost_section, reference_section, systems_section):
+    for section in (ptq_section, sensitivity_section, search_section, latency_section, reconstruction_section,
+                    finetune_section, headline_section, own_model_section, deploy_section, ort_latency_section,
+                    search_cost_section, reference_section, systems_section):
         body += section() + [""]
     RESULTS_PAGE.parent.mkdir(exist_ok=True)
     RESULTS_PAGE.write_text("\n".join(body).rstrip() + "\n")

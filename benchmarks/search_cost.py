@@ -5,9 +5,12 @@ bits, --trials trials, no fine-tune), with its own empty cache folder (cold) and
 again with a new study (warm: sensitivity measurements reused). Stage times are the run's own
 (plan.json metadata), wall time is the whole process. `--source` runs another checkout's code (e.g. a
 `git worktree` of the commit before a change) in the same session, so a speed-up is a ratio in one run.
+Models: the registry's (ResNet-110 has no trained checkpoint here: it runs untrained, for its stage
+times alone) and tiny_mobilenet, the own-model example's depthwise network, through its factory.
 
     python benchmarks/search_cost.py --models resnet20 resnet56 --source before=/tmp/before now=.
     python benchmarks/search_cost.py --models resnet56 --caches cold --source before=/tmp/before now=. --tag r56
+    python benchmarks/search_cost.py --models tiny_mobilenet densenet100 resnet110 --tag growth
 """
 
 from __future__ import annotations
@@ -19,12 +22,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
+import tomli_w
+import torch
 from _common import REPOSITORY, SHARED, checkpoint, write_results
-from search_quality import budget_bytes
+from deploy_onnx import _model
+from search_quality import graph_budget_bytes
 
-from oaq_search.config import dump_study_config, load_study_config
+from oaq_search.graph import build_layer_graph
+from oaq_search.pipeline import load_model
 
 STAGES = ("setup", "sensitivity", "measured sensitivity", "seeds", "search", "finalists", "test")
 
@@ -53,15 +61,17 @@ def main() -> None:
 
 
 def _run(model: str, source: Path, scratch: Path, state: str, args) -> dict:
-    """One `oaq-search run` in a fresh process; its stage seconds, wall time and test accuracy."""
-    config = load_study_config(REPOSITORY / "studies" / "quickstart.toml")
-    config.name, config.output_dir = f"cost-{model}-{state}", str(scratch / state)
-    config.model.name, config.model.checkpoint = model, str(checkpoint(model))
-    config.data.root = str(SHARED / "data" / "cifar10")
-    config.search.n_trials, config.finetune.mode = args.trials, "none"
-    config.budget = {"memory": f"{budget_bytes(model, args.bits) / 1024:.1f}KiB"}
+    """One `oaq-search run` in a fresh process; its stage seconds, wall time and test accuracy. The study
+    is the source's own quickstart file with these keys changed, so older checkouts read it too."""
+    config = tomllib.loads((source / "studies" / "quickstart.toml").read_text())
+    table, network = _model_table(model)
+    budget = graph_budget_bytes(build_layer_graph(network, (3, 32, 32)), args.bits)
+    config.update(name=f"cost-{model}-{state}", output_dir=str(scratch / state), model=table,
+                  budget={"memory": f"{budget / 1024:.1f}KiB"})
+    config["data"]["root"] = str(SHARED / "data" / "cifar10")
+    config["search"]["n_trials"], config["finetune"]["mode"] = args.trials, "none"
     path = scratch / f"{state}.toml"
-    path.write_text(dump_study_config(config))
+    path.write_text(tomli_w.dumps(config))
     environment = {**os.environ, "OAQ_CACHE_DIR": str(scratch / "cache"), "PYTHONPATH": str(source)}
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "oaq_search", "run", str(path)], cwd=source, env=environment, check=True,
@@ -70,6 +80,17 @@ def _run(model: str, source: Path, scratch: Path, state: str, args) -> dict:
     metadata = json.loads((scratch / state / "plan.json").read_text())["metadata"]
     return {"wall_s": wall, **{stage: metadata["seconds"].get(stage, 0.0) for stage in STAGES},
             "test_accuracy": metadata["test_accuracy"], "fp_test_accuracy": metadata["fp_test_accuracy"]}
+
+
+def _model_table(model: str) -> tuple[dict, torch.nn.Module]:
+    """The study's [model] table and the network: a registry model with its checkpoint (untrained where
+    there is none, as for ResNet-110: its stages are timed all the same), or the own-model example's
+    depthwise network (tiny_mobilenet) by its factory."""
+    if model == "tiny_mobilenet":
+        return {"factory": "examples.own_model.model:build", "checkpoint": str(checkpoint(model))}, _model(model)
+    trained = checkpoint(model).is_file()
+    return ({"name": model, **({"checkpoint": str(checkpoint(model))} if trained else {})},
+            load_model(model, checkpoint(model) if trained else None))
 
 
 def _write(rows: list[dict], args) -> None:

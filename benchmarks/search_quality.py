@@ -75,7 +75,11 @@ def study_config(label: str, model: str, bits: float, n_trials: int, folder: Pat
 
 def budget_bytes(model: str, bits: float) -> float:
     """Bytes of every layer at `bits` on average, first and last at 8, plus every scale and bias."""
-    graph = layer_graph(model, load_model(model))
+    return graph_budget_bytes(layer_graph(model, load_model(model)), bits)
+
+
+def graph_budget_bytes(graph, bits: float) -> float:
+    """`budget_bytes` for any model's layer graph."""
     pinned = {graph.names[0]: 8, graph.names[-1]: 8}
     codes = sum(graph.info(n).weight_count * pinned.get(n, bits) / 8 for n in graph.names)
     extras = sum(4 * 2 + 4 * (graph.info(n).params - graph.info(n).weight_count) for n in graph.names)

@@ -72,31 +72,41 @@ def measure_local_cpu(model: nn.Module, graph: LayerGraph, input_shape: tuple[in
             int8 = Int8Layer(layer)
             int8_s = median_seconds(lambda: int8(x), repeats)
             float_total += float_s
-            shape = _shape(info)
+            shape = layer_shape(info)
             entries += [{**shape, "weight_bits": bits, "activation_bits": 8, "latency_s": int8_s} for bits in WEIGHT_BITS]
             entries += [{**shape, "weight_bits": bits, "activation_bits": 32, "latency_s": float_s} for bits in WEIGHT_BITS]
         images = torch.randn(1, *input_shape)
         model_s = median_seconds(lambda: model(images), repeats)
-    macs_int8 = sum(i.macs for i in graph.infos()) / sum(e["latency_s"] for e in entries if e["activation_bits"] == 8
-                                                         and e["weight_bits"] == 8)
-    macs_float = sum(i.macs for i in graph.infos()) / float_total
-    rate = lambda r: {"macs_per_s": r}  # noqa: E731  (fallback for shapes not measured)
+    description = (f"measured on this machine, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                   f"engine {torch.backends.quantized.engine}")
+    return target_table("local-cpu", description, entries, max(model_s - float_total, 0.0), [8, 32], 32)
+
+
+def target_table(name: str, description: str, entries: list[dict], other_ops_s: float, activation_bits: list[int],
+                 default_activation_bits: int) -> dict:
+    """A measured target (TOML-ready dict): exact per-layer `entries`, and per op a MACs-per-second rate for
+    int8 and float from their sums (the fallback for shapes not measured)."""
+    def rate(bits: int) -> dict:
+        timed = [e for e in entries if e["activation_bits"] == bits and e["weight_bits"] == 8]
+        return {"macs_per_s": sum(e["macs"] for e in timed) / max(sum(e["latency_s"] for e in timed), 1e-12)}
+
     return {
-        "target": {"name": "local-cpu", "default_activation_bits": 32, "other_ops_s": max(model_s - float_total, 0.0),
-                   "description": f"measured on this machine, torch {torch.__version__}, "
-                                  f"{torch.get_num_threads()} threads, engine {torch.backends.quantized.engine}"},
+        "target": {"name": name, "default_activation_bits": default_activation_bits, "other_ops_s": max(other_ops_s, 0.0),
+                   "description": description},
         "capabilities": {"weight_bits": {"conv2d": WEIGHT_BITS, "linear": WEIGHT_BITS},
-                         "activation_bits": {"conv2d": [8, 32], "linear": [8, 32]},
+                         "activation_bits": {"conv2d": activation_bits, "linear": activation_bits},
                          "scale_formats": ["float32", "pow2"]},
-        "rates": {op: {"w8a8": rate(macs_int8), "w8a32": rate(macs_float)} for op in ("conv2d", "linear")},
-        "layers": entries,
+        "rates": {op: {"w8a8": rate(8), f"w8a{default_activation_bits}": rate(default_activation_bits)}
+                  for op in ("conv2d", "linear")},
+        "layers": [{k: v for k, v in e.items() if k != "macs"} for e in entries],
     }
 
 
-def _shape(info) -> dict:
+def layer_shape(info) -> dict:
+    """What a target's exact entry names a layer by (its op and shape), and its MACs for the rates."""
     key = layer_key(info.op_type, info, 0, 0)
     shape = {"op": info.op_type, "in_channels": key[1], "out_channels": key[2], "kernel": key[3], "stride": key[4],
-             "groups": key[5]}
+             "groups": key[5], "macs": info.macs}
     if info.op_type == "conv2d":
         shape["input_hw"] = list(key[6:-2])
     return shape

@@ -141,9 +141,14 @@ def _parser() -> argparse.ArgumentParser:
     hardware_commands.add_parser("list", help="cost models and targets a study can name").set_defaults(handler="hw_list")
     measure = hardware_commands.add_parser("measure", help="time this CPU's int8 and fp32 kernels for a model's layers")
     _model_arguments(measure)
-    measure.add_argument("--out", default="local-cpu.toml", help="target table to write (use as cost_model = "
-                                                                  "\"target:local-cpu.toml\")")
+    measure.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                         help="whose kernels: torch's (the local-cpu target) or ONNX Runtime's, as `deploy` exports "
+                              "each layer (needs the [deploy] extra)")
+    measure.add_argument("--out", help="target table to write, then cost_model = \"target:FILE\" (default: "
+                                       "local-cpu.toml, or onnxruntime-cpu.toml with --runtime onnxruntime)")
     measure.add_argument("--repeats", type=positive, default=50, help="timed runs per kernel (median is kept)")
+    measure.add_argument("--batch", type=positive, default=1, help="images per run (onnxruntime; torch times batch 1)")
+    measure.add_argument("--threads", type=positive, default=2, help="ONNX Runtime intra-op threads (onnxruntime)")
     measure.set_defaults(handler="hw_measure")
 
     deploy = commands.add_parser("deploy", help="write a packed model as ONNX that ONNX Runtime runs with integer "

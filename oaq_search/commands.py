@@ -233,16 +233,22 @@ def hw_list(args: argparse.Namespace) -> int:
 
 
 def hw_measure(args: argparse.Namespace) -> int:
-    from hwmodels.measure import measure_local_cpu
-
-    check_writable(args.out, "target table")  # refused now, not after the timing
+    out = args.out or ("onnxruntime-cpu.toml" if args.runtime == "onnxruntime" else "local-cpu.toml")
+    check_writable(out, "target table")  # refused now, not after the timing
     model = load_model(args.model, args.checkpoint)
-    graph = layer_graph(args.model, model)
-    table = measure_local_cpu(model, graph, model_spec(args.model).input_shape, args.repeats)
-    write_text_atomically(args.out, tomli_w.dumps(table))
-    hwmodels.load_target(args.out)  # the file we wrote must read back
+    graph, input_shape = layer_graph(args.model, model), model_spec(args.model).input_shape
+    if args.runtime == "onnxruntime":
+        from hwmodels.measure_onnxruntime import measure_onnxruntime
+
+        table = measure_onnxruntime(model, graph, input_shape, args.batch, args.threads, args.repeats)
+    else:
+        from hwmodels.measure import measure_local_cpu
+
+        table = measure_local_cpu(model, graph, input_shape, args.repeats)
+    write_text_atomically(out, tomli_w.dumps(table))
+    hwmodels.load_target(out)  # the file we wrote must read back
     print(f"measured {len(graph.names)} layers of {args.model} ({table['target']['description']}); "
-          f"written to {args.out}; select it with cost_model = \"target:{args.out}\"")
+          f"written to {out}; select it with cost_model = \"target:{out}\"")
     return 0
 
 

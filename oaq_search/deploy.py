@@ -10,6 +10,10 @@ folded by the exporter) and the quantization is written into the graph afterward
   test images; an exact float correction after each kernel made the model 2.5x slower than float);
 - its input: QuantizeLinear (uint8; zero point 128 for signed inputs) -> Clip to the plan's 2^b levels
   -> DequantizeLinear, exactly the fake quantizer's grid and range;
+- a layer the plan gives no input bits keeps its float input and gets the plan's weights in float32:
+  ONNX Runtime has no integer kernel for it, and a DequantizeLinear before its float kernel ran on
+  every call (ResNet-20 weight-only: 2.9x the float model's latency at batch 1). Which layers get
+  integer kernels is what a latency budget on a measured ONNX Runtime table trades for accuracy;
 - its output: int8 QuantizeLinear -> DequantizeLinear at the range calibration images reach, because
   ONNX Runtime fuses a layer into an integer kernel only when its output is requantized.
 """
@@ -113,13 +117,14 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
     layers = deployable_layers(model) if layers is None else layers
     _check_layers(plan, layers)
     plain = unwrap(model)
-    integer = {name: _integer_weight(name, layer) for name, layer in layers.items()}
+    integer = {name: _integer_weight(name, layer) for name, layer in layers.items() if layer.input_range is not None}
     modules = dict(plain.named_modules())
     with torch.no_grad():
-        for name, weight in integer.items():
-            modules[name].weight.copy_(torch.from_numpy(weight.representable()).to(modules[name].weight.dtype))
+        for name, layer in layers.items():
+            weight = integer[name].representable() if name in integer else _planned_weight(layer)
+            modules[name].weight.copy_(torch.from_numpy(weight).to(modules[name].weight.dtype))
     graph = _export_float(plain, images[:1])
-    residuals = _quantize_weights_and_inputs(graph, layers, integer)
+    residuals = _quantize_weights_and_inputs(graph, {name: layers[name] for name in integer}, integer)
     _compensate_residuals(graph, residuals, images)
     _quantize_outputs(graph, images)
     onnx.checker.check_model(graph)
@@ -137,16 +142,11 @@ def _save(graph, path: str | Path) -> None:
 
 
 def _check_layers(plan: Plan, layers: dict[str, DeployableLayer]) -> None:
-    """The model's quantized layers are the plan's, and each has an input quantizer."""
+    """The model's quantized layers are the plan's."""
     strays = sorted(set(plan.names()) ^ set(layers))
     if strays:
         raise UserError(f"layer {strays[0]} is quantized in the plan or the model but not both: export the model "
                         f"with the plan it was quantized by")
-    missing = [name for name, layer in layers.items() if layer.input_range is None]
-    if missing:
-        raise UserError(f"layer {missing[0]} (and {len(missing) - 1} more) has no activation bits: ONNX Runtime's "
-                        f"integer kernels need quantized inputs; quantize the plan with activation bits (e.g. "
-                        f"activation_bits = 8 in [search], or --abits 8)")
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _integer_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
                    None)
     values = grids.codes_to_values(layer.weight.codes.to(torch.float64), layer.grid, layer.bits).numpy()
     if lattice is not None and layer.bits == 8 and 2 * np.abs(levels * lattice).max() > INT8_MAX:
-        return _rounded_afresh(layer, values)
+        return _rounded_afresh(layer)
     if lattice is None or np.abs(levels * lattice).max() > INT8_MAX:
         raise UserError(f"layer {name}: the {layer.grid} grid at {layer.bits} bits has levels int8 codes cannot hold "
                         f"exactly; deploy plans on the uniform or midrise grid, or pot/ipot at 4 bits or fewer")
@@ -192,12 +192,18 @@ def _integer_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
     return IntegerWeight(codes, step, offset - shift * step)
 
 
-def _rounded_afresh(layer: DeployableLayer, values: np.ndarray) -> IntegerWeight:
-    """The plan's weights (scale * values + offset) rounded onto a symmetric int8 grid per output channel."""
-    channels = values.shape[0]
-    shape = (-1,) + (1,) * (values.ndim - 1)
+def _planned_weight(layer: DeployableLayer) -> np.ndarray:
+    """The plan's weights, scale * values + offset, in float."""
+    values = grids.codes_to_values(layer.weight.codes.to(torch.float64), layer.grid, layer.bits).numpy()
+    channels, shape = values.shape[0], (-1,) + (1,) * (values.ndim - 1)
     scale = np.broadcast_to(layer.weight.scale.double().numpy(), (channels,)).reshape(shape)
-    weight = scale * values + np.broadcast_to(layer.weight.offset.double().numpy(), (channels,)).reshape(shape)
+    return scale * values + np.broadcast_to(layer.weight.offset.double().numpy(), (channels,)).reshape(shape)
+
+
+def _rounded_afresh(layer: DeployableLayer) -> IntegerWeight:
+    """The plan's weights rounded onto a symmetric int8 grid per output channel."""
+    weight = _planned_weight(layer)
+    channels, shape = weight.shape[0], (-1,) + (1,) * (weight.ndim - 1)
     step = np.maximum(np.abs(weight).reshape(channels, -1).max(1), 1e-30) / INT8_MAX
     codes = np.round(weight / step.reshape(shape))
     return IntegerWeight(codes.astype(np.int8), step, (weight - step.reshape(shape) * codes).reshape(channels, -1).mean(1))
@@ -235,7 +241,7 @@ def _layer_of(node, names: set[str]) -> str | None:
 
 def _quantize_weights_and_inputs(graph, layers: dict[str, DeployableLayer],
                                  integer: dict[str, IntegerWeight]) -> list[tuple[object, np.ndarray]]:
-    """Each quantized Conv/Gemm: int8 codes through DequantizeLinear, its input through its quantizer.
+    """Each integer layer's Conv/Gemm: int8 codes through DequantizeLinear, its input through its quantizer.
     Returns the nodes whose codes left part of mu, with that part per output channel (BatchNorm folded)."""
     from onnx import helper, numpy_helper
 
@@ -377,7 +383,7 @@ def _input_chain(graph, node, layer: DeployableLayer, chains: dict) -> str:
 
 
 def _quantize_outputs(graph, images: torch.Tensor) -> None:
-    """Each quantized layer's output through Q -> DQ. A layer whose output only passes a ReLU (or a
+    """Each integer layer's output through Q -> DQ. A layer whose output only passes a ReLU (or a
     ReLU6 above the range) on to the next layer's input quantizer takes that quantizer's grid: exact, as
     the quantizer would round and clip it so anyway, and ONNX Runtime then drops the activation. Others:
     the largest magnitude `images` reach, symmetric, as uint8 around 128 (with int8 outputs ONNX Runtime

@@ -49,9 +49,11 @@ def kernel_counts(path: str | Path) -> dict[str, int]:
 
 
 def paired_latency(paths: dict[str, str | Path], images: torch.Tensor, threads: int = 2,
-                   rounds: int = LATENCY_ROUNDS) -> dict[str, float]:
+                   rounds: int = LATENCY_ROUNDS, runs_per_turn: int = 1) -> dict[str, float]:
     """Median seconds per run of each model on `images`, the models timed in alternation round by round,
-    so a noisy machine slows them alike."""
+    so a noisy machine slows them alike. `runs_per_turn` runs each model that many times in a row per
+    round and times the last: with many models alternating, a model's first run after the others finds
+    its memory out of the caches, which a deployed model running on its own would not."""
     runners = {label: session(path, threads) for label, path in paths.items()}
     batch = images.float().contiguous().numpy()
     feeds = {label: {runner.get_inputs()[0].name: batch} for label, runner in runners.items()}
@@ -61,6 +63,8 @@ def paired_latency(paths: dict[str, str | Path], images: torch.Tensor, threads: 
     times = {label: [] for label in runners}
     for _ in range(rounds):
         for label, runner in runners.items():
+            for _ in range(runs_per_turn - 1):
+                runner.run(None, feeds[label])
             started = time.perf_counter()
             runner.run(None, feeds[label])
             times[label].append(time.perf_counter() - started)

@@ -83,14 +83,16 @@ def test_deploy_check_runs_the_packed_plan_in_onnx_runtime_as_pytorch_does(share
 
 
 @pytest.mark.shared
-def test_deploy_refuses_what_integer_kernels_cannot_run(shared, tmp_path, capsys):
+def test_deploy_runs_weight_only_layers_in_float_and_refuses_what_it_cannot_export(shared, tmp_path, capsys):
     packed = tmp_path / "w4.packed.pt"
     assert main(["quantize", "--model", "resnet20", "--wbits", "4", "--split", "search", "--out", str(packed),
                  "--data-root", str(shared / "data" / "cifar10"), "--checkpoint",
                  str(shared / "models" / "resnet20_cifar10jpeg.pt")]) == 0
     capsys.readouterr()
-    cases = [([str(packed)], "has no activation bits"),
-             ([str(packed), "--model", "resnet56"], "does not fit model"),
+    weights_only = tmp_path / "weights_only.onnx"  # no activation bits: float kernels on the dequantized weights
+    assert main(["deploy", str(packed), "--out", str(weights_only), "--data-root", str(shared / "data" / "cifar10")]) == 0
+    assert "0 of 20 convolutions and linears run as ONNX Runtime integer kernels" in capsys.readouterr().out
+    cases = [([str(packed), "--model", "resnet56"], "does not fit model"),
              ([str(tmp_path / "w4.packed.plan.json")], "cannot be read")]
     for arguments, message in cases:
         assert main(["deploy", *arguments, "--out", str(tmp_path / "x.onnx"), "--data-root",

@@ -147,6 +147,23 @@ def test_local_cpu_table_from_real_kernels(tmp_path, chain):
     assert int8 > 0 and floats > 0 and int8 != floats  # two different real kernels were timed
 
 
+def test_onnxruntime_table_from_deployed_layers(tmp_path):
+    """Each layer exported as `deploy` writes it, timed in ONNX Runtime with an 8-bit and a float input."""
+    import tomli_w
+
+    from hwmodels.measure_onnxruntime import measure_onnxruntime
+
+    chain = build_layer_graph(ConvChain(), (3, 32, 32))
+    table = measure_onnxruntime(ConvChain().eval(), chain, (3, 32, 32), batch=4, repeats=5)
+    assert {(e["in_channels"], e["activation_bits"]) for e in table["layers"]} == {
+        (channels, bits) for channels in (3, 4) for bits in [*range(2, 9), 32]}
+    (tmp_path / "ort.toml").write_text(tomli_w.dumps(table))
+    model = get_cost_model(f"target:{tmp_path / 'ort.toml'}")
+    int8 = model.evaluate(chain, plan(LayerPlan("a", 4, 4), LayerPlan("b", 4, 8))).totals["latency_s"]
+    floats = model.evaluate(chain, plan(LayerPlan("a", 4), LayerPlan("b", 4))).totals["latency_s"]
+    assert int8 > 0 and floats > 0 and int8 != floats  # two different deployed kernels were timed
+
+
 def test_example_plugin_installs_and_is_found_by_name(tmp_path):
     source, target = tmp_path / "npu_plugin", tmp_path / "site"
     shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "npu_plugin", source)  # builds stay out of the repo

@@ -1,0 +1,91 @@
+"""Build an ONNX Runtime target by timing this machine's ONNX Runtime kernels for a model's layer shapes.
+
+Each layer shape is exported alone, as `oaq-search deploy` writes it inside a model, and timed in ONNX
+Runtime (CPU provider) at one batch size, two ways: with a quantized input (ONNX Runtime fuses it into
+QLinearConv / QGemm) and with a float input (a float kernel on the dequantized weight, what a layer the
+plan gives no input bits becomes). Weights and inputs of 2 to 8 bits all run on those int8 kernels, so
+the table lists one time for them all; 32 means a float input. What one `run` call on the layer's input
+costs on its own (an Identity model) is taken off it; `other_ops_s` is the all-float deployed model's
+time less its layers': BatchNorm is folded, so it holds the adds, activations, pooling and one call.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from oaq_search.deploy import export_float_onnx, export_onnx
+from oaq_search.fake_quant import calibrate_activations, quantize_
+from oaq_search.graph import LayerGraph, build_layer_graph
+from oaq_search.plan import Plan
+from oaq_search.runtime import paired_latency
+
+from .measure import WEIGHT_BITS, layer_shape, target_table
+
+ACTIVATION_BITS = list(range(2, 9))  # uint8 containers, clipped to the plan's levels below 8
+FLOAT = 32  # a float input: the layer runs as a float kernel
+RUNS_PER_TURN = 3  # runs of a model in a row per timing round, the last timed (see runtime.paired_latency)
+
+
+def measure_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[int, ...], batch: int = 1,
+                        threads: int = 2, repeats: int = 50) -> dict:
+    """A target table (TOML-ready dict) with ONNX Runtime's int8 and float times for every layer shape."""
+    modules = dict(model.named_modules())
+    entries, float_layers, timed = [], 0.0, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        for info in graph.infos():
+            shape = layer_shape(info)
+            key = tuple(sorted((k, str(v)) for k, v in shape.items()))
+            if key not in timed:
+                seconds = paired_latency({**_single_layer_models(modules[info.name], info, batch, folder),
+                                          "call": _identity(folder, (batch, *info.input_shape))},
+                                         torch.randn(batch, *info.input_shape), threads, repeats, RUNS_PER_TURN)
+                timed[key] = {kind: max(seconds[kind] - seconds["call"], 0.0) for kind in ("int8", "float")}
+            int8_s, float_s = timed[key]["int8"], timed[key]["float"]
+            float_layers += float_s
+            entries += [{**shape, "weight_bits": w, "activation_bits": a, "latency_s": int8_s}
+                        for w in WEIGHT_BITS for a in ACTIVATION_BITS]
+            entries += [{**shape, "weight_bits": w, "activation_bits": FLOAT, "latency_s": float_s} for w in WEIGHT_BITS]
+        weights_only = _deployed(model, graph, None, torch.randn(max(batch, 8), *input_shape), folder / "model.onnx")
+        model_s = paired_latency({"model": weights_only}, torch.randn(batch, *input_shape), threads, repeats,
+                                 RUNS_PER_TURN)["model"]
+    import onnxruntime
+
+    description = (f"ONNX Runtime {onnxruntime.__version__} CPU provider, batch {batch}, {threads} threads, "
+                   f"measured on this machine")
+    return target_table("onnxruntime-cpu", description, entries, model_s - float_layers, ACTIVATION_BITS + [FLOAT],
+                        FLOAT)
+
+
+def _single_layer_models(layer: nn.Module, info, batch: int, folder: Path) -> dict[str, Path]:
+    """The layer alone as deployed ONNX: "int8" with 8-bit weights and input, "float" with 8-bit weights
+    and a float input."""
+    single = nn.Sequential(copy.deepcopy(getattr(layer, "layer", layer)))  # a QuantizedLayer's own layer
+    graph = build_layer_graph(single, info.input_shape)
+    images = torch.randn(max(batch, 8), *info.input_shape)
+    return {label: _deployed(single, graph, bits, images, folder / f"{info.name}.{label}.onnx")
+            for label, bits in (("int8", 8), ("float", None))}
+
+
+def _deployed(model: nn.Module, graph: LayerGraph, activation_bits: int | None, images: torch.Tensor,
+              path: Path) -> Path:
+    """`model` with 8-bit weights (and inputs of `activation_bits`) written as `oaq-search deploy` writes it."""
+    plan = Plan.uniform("measured", graph, 8, activation_bits=activation_bits, method="vanilla")
+    quantized = quantize_(copy.deepcopy(model).eval(), plan)
+    if activation_bits is not None:
+        calibrate_activations(quantized, [images])
+    export_onnx(quantized, plan, images, path)
+    return path
+
+
+def _identity(folder: Path, shape: tuple[int, ...]) -> Path:
+    """An Identity model on inputs of `shape`: what one `run` call costs, data in and out included, which a
+    layer timed alone pays and a layer inside a model does not."""
+    path = folder / f"identity-{'x'.join(map(str, shape))}.onnx"
+    export_float_onnx(nn.Identity(), torch.randn(*shape), path)
+    return path
