@@ -16,12 +16,16 @@ FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMu
 LATENCY_ROUNDS = 50  # timed runs per model and batch size
 
 
-def session(path: str | Path, threads: int = 1, optimized_path: str | Path | None = None):
-    """An ONNX Runtime CPU session with `threads` intra-op threads (all optimizations on)."""
+def session(path: str | Path, threads: int = 1, optimized_path: str | Path | None = None, spinning: bool = True):
+    """An ONNX Runtime CPU session with `threads` intra-op threads (all optimizations on). `spinning=False`:
+    its threads sleep between runs instead of spinning, which sessions timed in alternation need (another
+    session's spinning threads took the cores: ResNet-56 float ran 10x slower after an int8 model)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # no warnings about initializers the optimizer dropped
     if optimized_path is not None:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -54,7 +58,7 @@ def paired_latency(paths: dict[str, str | Path], images: torch.Tensor, threads: 
     so a noisy machine slows them alike. `runs_per_turn` runs each model that many times in a row per
     round and times the last: with many models alternating, a model's first run after the others finds
     its memory out of the caches, which a deployed model running on its own would not."""
-    runners = {label: session(path, threads) for label, path in paths.items()}
+    runners = {label: session(path, threads, spinning=False) for label, path in paths.items()}
     batch = images.float().contiguous().numpy()
     feeds = {label: {runner.get_inputs()[0].name: batch} for label, runner in runners.items()}
     for label, runner in runners.items():  # warm-up: allocations, kernel selection
