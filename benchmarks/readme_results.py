@@ -18,6 +18,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results -->", "<!-- /results -->"
 RESULTS_PAGE = ROOT / "docs" / "results.md"
 README_HEADLINE = "headline_resnet20_memory-base3"  # the one table the README shows
+README_SPEED = ("search_cost_reuse", "search_cost_growth")  # the search cost per model the README shows
 INTRO = """# Results
 
 Every number below comes from a committed script in `benchmarks/`. Each writes JSON and markdown
@@ -293,9 +294,8 @@ def reference_section() -> list[str]:
     return lines
 
 
-BASE3 = (" with 2-bit layers' ternary codes packed five to a byte (1.6 bits a weight), which leaves more of the "
-         "budget for wider layers; packing changes bytes, not accuracy, so uniform W2's row holds for it packed either "
-         "way (66.5 KiB as 2-bit fields, 53.4 KiB in base 3).")
+BASE3 = (" with 2-bit layers' ternary codes five to a byte (1.6 bits a weight), which leaves more of the budget "
+         "for wider layers; packing changes bytes, not accuracy.")
 
 
 def headline_section() -> list[str]:
@@ -487,12 +487,37 @@ def search_cost_section() -> list[str]:
         "varies by up to 2x from minute to minute, so compare rows of one table).", "search_cost_*")
 
 
+def speed_table() -> list[str]:
+    """What a search costs per model, cold and warm, with the current code (the `now` rows of README_SPEED)."""
+    from deploy_onnx import _model
+
+    from oaq_search.graph import build_layer_graph
+
+    runs: dict[str, dict[str, dict]] = {}
+    for name in README_SPEED:
+        for row in (load(name) or {}).get("rows", []):
+            if row["code"] == "now":
+                runs.setdefault(row["model"], {})[row["cache"]] = row
+    lines = ["| model | layers | cold: wall (measured KL) | warm: wall (trials, finalists, test) |",
+             "|---|---:|---:|---:|"]
+    for model, run in runs.items():
+        cold, warm = run["cold"], run["warm"]
+        layers = len(build_layer_graph(_model(model), (3, 32, 32)).names)
+        lines.append(f"| {model} | {layers} | {cold['wall_s']:.0f} s ({cold['measured sensitivity']:.0f} s) | "
+                     f"{warm['wall_s']:.0f} s ({warm['search']:.0f}, {warm['finalists']:.0f}, {warm['test']:.0f} s) |")
+    return lines
+
+
 def readme_headline() -> list[str]:
-    """The README's one table: ResNet-20 at four weight budgets, before -> after the same short fine-tune."""
+    """The README's tables: ResNet-20 at four weight budgets, before -> after the same short fine-tune;
+    what a search costs per model."""
     data = load(README_HEADLINE)
     return ["ResNet-20 on CIFAR-10 (JPEG-rebuilt copy; full precision 88.20 %), 4-bit activations, "
             "post-training -> after one epoch of scale fine-tuning, in points against full precision:", "",
             *headline_table(data), "",
+            "What a search costs (`oaq-search run`, 3 average bits, 32 trials, no fine-tune, on 2 cores; cold: the "
+            "first run on a model, warm: its measurements cached; ResNet-110 is untrained, timed only):", "",
+            *speed_table(), "",
             "Every other table (post-training quantization, sensitivity metrics, the search against its "
             "baselines, latency budgets, reconstruction, fine-tuning and QAT, ResNet-56, DenseNet, your own model, speed): "
             "[docs/results.md](docs/results.md)."]

@@ -57,7 +57,7 @@ def main() -> None:
                     rows.append({"model": model, "code": label, "cache": state,
                                  **_run(model, Path(folder).resolve(), Path(scratch), state, args)})
                     print(rows[-1], flush=True)
-    _write(rows, args)
+                    _write(rows, args)  # after every run: what finished is kept if a long one is stopped
 
 
 def _run(model: str, source: Path, scratch: Path, state: str, args) -> dict:
@@ -103,7 +103,6 @@ def _write(rows: list[dict], args) -> None:
     table.append(f"\n{args.bits:g} average weight bits (first and last layer at 8), {args.trials} trials, no "
                  "fine-tune; stage seconds from the run's plan, wall time of the whole process (imports, data).")
     text = "\n".join(table)
-    print(text)
     print(f"written to {write_results('search_cost_' + (args.tag or '_'.join(args.models)), rows, text)}")
 
 
