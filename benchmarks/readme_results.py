@@ -483,8 +483,9 @@ def reconstruction_section() -> list[str]:
 def search_cost_section() -> list[str]:
     return results_files_section(
         "What a search costs", "`oaq-search run` per stage, from a cold cache and warm, each run a fresh process; "
-        "`before` is the code before the change the table measured, run in the same session (the machine's speed "
-        "varies by up to 2x from minute to minute, so compare rows of one table).", "search_cost_*")
+        "`before` is the code before the change the table measured and `today` the code before issue 34's changes, "
+        "each run in the same session (the machine's speed varies by up to 2x from minute to minute, so compare rows "
+        "of one table).", "search_cost_*")
 
 
 def speed_table() -> list[str]:
@@ -515,11 +516,11 @@ def readme_headline() -> list[str]:
     return ["ResNet-20 on CIFAR-10 (JPEG-rebuilt copy; full precision 88.20 %), 4-bit activations, "
             "post-training -> after one epoch of scale fine-tuning, in points against full precision:", "",
             *headline_table(data), "",
-            "What a search costs (`oaq-search run`, 3 average bits, 32 trials, no fine-tune, on 2 cores; cold: the "
-            "first run on a model, warm: its measurements cached; ResNet-110 is untrained, timed only):", "",
+            "What a search costs (`oaq-search run`, 3 average bits, 32 trials, no fine-tune, 2 cores; cold: the "
+            "first run on a model, warm: its measurements cached; tiny_mobilenet: the depthwise example):", "",
             *speed_table(), "",
-            "Every other table (post-training quantization, sensitivity metrics, the search against its "
-            "baselines, latency budgets, reconstruction, fine-tuning and QAT, ResNet-56, DenseNet, your own model, speed): "
+            "Every other table (post-training quantization, sensitivity, the search against its baselines, latency, "
+            "reconstruction, fine-tuning, ResNet-56, DenseNet, your own model, deployment): "
             "[docs/results.md](docs/results.md)."]
 
 
