@@ -54,7 +54,7 @@ def measure_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[
         whole = paired_latency({"float": _deployed(model, graph, None, images, folder / "float.onnx"),
                                 "int8": _deployed(model, graph, 8, images, folder / "int8.onnx")},
                                torch.randn(batch, *input_shape), threads, repeats, RUNS_PER_TURN)
-    other = whole["float"] - sum(times["float"] for _, times in layers)
+    other = max(whole["float"] - sum(times["float"] for _, times in layers), 0.0)
     # a layer timed alone pays its own quantize and dequantize calls, which integer layers in a row share
     chained = (whole["int8"] - other) / max(sum(times["int8"] for _, times in layers), 1e-12)
     entries = []
