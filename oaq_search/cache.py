@@ -39,10 +39,14 @@ def cache_file(cache_dir: str | Path | None, tensors: Mapping[str, torch.Tensor]
 
 def cached_json(tensors: Mapping[str, torch.Tensor], settings: Mapping, prefix: str, compute: Callable[[], Any],
                 cache_dir: str | Path | None = "default") -> Any:
-    """`compute()` (a JSON value), or what it returned before for the same tensors and settings."""
+    """`compute()` (a JSON value), or what it returned before for the same tensors and settings (a file
+    that does not parse is computed again and replaced: a cache is never worth an error)."""
     path = cache_file(cache_dir, tensors, settings, prefix)
     if path is not None and path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass
     value = compute()
     if path is not None:
         write_text_atomically(path, json.dumps(value) + "\n")

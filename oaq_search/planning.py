@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import cache_file
+from .errors import UserError
 from .files import write_text_atomically
 from .graph import LayerGraph
 from .oaq import (
@@ -85,11 +86,17 @@ class PlanFactory:
         return self._quantizers[key]
 
     def _read_choices(self) -> None:
-        if self._stored_choices is not None and self._stored_choices.is_file():
+        """The stored choices, each validated as a WeightQuantizer; a file that does not parse is ignored
+        (the choices are made again and the file replaced)."""
+        if self._stored_choices is None or not self._stored_choices.is_file():
+            return
+        try:
             for key, (scale_factor, threshold) in json.loads(self._stored_choices.read_text()).items():
                 layer, bits, grid = key.rsplit("|", 2)
                 self._quantizers[layer, int(bits), grid] = WeightQuantizer(
                     int(bits), grid, self.method, scale_factor, threshold, self.per_channel)
+        except (ValueError, TypeError, UserError):
+            self._quantizers.clear()
 
     def _write_choices(self) -> None:
         choices = {f"{layer}|{bits}|{grid}": [q.scale_factor, q.threshold]

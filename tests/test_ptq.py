@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from oaq_search.bn_correction import BatchNormCorrector
+from oaq_search.cache import default_cache_dir
 from oaq_search.cli import main
 from oaq_search.data import load_cifar10
 from oaq_search.evaluate import accuracy, logits, reference_accuracy, reusing
@@ -125,6 +126,12 @@ def test_the_full_precision_accuracy_is_read_back_from_the_cache(monkeypatch, sy
     model.linear.bias.data += 1.0  # other weights: a new entry, computed
     with pytest.raises(pytest.fail.Exception, match="computed again"):
         reference_accuracy(model, split)
+    monkeypatch.undo()
+    for stored in default_cache_dir().glob("accuracy-*.json"):
+        stored.write_text("{ half a file")  # a cache that does not parse is computed again, not an error
+    value = reference_accuracy(model, split)
+    monkeypatch.setattr("oaq_search.evaluate.accuracy", lambda *args: pytest.fail("computed again"))
+    assert reference_accuracy(model, split) == value  # and written back whole
 
 
 def test_quantize_command_writes_a_safe_packed_model(tmp_path, synthetic_cifar, capsys):
@@ -194,6 +201,10 @@ def test_outlier_settings_chosen_on_calibration_images_are_read_back_from_the_ca
     assert PlanFactory("resnet20", model, graph, calibration=images, cache_dir=tmp_path).uniform(3).key() == chosen.key()
     with pytest.raises(pytest.fail.Exception, match="chosen again"):  # other images: chosen afresh
         PlanFactory("resnet20", model, graph, calibration=images[:8], cache_dir=tmp_path).uniform(3)
+    monkeypatch.undo()
+    for stored in tmp_path.glob("outliers-*.json"):
+        stored.write_text('{"conv1|8|uniform": [7.0, 1.0]}')  # s outside [0, 1]: ignored, chosen afresh
+    assert PlanFactory("resnet20", model, graph, calibration=images, cache_dir=tmp_path).uniform(3).key() == chosen.key()
 
 
 @pytest.mark.shared
