@@ -147,3 +147,15 @@ def test_measuring_each_move_from_its_groups_first_block_gives_the_same_scores(s
     reused = measure_group_sensitivity(quantize, counts, model, probe, False, prefix, groups)
     assert np.isfinite(full).sum() > 5 and np.allclose(reused, full, rtol=1e-5, atol=1e-8)
     assert len(runs) < full_runs / 2  # most moves start past layer1.0
+
+
+def test_the_prefix_cache_takes_a_quarter_of_free_memory_within_its_bounds(tmp_path):
+    from oaq_search import prefix
+
+    assert prefix.MIN_BYTES <= prefix.memory_budget() <= prefix.MAX_BYTES
+    meminfo = tmp_path / "meminfo"
+    cases = ((12 * 1024**2, 3 * 1024**3), (1024**2, prefix.MIN_BYTES), (64 * 1024**2, prefix.MAX_BYTES))  # KiB free
+    for available_kib, budget in cases:
+        meminfo.write_text(f"MemTotal: 99999999 kB\nMemAvailable: {available_kib} kB\n")
+        assert prefix.memory_budget(str(meminfo)) == budget
+    assert prefix.memory_budget(str(tmp_path / "missing")) == prefix.MIN_BYTES
