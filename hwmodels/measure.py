@@ -79,13 +79,13 @@ def measure_local_cpu(model: nn.Module, graph: LayerGraph, input_shape: tuple[in
         model_s = median_seconds(lambda: model(images), repeats)
     description = (f"measured on this machine, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                    f"engine {torch.backends.quantized.engine}")
-    return target_table("local-cpu", description, entries, max(model_s - float_total, 0.0), [8, 32], 32)
+    return target_table("local-cpu", description, entries, model_s - float_total, [8, 32], 32)
 
 
 def target_table(name: str, description: str, entries: list[dict], other_ops_s: float, activation_bits: list[int],
                  default_activation_bits: int) -> dict:
-    """A measured target (TOML-ready dict): exact per-layer `entries`, and per op a MACs-per-second rate for
-    int8 and float from their sums (the fallback for shapes not measured)."""
+    """A measured target (TOML-ready dict): exact per-layer `entries`, `other_ops_s` (never below 0), and per
+    op a MACs-per-second rate for int8 and float from their sums (the fallback for shapes not measured)."""
     def rate(bits: int) -> dict:
         timed = [e for e in entries if e["activation_bits"] == bits and e["weight_bits"] == 8]
         return {"macs_per_s": sum(e["macs"] for e in timed) / max(sum(e["latency_s"] for e in timed), 1e-12)}

@@ -2,14 +2,14 @@
 
 Each layer shape is exported alone, as `oaq-search deploy` writes it inside a model, and timed in ONNX
 Runtime (CPU provider) at one batch size, two ways: with a quantized input (ONNX Runtime fuses it into
-QLinearConv / QGemm) and with a float input (a float kernel on the dequantized weight, what a layer the
-plan gives no input bits becomes). Weights and inputs of 2 to 8 bits all run on those int8 kernels, so
+QLinearConv / QGemm) and with a float input (a float kernel on the layer's weights in float, what a
+layer the plan gives no input bits becomes). Weights and inputs of 2 to 8 bits all run on those int8 kernels, so
 the table lists one time for them all; 32 means a float input. What one `run` call on the layer's input
 costs on its own (an Identity model) is taken off each. Two whole models, timed the same way, tie the
 layers to what a model costs: `other_ops_s` is the all-float model's time less its layers' (BatchNorm
 is folded: the adds, activations, pooling and one call), and the 8-bit times are scaled so that they
 and `other_ops_s` add up to the all-8-bit model's (a layer alone pays its own quantize and dequantize
-calls, which integer layers in a row share: at batch 1 that was 40 % of their time).
+calls, which integer layers in a row share).
 """
 
 from __future__ import annotations

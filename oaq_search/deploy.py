@@ -12,8 +12,8 @@ folded by the exporter) and the quantization is written into the graph afterward
   -> DequantizeLinear, exactly the fake quantizer's grid and range;
 - a layer the plan gives no input bits keeps its float input and gets the plan's weights in float32:
   ONNX Runtime has no integer kernel for it, and a DequantizeLinear before its float kernel ran on
-  every call (ResNet-20 weight-only: 2.9x the float model's latency at batch 1). Which layers get
-  integer kernels is what a latency budget on a measured ONNX Runtime table trades for accuracy;
+  every call (ResNet-20 weight-only: 2.9x the float model's latency at batch 1). A measured ONNX Runtime
+  table (`hw measure --runtime onnxruntime`) prices a plan by which layers get integer kernels;
 - its output: int8 QuantizeLinear -> DequantizeLinear at the range calibration images reach, because
   ONNX Runtime fuses a layer into an integer kernel only when its output is requantized.
 """

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..cache import cache_file
+from ..cache import cached_json
 from ..data import ImageSplit
 from ..files import write_text_atomically
 from ..graph import LayerGraph
@@ -96,30 +96,23 @@ def compute_sensitivity(model: nn.Module, graph: LayerGraph, metrics: Iterable[s
     bits, methods = list(bits), list(methods)
     modules = dict(model.named_modules())
     weights = {name: modules[name].weight.detach() for name in graph.names}
-    cache = _cache_path(cache_dir, weights, metrics, bits, methods, grid, data)
-    if cache is not None and cache.is_file():
-        return SensitivityTable.load(cache)
-
-    started = time.perf_counter()
-    quantized = {(layer, method, b): fake_quantize_weight(
-                     weights[layer], choose_outlier_settings(weights[layer], WeightQuantizer(b, grid, method)), layer)
-                 for layer in graph.names for method in methods for b in bits}
-    seconds = {"quantize": time.perf_counter() - started}
-    scores: dict[str, dict[str, list[list[float]]]] = {}
-    for metric in metrics:
-        started = time.perf_counter()
-        metric.prepare(model, graph, data)
-        scores[metric.name] = {method: [[metric.score(layer, weights[layer], quantized[layer, method, b]) for b in bits]
-                                        for layer in graph.names] for method in methods}
-        seconds[metric.name] = time.perf_counter() - started
-    table = SensitivityTable(list(graph.names), bits, grid, scores, seconds)
-    if cache is not None:
-        table.save(cache)
-    return table
-
-
-def _cache_path(cache_dir, weights, metrics, bits, methods, grid, data) -> Path | None:
     settings = {"metrics": [m.name for m in metrics], "bits": bits, "methods": methods, "grid": grid,
                 "data": data.fingerprint() if data is not None and any(m.needs_data for m in metrics) else None,
                 "version": _FORMAT_VERSION}
-    return cache_file(cache_dir, weights, settings)
+
+    def measure() -> dict:
+        started = time.perf_counter()
+        quantized = {(layer, method, b): fake_quantize_weight(
+                         weights[layer], choose_outlier_settings(weights[layer], WeightQuantizer(b, grid, method)), layer)
+                     for layer in graph.names for method in methods for b in bits}
+        seconds = {"quantize": time.perf_counter() - started}
+        scores: dict[str, dict[str, list[list[float]]]] = {}
+        for metric in metrics:
+            started = time.perf_counter()
+            metric.prepare(model, graph, data)
+            scores[metric.name] = {method: [[metric.score(layer, weights[layer], quantized[layer, method, b])
+                                             for b in bits] for layer in graph.names] for method in methods}
+            seconds[metric.name] = time.perf_counter() - started
+        return asdict(SensitivityTable(list(graph.names), bits, grid, scores, seconds))
+
+    return SensitivityTable(**cached_json(weights, settings, "", measure, cache_dir))
