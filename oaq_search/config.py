@@ -244,6 +244,10 @@ class PtqConfig:
     device: str = "auto"  # auto (cuda when there is one) | cpu | cuda[:N]
     seed: int = 0
 
+    def settings(self) -> dict | None:
+        """What the reconstructed model depends on (not where it ran); None when rounding to nearest."""
+        return {k: v for k, v in to_dict(self).items() if k != "device"} if self.reconstruct else None
+
     def __post_init__(self):
         for name in ("images", "iterations", "batch_size"):
             if getattr(self, name) < 1:

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class FinetuneResult:
     history: list[dict[str, float]]
     files: dict[str, Path] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)  # test accuracies, filled by the caller
+    start_scores: dict[str, float] | None = None  # `score_start` of the post-training model, measured once, saved
 
     @property
     def seconds(self) -> float:
@@ -60,12 +62,14 @@ class FinetuneResult:
 
 def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfig, output_dir: str | Path,
              progress: bool | None = None, reconstruction: PtqConfig | None = None,
-             quantized: nn.Module | None = None) -> FinetuneResult:
+             quantized: nn.Module | None = None,
+             score_start: Callable[[nn.Module], dict[str, float]] | None = None) -> FinetuneResult:
     """Fine-tune `model` (full precision) quantized by `plan`; files go to `output_dir`.
 
     Starts from post-training quantization, reconstructed when `reconstruction` says so (`quantized`, when
     given, is that start already made). Resumes from `output_dir`'s saved state when it was made with the
-    same plan and settings.
+    same plan and settings. `score_start`, when given, scores the start before training; its score is
+    saved with the state, so a resumed fine-tune needs neither the start model nor its reconstruction.
     """
     if config.mode == "none":
         raise UserError("finetune mode is 'none': choose 'scale' (learn OAQ's s) or 'qat' (train the weights too)")
@@ -75,7 +79,7 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
     identity = {"plan": plan.key(), "model": plan.model, "finetune": settings}
     reconstructed = reconstruction is not None and reconstruction.reconstruct
     if reconstructed:
-        identity["reconstruction"] = {k: v for k, v in to_dict(reconstruction).items() if k != "device"}
+        identity["reconstruction"] = reconstruction.settings()
     fingerprint = json.dumps(identity, sort_keys=True)
     saved = _saved_state(state_path, fingerprint)
     if quantized is None:  # a saved state holds the reconstructed rounding: no need to learn it again
@@ -83,6 +87,10 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
                                            progress=progress)
     else:
         quantized = copy.deepcopy(quantized)
+    if saved:  # `quantized` is not the start yet: its learned rounding comes with the saved state
+        start_scores = saved.get("start_scores")
+    else:
+        start_scores = score_start(quantized) if score_start else None
     torch.manual_seed(config.seed)
     quantized.requires_grad_(False)
     optimizers = _optimizers(quantized, config)
@@ -108,7 +116,7 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
         note(f"finetune epoch {epoch + 1}/{config.epochs}: loss {loss:.4f}, train {train_accuracy:.2f} %, "
              f"search split {history[-1]['search_accuracy']:.2f} %, {seconds:.0f} s "
              f"({history[-1]['images_per_second']:.0f} images/s)", progress)
-        _save_state(state_path, fingerprint, quantized, optimizers, schedulers, history)
+        _save_state(state_path, fingerprint, quantized, optimizers, schedulers, history, start_scores)
     quantized.to("cpu", memory_format=torch.contiguous_format)
     tuned = learned_plan(quantized, plan)
     tuned.metadata = {**plan.metadata, "finetune": {**to_dict(config), "history": history}}
@@ -122,7 +130,7 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
     tuned.metadata["finetune"]["checkpoint"] = str(files["checkpoint"])
     pack_model(quantized, tuned, files["packed"])
     tuned.save(files["plan"])
-    return FinetuneResult(quantized, tuned, history, files)
+    return FinetuneResult(quantized, tuned, history, files, start_scores=start_scores)
 
 
 def training_images(splits: Splits, train_split: str) -> ImageSplit:
@@ -203,9 +211,10 @@ def _refresh(model: nn.Module) -> None:
         layer.refresh()
 
 
-def _save_state(path: Path, fingerprint: str, model, optimizers, schedulers, history) -> None:
+def _save_state(path: Path, fingerprint: str, model, optimizers, schedulers, history, start_scores) -> None:
     """Everything needed to resume after the last finished epoch, written atomically."""
     save_atomically({"fingerprint": fingerprint, "model": model.state_dict(), "history": history,
+                     "start_scores": start_scores,
                      "optimizers": [o.state_dict() for o in optimizers],
                      "schedulers": [s.state_dict() for s in schedulers]}, path)
 

@@ -183,16 +183,29 @@ def finetune_and_test(model: nn.Module, plan: Plan, splits: Splits, config: Fine
     `reconstruction` says so), then score full precision, post-training and fine-tuned on the test split.
 
     The three accuracies go into the result's `scores` and the fine-tuned plan's metadata; the first
-    two are taken from the plan when `finish` already scored it on the same test images. The
-    post-training model is made once, for both the fine-tune's start and its score."""
+    two are taken from the plan when `finish` already scored it on the same test images and in the same
+    way. The post-training score is measured once, before training, and kept in the fine-tune's saved
+    state, so a resumed fine-tune neither rebuilds nor reconstructs its start."""
     test_split = splits.test.subset(test_images or len(splits.test))
-    scored = plan.metadata.get("test_images") == len(test_split)
-    reconstructing = reconstruction is not None and reconstruction.reconstruct
-    if quantized is None and (reconstructing or not scored):
-        quantized = post_training_quantize(model, plan, splits.search, reconstruction=reconstruction, progress=progress)
-    result = finetune(model, plan, splits, config, output_dir, progress, reconstruction, quantized)
+    made_by = plan.metadata.get("reconstruction")  # the settings `reconstruct_plan` wrote, device included
+    made_by = PtqConfig(**made_by).settings() if made_by else None
+    scored = (plan.metadata.get("test_images") == len(test_split)
+              and made_by == (reconstruction.settings() if reconstruction else None))
+
+    def score_start(start: nn.Module) -> dict[str, float]:
+        return {"test_images": len(test_split), "ptq_test_accuracy": accuracy(start, test_split, progress=progress)}
+
+    result = finetune(model, plan, splits, config, output_dir, progress, reconstruction, quantized,
+                      score_start=None if scored else score_start)
+    start = result.start_scores or {}
+    if scored:
+        ptq = plan.metadata["test_accuracy"]
+    elif start.get("test_images") == len(test_split):
+        ptq = start["ptq_test_accuracy"]
+    else:  # resumed from a state saved without this score, or with another number of test images
+        ptq = score_start(post_training_quantize(model, plan, splits.search, reconstruction=reconstruction,
+                                                 progress=progress))["ptq_test_accuracy"]
     fp = plan.metadata["fp_test_accuracy"] if scored else reference_accuracy(model, test_split, progress=progress)
-    ptq = plan.metadata["test_accuracy"] if scored else accuracy(quantized, test_split, progress=progress)
     result.scores = {"fp_test_accuracy": fp, "ptq_test_accuracy": ptq,
                      "test_accuracy": accuracy(result.model, test_split, progress=progress),
                      "test_images": len(test_split)}

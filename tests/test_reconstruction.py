@@ -17,12 +17,11 @@ from oaq_search.config import FinetuneConfig, PtqConfig
 from oaq_search.data import load_cifar10
 from oaq_search.deploy import export_onnx, from_packed, reference_model
 from oaq_search.errors import UserError
-from oaq_search.evaluate import logits
+from oaq_search.evaluate import accuracy, logits
 from oaq_search.fake_quant import QuantizedLayer, quantize_, quantized_layers
-from oaq_search.finetuning import finetune
 from oaq_search.oaq import WeightQuantizer, fake_quantize_weight, normalized_grid_input, quantize_weight
 from oaq_search.packing import load_packed, pack_model
-from oaq_search.pipeline import layer_graph, load_model
+from oaq_search.pipeline import finetune_and_test, layer_graph, load_model
 from oaq_search.plan import Plan
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import post_training_quantize, reconstruct_plan
@@ -179,10 +178,14 @@ def test_a_fine_tune_from_a_reconstructed_model_keeps_its_rounding_and_resumes_w
     ptq = PtqConfig(reconstruct=True, images=32, iterations=8, learning_rate=0.05)
     config = FinetuneConfig(mode="scale", epochs=2, batch_size=16, images_per_epoch=32)
     with second_epoch_interrupted():
-        finetune(model, plan, splits, config, tmp_path, progress=False, reconstruction=ptq)
+        finetune_and_test(model, plan, splits, config, tmp_path, test_images=64, progress=False, reconstruction=ptq)
+    start = post_training_quantize(model, plan, splits.search, reconstruction=ptq, progress=False)
     monkeypatch.setattr(ptq_module, "reconstruct", lambda *args, **kwargs: pytest.fail("reconstructed again"))
-    resumed = finetune(model, plan, splits, config, tmp_path, progress=False, reconstruction=ptq)
+    resumed = finetune_and_test(model, plan, splits, config, tmp_path, test_images=64, progress=False,
+                                reconstruction=ptq)
     assert resumed.plan.metadata["reconstruction"]["iterations"] == 8
+    # the post-training score is the reconstructed start's, saved before the interruption
+    assert resumed.scores["ptq_test_accuracy"] == accuracy(start, splits.test.subset(64), progress=False)
     learned = [layer for layer in quantized_layers(resumed.model) if layer.round_up is not None]
     assert learned
     packed = load_packed(resumed.files["packed"])
