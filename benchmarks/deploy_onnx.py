@@ -6,9 +6,11 @@ images and how often both give the same class, the share of convolutions and lin
 runs as integer kernels, the file size, and latency against the float ONNX model at batch 1 and 64
 (--threads, the two timed in alternation). Plans: uniform OAQ at the --uniform settings (WxAy) and,
 for models in --search-models, the search at average weight bits --search-bits with 8-bit activations.
+--weights: int8 containers (integer kernels) and/or packed (int2/int4/int8 codes, run dequantized).
 
     python benchmarks/deploy_onnx.py --models resnet20 tiny_mobilenet --search-models resnet20
     python benchmarks/deploy_onnx.py --models resnet56 --uniform W8A8 W4A8
+    python benchmarks/deploy_onnx.py --models resnet20 --uniform W8A8 W4A8 W2A8 --search-models none --weights packed
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from search_quality import budget_bytes
 import oaq_search as oaq
 from oaq_search.checkpoints import load_checkpoint
 from oaq_search.data import load_cifar10
-from oaq_search.deploy import export_float_onnx, export_onnx
+from oaq_search.deploy import WEIGHT_FORMATS, export_float_onnx, export_onnx
 from oaq_search.evaluate import logits, top1
 from oaq_search.graph import build_layer_graph
 from oaq_search.pipeline import load_model
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=LATENCY_ROUNDS)
+    parser.add_argument("--weights", nargs="+", choices=WEIGHT_FORMATS, default=["int8"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     splits = load_cifar10(SHARED / "data" / "cifar10", 5000)
@@ -63,9 +66,10 @@ def main() -> None:
             plans.update(_search_plans(name, model, splits, args))
         fp = top1(logits(model, test), test)
         for label, plan in plans.items():
-            rows.append({"model": name, "plan": label, "fp_test": fp, **_deploy(model, plan, splits, test,
-                                                                                  calibration, args)})
-            print(rows[-1], flush=True)
+            for weights in args.weights:
+                rows.append({"model": name, "plan": label, "weights": weights, "fp_test": fp,
+                             **_deploy(model, plan, splits, test, calibration, weights, args)})
+                print(rows[-1], flush=True)
     _write(rows, args)
 
 
@@ -91,13 +95,13 @@ def _search_plans(name: str, model, splits, args) -> dict:
     return plans
 
 
-def _deploy(model, plan, splits, test, calibration, args) -> dict:
+def _deploy(model, plan, splits, test, calibration, weights: str, args) -> dict:
     quantized = post_training_quantize(model, plan, splits.search)
     torch_logits = logits(quantized, test)
     with tempfile.TemporaryDirectory() as scratch:
         deployed, baseline = Path(scratch) / "model.onnx", Path(scratch) / "float.onnx"
         started = time.perf_counter()
-        export_onnx(quantized, plan, calibration, deployed)
+        export_onnx(quantized, plan, calibration, deployed, weights=weights)
         export_seconds = time.perf_counter() - started
         export_float_onnx(model, calibration, baseline)
         ort_logits = onnx_logits(deployed, test, threads=args.threads)
@@ -115,11 +119,11 @@ def _deploy(model, plan, splits, test, calibration, args) -> dict:
 
 
 def _write(rows: list[dict], args) -> None:
-    table = ["| model | plan | PyTorch test (change vs FP) | ONNX Runtime test | ORT - PyTorch | same class | "
+    table = ["| model | plan | weights | PyTorch test (change vs FP) | ONNX Runtime test | ORT - PyTorch | same class | "
              "integer kernels | ONNX KiB (float) | batch 1 ms (float, speedup) | batch 64 ms (float, speedup) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        table.append(f"| {r['model']} | {r['plan']} | {r['torch_test']:.2f} ({r['torch_test'] - r['fp_test']:+.2f}) | "
+        table.append(f"| {r['model']} | {r['plan']} | {r.get('weights', 'int8')} | {r['torch_test']:.2f} ({r['torch_test'] - r['fp_test']:+.2f}) | "
                      f"{r['ort_test']:.2f} | {r['ort_minus_torch']:+.2f} | {100 * r['same_class']:.1f} % | "
                      f"{r['integer_kernels']} of {r['integer_kernels'] + r['float_kernels']} | "
                      f"{r['onnx_kib']:.0f} ({r['float_onnx_kib']:.0f}) | {r['batch1_ms']:.2f} ({r['batch1_float_ms']:.2f}, "
@@ -129,7 +133,8 @@ def _write(rows: list[dict], args) -> None:
                  f"alternating runs per batch size; {args.test_images} test images.")
     text = "\n".join(table)
     print(text)
-    print(f"written to {write_results('deploy_onnx_' + '_'.join(args.models), rows, text)}")
+    name = "_".join(["deploy_onnx", *args.models, *([] if args.weights == ["int8"] else args.weights)])
+    print(f"written to {write_results(name, rows, text)}")
 
 
 def _ort_version() -> str:

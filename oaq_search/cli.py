@@ -158,6 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--study", help="take the model (a factory) and data from this study file")
     deploy.add_argument("--model", help="registered model name (default: the plan's)")
     deploy.add_argument("--data-root", help="CIFAR-10 root: calibration images fix each layer's int8 output range")
+    deploy.add_argument("--weights", choices=("int8", "packed"), default="int8",
+                        help="int8: codes in int8, which ONNX Runtime runs as integer kernels (default); packed: "
+                             "each layer's codes as int2/int4/int8 for the file's true size, exactly the plan's "
+                             "model, which ONNX Runtime runs dequantized, as float kernels")
     deploy.add_argument("--check", action="store_true", help="run it in ONNX Runtime: test accuracy beside "
                                                              "PyTorch's, integer kernels, latency against float")
     deploy.add_argument("--test-images", type=positive, help="score --check on the first N test images (default all)")

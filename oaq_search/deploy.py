@@ -16,6 +16,9 @@ folded by the exporter) and the quantization is written into the graph afterward
   table (`hw measure --runtime onnxruntime`) prices a plan by which layers get integer kernels;
 - its output: int8 QuantizeLinear -> DequantizeLinear at the range calibration images reach, because
   ONNX Runtime fuses a layer into an integer kernel only when its output is requantized.
+`weights="packed"` writes the plan's exact model at its true size instead: each layer's codes as int2,
+int4 or int8, dequantized and offset in the graph, inputs quantized as above, outputs left in float.
+ONNX Runtime runs it with float kernels (dequantizing the weights on every call).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from .plan import Plan
 
 OPSET = 17  # QDQ with per-channel weights needs 13; 17 is the newest the TorchScript exporter fully supports
 INT8_MAX = 127
+WEIGHT_FORMATS = ("int8", "packed")  # int8 containers ONNX Runtime fuses into integer kernels | exact-size codes
+PACKED_OPSET = {2: 25, 4: 21, 8: OPSET}  # container bits -> the first opset whose DequantizeLinear reads them
 
 
 @dataclass
@@ -107,26 +112,36 @@ def reference_model(model: nn.Module, layers: dict[str, DeployableLayer]) -> nn.
 
 
 def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | Path,
-                layers: dict[str, DeployableLayer] | None = None) -> None:
+                layers: dict[str, DeployableLayer] | None = None, weights: str = "int8") -> None:
     """Write `model` (fake-quantized by `plan`, or a plain model with `layers` given) as QDQ ONNX to `path`.
 
     `images`, a batch of calibration images (a few hundred), fixes the input shape and each quantized
-    layer's int8 output range. The file is written whole or not at all."""
+    layer's int8 output range. `weights="packed"` stores each layer's codes in the narrowest ONNX integer
+    type (int2, int4 or int8) instead, for the file's true size: exactly the plan's model, which ONNX
+    Runtime runs with float kernels on the dequantized weights. The file is written whole or not at all."""
     import onnx
 
+    if weights not in WEIGHT_FORMATS:
+        raise UserError(f"unknown weight format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
     layers = deployable_layers(model) if layers is None else layers
     _check_layers(plan, layers)
     plain = unwrap(model)
-    integer = {name: _integer_weight(name, layer) for name, layer in layers.items() if layer.input_range is not None}
+    if weights == "packed":
+        stored = {name: _packed_weight(name, layer) for name, layer in layers.items()}
+    else:
+        stored = {name: _integer_weight(name, layer) for name, layer in layers.items() if layer.input_range is not None}
     modules = dict(plain.named_modules())
     with torch.no_grad():
         for name, layer in layers.items():
-            weight = integer[name].representable() if name in integer else _planned_weight(layer)
+            weight = stored[name].representable(weights == "packed") if name in stored else _planned_weight(layer)
             modules[name].weight.copy_(torch.from_numpy(weight).to(modules[name].weight.dtype))
     graph = _export_float(plain, images[:1])
-    residuals = _quantize_weights_and_inputs(graph, {name: layers[name] for name in integer}, integer)
-    _compensate_residuals(graph, residuals, images)
-    _quantize_outputs(graph, images)
+    residuals = _quantize_weights_and_inputs(graph, layers, stored, exact=weights == "packed")
+    if weights == "packed":
+        graph = _with_opset(graph, PACKED_OPSET[min(weight.bits for weight in stored.values())])
+    else:
+        _compensate_residuals(graph, residuals, images)
+        _quantize_outputs(graph, images)
     onnx.checker.check_model(graph)
     _save(graph, path)
 
@@ -151,24 +166,24 @@ def _check_layers(plan: Plan, layers: dict[str, DeployableLayer]) -> None:
 
 @dataclass
 class IntegerWeight:
-    """A layer's weight as step_c * codes + residual_c (per output channel), codes in int8."""
+    """A layer's weight as step_c * codes + offset_c (per output channel), the codes in a `bits`-bit integer."""
 
-    codes: np.ndarray
+    codes: np.ndarray  # int8 values within the container's range
     step: np.ndarray
-    residual: np.ndarray  # what the codes leave of OAQ's offset mu, |residual| <= step / 2
+    offset: np.ndarray  # int8 export: what the codes leave of OAQ's mu (<= step / 2), for the bias; packed: exact
+    bits: int = 8  # the container: 2, 4 or 8
 
-    def representable(self) -> np.ndarray:
-        return self.step.reshape((-1,) + (1,) * (self.codes.ndim - 1)) * self.codes
+    def representable(self, with_offset: bool = False) -> np.ndarray:
+        shape = (-1,) + (1,) * (self.codes.ndim - 1)
+        return self.step.reshape(shape) * self.codes + (self.offset.reshape(shape) if with_offset else 0)
 
 
 def _integer_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
     """The plan's codes on the grid's integer lattice, each channel refined by the factor that leaves
     the least of mu (the codes stay within int8). An 8-bit layer's 255 levels fill int8 with no room for
     mu: its weights are rounded afresh onto int8's own grid, what is left of each channel's mean kept."""
-    low, high = grids.code_range(layer.grid, layer.bits)
-    levels = grids.codes_to_values(torch.arange(low, high + 1, dtype=torch.float64), layer.grid, layer.bits).numpy()
-    lattice = next((m for m in range(1, 2 * INT8_MAX + 2) if np.abs(levels * m - np.round(levels * m)).max() < 1e-6),
-                   None)
+    levels = _levels(layer)
+    lattice = _lattice(levels)
     values = grids.codes_to_values(layer.weight.codes.to(torch.float64), layer.grid, layer.bits).numpy()
     if lattice is not None and layer.bits == 8 and 2 * np.abs(levels * lattice).max() > INT8_MAX:
         return _rounded_afresh(layer)
@@ -190,6 +205,43 @@ def _integer_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
     shape = (-1,) + (1,) * (ints.ndim - 1)
     codes = (ints * factor.reshape(shape) + shift.reshape(shape)).astype(np.int8)
     return IntegerWeight(codes, step, offset - shift * step)
+
+
+def _levels(layer: DeployableLayer) -> np.ndarray:
+    """The grid's levels, one per code from the lowest up."""
+    low, high = grids.code_range(layer.grid, layer.bits)
+    return grids.codes_to_values(torch.arange(low, high + 1, dtype=torch.float64), layer.grid, layer.bits).numpy()
+
+
+def _lattice(levels: np.ndarray) -> int | None:
+    """The smallest integer m that makes every level times m an integer (None past int8's reach)."""
+    return next((m for m in range(1, 2 * INT8_MAX + 2) if np.abs(levels * m - np.round(levels * m)).max() < 1e-6), None)
+
+
+def _packed_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
+    """The plan's weights exactly, in the narrowest signed container that holds their integers: an evenly
+    spaced grid (uniform, midrise) stores its codes, its own offset joining mu's; PoT and IPoT store their
+    levels on an integer lattice."""
+    levels = _levels(layer)
+    low = grids.code_range(layer.grid, layer.bits)[0]
+    unit = levels[1] - levels[0]
+    channels = layer.weight.codes.shape[0]
+    if np.allclose(levels, levels[0] + unit * np.arange(len(levels)), rtol=0, atol=1e-12):
+        ints, base = layer.weight.codes.numpy().astype(np.int64), levels[0] - unit * low
+    else:
+        lattice = _lattice(levels)
+        if lattice is None:
+            raise UserError(f"layer {name}: the {layer.grid} grid at {layer.bits} bits has levels no integer type holds "
+                            f"exactly; deploy plans on the uniform or midrise grid, or pot/ipot at 4 bits or fewer")
+        values = grids.codes_to_values(layer.weight.codes.to(torch.float64), layer.grid, layer.bits).numpy()
+        ints, unit, base = np.round(values * lattice).astype(np.int64), 1.0 / lattice, 0.0
+    bits = next((b for b in PACKED_OPSET if -(2 ** (b - 1)) <= ints.min() and ints.max() < 2 ** (b - 1)), None)
+    if bits is None:
+        raise UserError(f"layer {name}: the {layer.grid} grid at {layer.bits} bits needs integers beyond int8; "
+                        f"deploy it without --weights packed")
+    scale = np.broadcast_to(layer.weight.scale.double().numpy(), (channels,))
+    offset = np.broadcast_to(layer.weight.offset.double().numpy(), (channels,))
+    return IntegerWeight(ints.astype(np.int8), scale * unit, scale * base + offset, bits)
 
 
 def _planned_weight(layer: DeployableLayer) -> np.ndarray:
@@ -239,47 +291,81 @@ def _layer_of(node, names: set[str]) -> str | None:
     return name if name in names else None
 
 
-def _quantize_weights_and_inputs(graph, layers: dict[str, DeployableLayer],
-                                 integer: dict[str, IntegerWeight]) -> list[tuple[object, np.ndarray]]:
-    """Each integer layer's Conv/Gemm: int8 codes through DequantizeLinear, its input through its quantizer.
-    Returns the nodes whose codes left part of mu, with that part per output channel (BatchNorm folded)."""
+def _quantize_weights_and_inputs(graph, layers: dict[str, DeployableLayer], stored: dict[str, IntegerWeight],
+                                 exact: bool) -> list[tuple[object, np.ndarray]]:
+    """Each stored layer's Conv/Gemm: its codes through DequantizeLinear, its input (when the plan gives it
+    bits) through its quantizer. `exact`: each channel's offset is added after dequantization; otherwise
+    returns the nodes whose codes left part of mu, with that part per output channel (BatchNorm folded)."""
     from onnx import helper, numpy_helper
 
     initializers = {init.name: init for init in graph.graph.initializer}
     found, chains, residuals = set(), {}, []
     for node in list(graph.graph.node):
-        name = _layer_of(node, set(layers)) if node.op_type in ("Conv", "Gemm") else None
+        name = _layer_of(node, set(stored)) if node.op_type in ("Conv", "Gemm") else None
         if name is None:
             continue
-        weight = integer[name]
+        weight = stored[name]
         folded = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
         if folded.shape != weight.codes.shape:
             raise UserError(f"layer {name}: the exported weight has shape {folded.shape}, the plan's codes "
                             f"{weight.codes.shape}: the plan is for another model")
-        planned = weight.representable().reshape(len(folded), -1)
+        planned = weight.representable(exact).reshape(len(folded), -1)
         flat = folded.reshape(len(folded), -1)
         gain = (flat * planned).sum(1) / np.maximum((planned**2).sum(1), 1e-30)  # BatchNorm folded in by the exporter
         if np.abs(gain.reshape(-1, 1) * planned - flat).max() > 1e-4 * max(np.abs(flat).max(), 1e-12):
             raise UserError(f"layer {name}: the exported weight is not the plan's weight times a per-channel factor")
         shape = (-1,) + (1,) * (folded.ndim - 1)
-        codes = (weight.codes * np.sign(gain + (gain == 0)).reshape(shape)).astype(np.int8)  # scales stay positive
-        scale = np.maximum(np.abs(gain) * weight.step, 1e-30).astype(np.float32)
-        prefix = f"{name}.weight"
+        if exact:  # no integer kernel reads these scales: a negative one (a negative BatchNorm gain) is fine
+            codes, scale = weight.codes, (gain * weight.step).astype(np.float32)
+        else:  # ONNX Runtime's integer kernels want positive scales
+            codes = (weight.codes * np.sign(gain + (gain == 0)).reshape(shape)).astype(np.int8)
+            scale = np.maximum(np.abs(gain) * weight.step, 1e-30).astype(np.float32)
+        prefix, container = f"{name}.weight", _container(weight.bits)
         graph.graph.initializer.remove(initializers[node.input[1]])
-        _insert(graph, node, [helper.make_node(
-            "DequantizeLinear", [_constant(graph, f"{prefix}.codes", codes), _constant(graph, f"{prefix}.scale", scale),
-                                 _constant(graph, f"{prefix}.zero", np.zeros(len(scale), np.int8))],
-            [f"{prefix}.dequantized"], axis=0)])
+        dequantize = [helper.make_node(
+            "DequantizeLinear", [_constant(graph, f"{prefix}.codes", codes.astype(container)),
+                                 _constant(graph, f"{prefix}.scale", scale),
+                                 _constant(graph, f"{prefix}.zero", np.zeros(len(scale), container))],
+            [f"{prefix}.dequantized"], axis=0)]
         node.input[1] = f"{prefix}.dequantized"
-        node.input[0] = _input_chain(graph, node, layers[name], chains)
-        if np.abs(weight.residual).max() > 0:
-            residuals.append((node, gain * weight.residual))
+        if exact and np.abs(weight.offset).max() > 0:
+            offset = _constant(graph, f"{prefix}.offset", (gain * weight.offset).reshape(shape).astype(np.float32))
+            dequantize.append(helper.make_node("Add", [f"{prefix}.dequantized", offset], [f"{prefix}.planned"]))
+            node.input[1] = f"{prefix}.planned"
+        _insert(graph, node, dequantize)
+        if layers[name].input_range is not None:
+            node.input[0] = _input_chain(graph, node, layers[name], chains)
+        if not exact and np.abs(weight.offset).max() > 0:
+            residuals.append((node, gain * weight.offset))
         found.add(name)
-    missing = sorted(set(layers) - found)
+    missing = sorted(set(stored) - found)
     if missing:
         raise UserError(f"layer {missing[0]} is not a Conv or Gemm in the exported graph: the exporter does not know "
                         f"how to place its quantization")
     return residuals
+
+
+def _container(bits: int):
+    """The numpy type of a `bits`-bit signed integer, as onnx packs it (ml_dtypes comes with onnx)."""
+    import ml_dtypes
+
+    return {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}[bits]
+
+
+def _with_opset(graph, opset: int):
+    """`graph` converted to `opset` (int4 weights need 21, int2 25), with the IR version that opset needs and
+    without the converter's inferred shapes, which only add to the file."""
+    import onnx
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(graph, opset)
+    except Exception as error:
+        raise UserError(f"the exported graph cannot be converted to ONNX opset {opset} for packed weights "
+                        f"({str(error).splitlines()[0][:200]}): deploy without --weights packed") from None
+    converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(list(converted.opset_import)))
+    del converted.graph.value_info[:]
+    return converted
 
 
 def _compensate_residuals(graph, residuals: list[tuple[object, np.ndarray]], images: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
 """Deploying: the packed model as QDQ ONNX that ONNX Runtime runs with integer kernels (real ORT, no mocks)."""
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from oaq_search.cli import main
-from oaq_search.deploy import DeployableLayer, _integer_weight, export_onnx
+from oaq_search.deploy import DeployableLayer, _integer_weight, _packed_weight, export_onnx
 from oaq_search.errors import UserError
 from oaq_search.graph import build_layer_graph
 from oaq_search.oaq import WeightQuantizer, dequantize, quantize_weight
@@ -32,11 +33,11 @@ def test_int8_codes_hold_the_plans_weights_up_to_a_per_channel_constant(bits):
     layer = layer_of(weight, quantizer)
     integer = _integer_weight("conv", layer)
     planned = dequantize(layer.weight, quantizer).double().numpy()
-    error = planned - integer.representable() - integer.residual.reshape(-1, 1, 1, 1)
+    error = planned - integer.representable() - integer.offset.reshape(-1, 1, 1, 1)
     assert integer.codes.dtype == np.int8
     if bits < 8:  # the plan's own codes, refined: exact but for the constant residual the bias takes
         assert np.abs(error).max() < 1e-6
-        assert np.abs(integer.residual).max() <= integer.step.max() / 2 + 1e-12
+        assert np.abs(integer.offset).max() <= integer.step.max() / 2 + 1e-12
     else:  # 255 levels fill int8: rounded afresh, each channel's mean error kept as its residual
         assert np.abs(error.reshape(16, -1).mean(1)).max() < 1e-7 and np.abs(error).max() <= integer.step.max()
 
@@ -44,10 +45,13 @@ def test_int8_codes_hold_the_plans_weights_up_to_a_per_channel_constant(bits):
 def test_a_grid_int8_cannot_hold_is_refused_naming_the_layer():
     with pytest.raises(UserError, match="layer conv: the pot grid at 6 bits has levels int8 codes cannot hold"):
         _integer_weight("conv", layer_of(torch.randn(4, 4, 3, 3), WeightQuantizer(6, grid="pot")))
+    with pytest.raises(UserError, match="layer conv: the ipot grid at 5 bits has levels no integer type holds"):
+        _packed_weight("conv", layer_of(torch.randn(4, 4, 3, 3), WeightQuantizer(5, grid="ipot")))
 
 
-def test_the_examples_own_model_exports_with_every_layer_an_integer_kernel(tmp_path):
-    """A model users write (examples/own_model: depthwise convs, ReLU6, a two-branch stem, nested Sequentials)."""
+def example_model():
+    """A model users write (examples/own_model: depthwise convs, ReLU6, a two-branch stem, nested
+    Sequentials), untrained, and its layer graph."""
     sys.path.insert(0, str(REPO / "examples" / "own_model"))
     try:
         from model import build
@@ -55,8 +59,12 @@ def test_the_examples_own_model_exports_with_every_layer_an_integer_kernel(tmp_p
         sys.path.remove(str(REPO / "examples" / "own_model"))
     torch.manual_seed(0)
     model = build().eval()
+    return model, build_layer_graph(model, (3, 32, 32))
+
+
+def test_the_examples_own_model_exports_with_every_layer_an_integer_kernel(tmp_path):
+    model, graph = example_model()
     images = torch.randn(64, 3, 32, 32)
-    graph = build_layer_graph(model, (3, 32, 32))
     plan = PlanFactory("tiny", model, graph).uniform(4, 8)
     from oaq_search.data import ImageSplit
 
@@ -64,6 +72,42 @@ def test_the_examples_own_model_exports_with_every_layer_an_integer_kernel(tmp_p
     export_onnx(quantized, plan, images, tmp_path / "tiny.onnx")
     assert kernel_counts(tmp_path / "tiny.onnx") == {"integer": len(graph.names), "float": 0}
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.onnx"]  # nothing half-written left beside it
+
+
+def test_packed_weights_store_each_layers_codes_in_the_narrowest_integer_and_run_the_plan_exactly(tmp_path):
+    """Mixed bits and grids, weight-only layers among them: int2/int4/int8 initializers, the plan's weights
+    exactly (the grid's offset and mu added after dequantization), the plan's model in ONNX Runtime."""
+    import onnx
+    from onnx import numpy_helper
+
+    from oaq_search.data import ImageSplit
+    from oaq_search.deploy import deployable_layers, reference_model
+    from oaq_search.runtime import onnx_logits
+
+    model, graph = example_model()
+    images = torch.randn(64, 3, 32, 32)
+    plan = PlanFactory("tiny", model, graph).uniform(4, 8)
+    settings = [(2, "uniform", 8), (3, "midrise", 8), (3, "pot", None), (6, "uniform", 4), (4, "ipot", 8),
+                (8, "uniform", 8), (4, "uniform", None)]
+    plan = dataclasses.replace(plan, layers=[dataclasses.replace(
+        layer, **dict(zip(("weight_bits", "grid", "activation_bits"), settings[index % len(settings)])))
+        for index, layer in enumerate(plan.layers)])
+    quantized = post_training_quantize(model, plan, ImageSplit("search", images, torch.zeros(64, dtype=torch.long)))
+    path = tmp_path / "packed.onnx"
+    export_onnx(quantized, plan, images, path, weights="packed")
+    stored = {init.name.removesuffix(".weight.codes"): init.data_type for init in onnx.load(path).graph.initializer
+              if init.name.endswith(".weight.codes")}
+    int2, int4, int8 = onnx.TensorProto.INT2, onnx.TensorProto.INT4, onnx.TensorProto.INT8
+    containers = {(2, "uniform"): int2, (3, "midrise"): int4, (3, "pot"): int4, (6, "uniform"): int8,
+                  (4, "ipot"): int8, (8, "uniform"): int8, (4, "uniform"): int4}  # 4-bit IPoT's levels: 64ths
+    assert stored == {layer.name: containers[layer.weight_bits, layer.grid] for layer in plan.layers}
+    split = ImageSplit("test", images, torch.zeros(64, dtype=torch.long))
+    deployed = onnx_logits(path, split, threads=1)
+    planned = quantized(images).detach()
+    assert (deployed.argmax(1) == planned.argmax(1)).float().mean() >= 0.95
+    assert torch.quantile((deployed - planned).abs().max(1).values, 0.5) < 1e-4 * planned.abs().max()  # int8: 3e-3
+    with pytest.raises(UserError, match="unknown weight format 'int3'"):
+        export_onnx(quantized, plan, images, tmp_path / "x.onnx", weights="int3")
 
 
 @pytest.mark.shared
@@ -92,6 +136,11 @@ def test_deploy_runs_weight_only_layers_in_float_and_refuses_what_it_cannot_expo
     weights_only = tmp_path / "weights_only.onnx"  # no activation bits: float kernels on the dequantized weights
     assert main(["deploy", str(packed), "--out", str(weights_only), "--data-root", str(shared / "data" / "cifar10")]) == 0
     assert "0 of 20 convolutions and linears run as ONNX Runtime integer kernels" in capsys.readouterr().out
+    packed_onnx = tmp_path / "packed.onnx"  # int4 codes: 4-bit weights at their size (the float file: 1,068 KiB)
+    assert main(["deploy", str(packed), "--out", str(packed_onnx), "--weights", "packed", "--data-root",
+                 str(shared / "data" / "cifar10")]) == 0
+    assert "packed weights: ONNX Runtime dequantizes them" in capsys.readouterr().out
+    assert packed_onnx.stat().st_size < 200_000
     cases = [([str(packed), "--model", "resnet56"], "does not fit model"),
              ([str(tmp_path / "w4.packed.plan.json")], "cannot be read")]
     for arguments, message in cases:
