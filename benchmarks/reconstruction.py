@@ -80,14 +80,20 @@ def _plan(label: str, name: str, model, graph, splits, calibration, args):
     """A plan from its label: [vanilla:]W<bits>A<bits>, or search:<average weight bits>[:A<bits>] (default A8)."""
     if label.startswith("search:"):
         _, bits, *activation = label.split(":")
-        budget = f"{budget_bytes(name, float(bits)) / 1024:.1f}KiB"
-        return oaq.search(model, list(splits.search.batches(500)), budget={"memory": budget}, n_trials=args.search_trials,
-                          seed=0, activation_bits=int(activation[0][1:]) if activation else 8, name=f"{name}-{label}",
-                          cost_model=args.search_cost_model, progress=False).plan
+        return searched(name, model, splits, float(bits), int(activation[0][1:]) if activation else 8,
+                        args.search_trials, args.search_cost_model).plan
     method, _, setting = label.rpartition(":")
     weight_bits, activation_bits = setting[1:].split("A")
     return PlanFactory(name, model, graph, method or "oaq", "uniform", False, calibration).uniform(
         int(weight_bits), int(activation_bits))
+
+
+def searched(name: str, model, splits, bits: float, activation_bits: int, trials: int, cost_model: str, **options):
+    """The search at `bits` average weight bits (the budget `budget_bytes` gives), as deploy_onnx.py runs it."""
+    budget = f"{budget_bytes(name, bits) / 1024:.1f}KiB"
+    return oaq.search(model, list(splits.search.batches(500)), budget={"memory": budget}, n_trials=trials, seed=0,
+                      activation_bits=activation_bits, name=f"{name}-search:{bits:g}", cost_model=cost_model,
+                      progress=False, **options)
 
 
 def _finetuned(model, plan, splits, reconstructed, config: FinetuneConfig, fp: float) -> tuple[float, float]:

@@ -24,13 +24,13 @@ from torch import nn
 from oaq_search.deploy import export_float_onnx, export_onnx
 from oaq_search.fake_quant import calibrate_activations, quantize_
 from oaq_search.graph import LayerGraph, build_layer_graph
+from oaq_search.grids import FLOAT_INPUT_BITS
 from oaq_search.plan import Plan
 from oaq_search.runtime import paired_latency
 
 from .measure import WEIGHT_BITS, layer_shape, target_table
 
 ACTIVATION_BITS = list(range(2, 9))  # uint8 containers, clipped to the plan's levels below 8
-FLOAT = 32  # a float input: the layer runs as a float kernel
 RUNS_PER_TURN = 3  # runs of a model in a row per timing round, the last timed (see runtime.paired_latency)
 
 
@@ -61,13 +61,14 @@ def measure_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[
     for shape, times in layers:
         entries += [{**shape, "weight_bits": w, "activation_bits": a, "latency_s": times["int8"] * chained}
                     for w in WEIGHT_BITS for a in ACTIVATION_BITS]
-        entries += [{**shape, "weight_bits": w, "activation_bits": FLOAT, "latency_s": times["float"]}
+        entries += [{**shape, "weight_bits": w, "activation_bits": FLOAT_INPUT_BITS, "latency_s": times["float"]}
                     for w in WEIGHT_BITS]
     import onnxruntime
 
     description = (f"ONNX Runtime {onnxruntime.__version__} CPU provider, batch {batch}, {threads} threads, "
                    f"measured on this machine; 8-bit layer times scaled by {chained:.3f} to the all-8-bit model's")
-    return target_table("onnxruntime-cpu", description, entries, other, ACTIVATION_BITS + [FLOAT], FLOAT)
+    return target_table("onnxruntime-cpu", description, entries, other, ACTIVATION_BITS + [FLOAT_INPUT_BITS],
+                        FLOAT_INPUT_BITS)
 
 
 def _single_layer_models(layer: nn.Module, info, batch: int, folder: Path) -> dict[str, Path]:

@@ -12,7 +12,7 @@ from .budget import parse_budget
 from .data import MEAN, STD
 from .errors import UserError
 from .evaluate import BATCH_SIZE, SCORES
-from .grids import GRIDS, check_bits
+from .grids import FLOAT_INPUT_BITS, GRIDS, check_bits
 from .oaq import METHODS
 from .samplers import SAMPLERS
 from .schema import parse, read_document, to_dict
@@ -96,7 +96,8 @@ class SearchConfig:
     n_trials: int = 20
     weight_bits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
     first_last_bits: int | None = 8  # pin the first and last layer (None: search them too)
-    # every layer's input at this many bits (ends at >= first_last_bits); a list: searched per tie group
+    # every layer's input at this many bits (ends at >= first_last_bits); a list: searched per tie group, 32
+    # in it letting a group's input stay float (what a runtime with integer kernels for 8 bits trades)
     activation_bits: int | list[int] | None = None
     method: str = "oaq"
     grid: str | list[str] = "uniform"  # a list: each tie group takes whichever measures best at its bits
@@ -132,8 +133,11 @@ class SearchConfig:
             check_bits(self.first_last_bits, "first_last_bits")
         if self.activation_bits == []:
             raise UserError("activation_bits lists no bit-width: give at least one, or leave it out (full precision)")
-        for bits in self.searched_activation_bits or ([] if self.activation_bits is None else [self.activation_bits]):
-            check_bits(bits, "activation_bits")
+        for bits in self.searched_activation_bits or []:
+            if bits != FLOAT_INPUT_BITS:
+                check_bits(bits, f"activation_bits (or {FLOAT_INPUT_BITS}, a float input)")
+        if self.activation_bits is not None and not self.searched_activation_bits:
+            check_bits(self.activation_bits, "activation_bits (a list of them may hold 32, a float input)")
         if self.method not in METHODS:
             raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for grid in self.grids:

@@ -20,6 +20,7 @@ from .choices import GRIDS
 from .errors import UserError
 
 MIN_BITS, MAX_BITS = 2, 8
+FLOAT_INPUT_BITS = 32  # in a searched list of input bits: the input stays float (the layer runs a float kernel)
 
 
 def check_bits(bits: int, what: str = "bits") -> int:

@@ -22,6 +22,7 @@ from .cache import cache_file
 from .errors import UserError
 from .files import write_text_atomically
 from .graph import LayerGraph
+from .grids import FLOAT_INPUT_BITS
 from .oaq import (
     SCALE_FACTOR_CANDIDATES,
     THRESHOLD_MULTIPLIERS,
@@ -39,7 +40,7 @@ STORED_INPUT_VALUES = 50_000_000  # at most this many input values kept (200 MB)
 @dataclass(frozen=True)
 class Setting:
     """What the search chooses for a layer (its whole tie group): weight bits, their grid and the
-    input's bits; None: the factory's default for the layer."""
+    input's bits (FLOAT_INPUT_BITS: left float); None: the factory's default for the layer."""
 
     weight_bits: int
     grid: str | None = None
@@ -111,8 +112,9 @@ class PlanFactory:
         layers = []
         for name in self.graph.names:
             chosen = self.weight_quantizer(name, weight_bits[name], (grids or {}).get(name))
-            layers.append(LayerPlan(name, chosen.bits, activation_bits.get(name), chosen.grid, chosen.method,
-                                    chosen.scale_factor, chosen.threshold, chosen.per_channel,
+            inputs = activation_bits.get(name)
+            layers.append(LayerPlan(name, chosen.bits, None if inputs == FLOAT_INPUT_BITS else inputs, chosen.grid,
+                                    chosen.method, chosen.scale_factor, chosen.threshold, chosen.per_channel,
                                     code_packing=packing_for(self.code_packing, chosen.bits, chosen.grid),
                                     tie_group=(tie_groups or {}).get(name)))
         if self._unsaved:

@@ -55,7 +55,8 @@ def test_study_file_round_trips_through_toml(tmp_path):
      r"with score = 'kl' set screen_images = 0"),
     (STUDY.replace("n_trials = 3", 'n_trials = 3\ngrid = ["uniform", "hex"]'), r"grid must be one of .*got 'hex'"),
     (STUDY.replace("n_trials = 3", 'n_trials = 3\ngrid = ["uniform", "uniform"]'), r"each once"),
-    (STUDY.replace("n_trials = 3", "n_trials = 3\nactivation_bits = [4, 16]"), r"activation_bits must be an integer"),
+    (STUDY.replace("n_trials = 3", "n_trials = 3\nactivation_bits = [4, 16]"),
+     r"activation_bits \(or 32, a float input\) must be an integer from 2 to 8, got 16"),
     (STUDY.replace("n_trials = 3", "n_trials = 3\nactivation_bits = [4, 8]\nmeasured_sensitivity_images = 0"),
      r"searching grids or activation bits .* set measured_sensitivity_images above 0"),
 ])

@@ -9,6 +9,7 @@ import torch
 from oaq_search.cli import main
 from oaq_search.config import DataConfig, ModelConfig, SearchConfig, StudyConfig, dump_study_config
 from oaq_search.data import ImageSplit
+from oaq_search.errors import UserError
 from oaq_search.evaluate import split_scorer
 from oaq_search.pipeline import export_plans, layer_graph, load_model, run_study
 from oaq_search.plan import Plan
@@ -393,6 +394,30 @@ def test_weight_and_input_bits_are_searched_together_under_a_latency_budget(synt
     assert inputs <= {4, 8} and result.plan.layers[0].activation_bits == 8
     study = optuna.load_study(study_name=config.name, storage=config.storage_url)
     assert all(name.startswith("setting/") for name in study.trials[0].params)
+
+
+def test_a_search_chooses_per_group_which_inputs_stay_float_on_a_runtime_with_8_bit_integer_kernels(
+        synthetic_cifar, tmp_path):
+    """activation_bits = [8, 32]: each group's input at 8 bits (an integer kernel, twice as fast on this
+    table) or float (no input error); a latency budget between the two uniform plans mixes them."""
+    import hwmodels
+
+    table = tmp_path / "runtime.toml"
+    table.write_text('[target]\nname = "int8-runtime"\ndefault_activation_bits = 32\n[capabilities]\n'
+                     'weight_bits = { conv2d = [4, 8], linear = [4, 8] }\n'
+                     'activation_bits = { conv2d = [8, 32], linear = [8, 32] }\nscale_formats = ["float32"]\n'
+                     '[rates]\nconv2d = { w8a8 = { macs_per_s = 2e9 }, w8a32 = { macs_per_s = 1e9 } }\n'
+                     'linear = { w8a8 = { macs_per_s = 2e9 }, w8a32 = { macs_per_s = 1e9 } }\n')
+    config = synthetic_study(synthetic_cifar, tmp_path, weight_bits=[4, 8], activation_bits=[8, 32],
+                             cost_model=f"target:{table}")
+    config.budget = {"latency": "30ms"}  # all float inputs: 41 ms; all 8-bit: 21 ms
+    result = run_study(config, progress=False)
+    graph = layer_graph("resnet20", load_model("resnet20"))
+    assert hwmodels.get_cost_model(f"target:{table}").evaluate(graph, result.plan).totals["latency_s"] <= 30e-3
+    inputs = [layer.activation_bits for layer in result.plan.layers]
+    assert set(inputs[1:-1]) == {None, 8} and inputs[0] is None  # the pinned ends at the widest: float
+    with pytest.raises(UserError, match=r"activation_bits \(a list of them may hold 32, a float input\) must be"):
+        SearchConfig(activation_bits=32)
 
 
 def test_grids_searched_per_group_keep_one_grid_per_bit_width_when_they_cost_the_same(synthetic_cifar, tmp_path):
