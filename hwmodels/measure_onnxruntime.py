@@ -7,11 +7,9 @@ layer the plan gives no input bits becomes). Weights and inputs of 2 to 8 bits a
 the table lists one time for them all; 32 means a float input. What one `run` call on the layer's input
 costs on its own (an Identity model) is taken off each. Two whole models, timed the same way, tie the
 layers to what a model costs: `other_ops_s` is the all-float model's time less its layers' (BatchNorm
-is folded: the adds, activations, pooling and one call). A layer alone pays its own quantize and
-dequantize calls; where one layer alone reads another's output (`LayerGraph.chained_pairs`) and both
-run integer kernels, ONNX Runtime drops the pair between them. `chained_saving_s_per_value` is what
-the all-8-bit model saves so, per value handed on: plans that alternate float and integer layers keep
-every pair.
+is folded: the adds, activations, pooling and one call), and the 8-bit times are scaled so that they
+and `other_ops_s` add up to the all-8-bit model's (a layer alone pays its own quantize and dequantize
+calls, which integer layers in a row share).
 """
 
 from __future__ import annotations
@@ -57,27 +55,20 @@ def measure_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[
                                 "int8": _deployed(model, graph, 8, images, folder / "int8.onnx")},
                                torch.randn(batch, *input_shape), threads, repeats, RUNS_PER_TURN)
     other = max(whole["float"] - sum(times["float"] for _, times in layers), 0.0)
-    # a layer timed alone pays its own quantize and dequantize calls; chained integer layers drop the pair
-    # between them: what the all-8-bit model saves, per value handed on
-    saved = other + sum(times["int8"] for _, times in layers) - whole["int8"]
-    handed_on = sum(graph.tensors.nodes[graph.info(producer).output_tensor]["numel"]
-                    for producer, _ in graph.chained_pairs)
-    per_value = max(saved, 0.0) / handed_on if handed_on else 0.0
+    # a layer timed alone pays its own quantize and dequantize calls, which integer layers in a row share
+    chained = (whole["int8"] - other) / max(sum(times["int8"] for _, times in layers), 1e-12)
     entries = []
     for shape, times in layers:
-        entries += [{**shape, "weight_bits": w, "activation_bits": a, "latency_s": times["int8"]}
+        entries += [{**shape, "weight_bits": w, "activation_bits": a, "latency_s": times["int8"] * chained}
                     for w in WEIGHT_BITS for a in ACTIVATION_BITS]
         entries += [{**shape, "weight_bits": w, "activation_bits": FLOAT_INPUT_BITS, "latency_s": times["float"]}
                     for w in WEIGHT_BITS]
     import onnxruntime
 
     description = (f"ONNX Runtime {onnxruntime.__version__} CPU provider, batch {batch}, {threads} threads, "
-                   f"measured on this machine; chained 8-bit layers save {per_value * 1e9:.3f} ns per value handed on "
-                   f"({saved * 1e3:.3f} ms in the all-8-bit model)")
-    table = target_table("onnxruntime-cpu", description, entries, other, ACTIVATION_BITS + [FLOAT_INPUT_BITS],
-                         FLOAT_INPUT_BITS)
-    table["target"]["chained_saving_s_per_value"] = per_value
-    return table
+                   f"measured on this machine; 8-bit layer times scaled by {chained:.3f} to the all-8-bit model's")
+    return target_table("onnxruntime-cpu", description, entries, other, ACTIVATION_BITS + [FLOAT_INPUT_BITS],
+                        FLOAT_INPUT_BITS)
 
 
 def _single_layer_models(layer: nn.Module, info, batch: int, folder: Path) -> dict[str, Path]:

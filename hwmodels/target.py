@@ -1,8 +1,7 @@
 """Hardware targets from a table file (TOML or JSON): capabilities, latency and energy per layer.
 
 A target file has four parts (see hwmodels/targets/*.toml):
-  [target]        name, description, default_activation_bits (for layers the plan leaves float), and
-                  for measured tables other_ops_s and chained_saving_s_per_value (see TargetTable)
+  [target]        name, description, default_activation_bits (for layers the plan leaves float)
   [capabilities]  weight_bits / activation_bits per op ("conv2d", "linear"), scale_formats, and
                   code_packing ("fields", or "base3": ternary codes five to a byte; packing.py)
   [rates]         per op, per bit pair "w{W}a{A}": macs_per_s, and optionally joules_per_mac
@@ -10,9 +9,7 @@ A target file has four parts (see hwmodels/targets/*.toml):
 
 Lookup rule, per layer: an exact [[layers]] entry for its shape and bit pair wins; otherwise
 MACs / macs_per_s of the narrowest listed bit pair that covers it (weight and activation bits at
-least the layer's: hardware runs narrow data on wider kernels), plus `layer_overhead_s`. A plan's
-latency adds `other_ops_s` and, with `chained_saving_s_per_value`, takes off what each pair of chained
-integer layers saves (latency is then a whole-plan metric, not a per-layer one).
+least the layer's: hardware runs narrow data on wider kernels), plus `layer_overhead_s`.
 A plan using bits outside the capabilities fails, naming the layer and the allowed bits.
 """
 
@@ -26,7 +23,6 @@ from pathlib import Path
 
 from oaq_search.errors import UserError
 from oaq_search.graph import LayerGraph, LayerInfo
-from oaq_search.grids import FLOAT_INPUT_BITS
 from oaq_search.plan import CODE_PACKINGS, TERNARY_BITS, LayerPlan, Plan, packing_for
 from oaq_search.schema import read_document
 
@@ -62,9 +58,6 @@ class TargetTable:
     code_packing: str = "fields"
     layer_overhead_s: float = 0.0
     other_ops_s: float = 0.0  # time of everything that is not a quantizable layer (measured tables)
-    # seconds saved per value (of one image's tensor) between chained layers that both run integer kernels:
-    # the dequantize-quantize pair between them, which each layer's own time includes (measured tables)
-    chained_saving_s_per_value: float = 0.0
     layers: dict[tuple, dict[str, float]] = field(default_factory=dict)
 
 
@@ -160,9 +153,7 @@ def _parse(data: dict, path: Path) -> TargetTable:
         scale_formats=list(capabilities.get("scale_formats", ["float32", "pow2"])), rates=rates,
         code_packing=code_packing,
         layer_overhead_s=number(rates_table, "layer_overhead_s", "rates.", positive=False, default=0.0),
-        other_ops_s=number(target, "other_ops_s", "target.", positive=False, default=0.0),
-        chained_saving_s_per_value=number(target, "chained_saving_s_per_value", "target.", positive=False, default=0.0),
-        layers=layers)
+        other_ops_s=number(target, "other_ops_s", "target.", positive=False, default=0.0), layers=layers)
 
 
 class TargetModel(CostModel):
@@ -224,17 +215,5 @@ class TargetModel(CostModel):
             if all(metric in costs for costs in report.per_layer.values()):
                 report.totals[metric] = sum(costs[metric] for costs in report.per_layer.values())
         report.totals["latency_s"] = report.totals.get("latency_s", 0.0) + self.table.other_ops_s
-        if self.table.chained_saving_s_per_value:  # a pair's saving needs both layers: latency is a whole-plan metric
-            report.totals["latency_s"] -= self.chained_saving_s(graph, plan)
-            for costs in report.per_layer.values():
-                costs.pop("latency_s", None)
         report.totals.update(shift_metrics(graph, plan))
         return report
-
-    def chained_saving_s(self, graph: LayerGraph, plan: Plan) -> float:
-        """What chained layers that both run integer kernels save: their dequantize-quantize pair."""
-        integer = {layer.name for layer in plan.layers
-                   if (layer.activation_bits or self.table.default_activation_bits) < FLOAT_INPUT_BITS}
-        values = sum(graph.tensors.nodes[graph.info(producer).output_tensor]["numel"]
-                     for producer, consumer in graph.chained_pairs if producer in integer and consumer in integer)
-        return self.table.chained_saving_s_per_value * values

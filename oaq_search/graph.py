@@ -116,14 +116,6 @@ class LayerGraph:
         }  # a graph output lives to the end
         return [[n for n in self.schedule[: step + 1] if end[n] >= step] for step in range(len(self.schedule))]
 
-    @functools.cached_property
-    def chained_pairs(self) -> list[tuple[str, str]]:
-        """(producer, consumer) layers where the consumer alone reads the producer's output, through
-        BatchNorm and activations only: an integer pipeline hands codes from one to the other directly."""
-        producers = {info.output_tensor: info.name for info in self.infos()}
-        return [(producers[info.input_tensor], info.name) for info in self.infos()
-                if info.input_tensor in producers and self.tensors.out_degree(info.input_tensor) == 1]
-
     def tie_groups(self, rules: Iterable[str] = ("shared_input",)) -> list[list[str]]:
         """Groups of layers that must share a quantizer decision, in execution order.
 

@@ -147,25 +147,6 @@ def test_local_cpu_table_from_real_kernels(tmp_path, chain):
     assert int8 > 0 and floats > 0 and int8 != floats  # two different real kernels were timed
 
 
-def test_chained_integer_layers_save_the_pair_between_them(tmp_path, chain):
-    """b alone reads a's output (through a ReLU): with both on integer kernels the table takes off
-    chained_saving_s_per_value per value handed on (4 x 8 x 8); with either float, nothing."""
-    assert chain.chained_pairs == [("a", "b")]
-    path = tmp_path / "measured.toml"
-    path.write_text('[target]\nname = "m"\ndefault_activation_bits = 32\nother_ops_s = 1e-6\n'
-                    'chained_saving_s_per_value = 1e-9\n[capabilities]\n'
-                    'weight_bits = { conv2d = [8], linear = [8] }\n'
-                    'activation_bits = { conv2d = [8, 32], linear = [8, 32] }\nscale_formats = ["float32"]\n'
-                    '[rates]\nconv2d = { w8a8 = { macs_per_s = 1e9 }, w8a32 = { macs_per_s = 5e8 } }\n'
-                    'linear = { w8a8 = { macs_per_s = 1e9 }, w8a32 = { macs_per_s = 5e8 } }\n')
-    model = get_cost_model(f"target:{path}")
-    integer = model.evaluate(chain, plan(LayerPlan("a", 8, 8), LayerPlan("b", 8, 8)))
-    assert integer.totals["latency_s"] == pytest.approx((6912 + 512) / 1e9 + 1e-6 - 1e-9 * 4 * 8 * 8)
-    assert "latency_s" not in integer.per_layer["a"]  # the saving needs both layers: a whole-plan metric
-    mixed = model.evaluate(chain, plan(LayerPlan("a", 8), LayerPlan("b", 8, 8))).totals["latency_s"]
-    assert mixed == pytest.approx(6912 / 5e8 + 512 / 1e9 + 1e-6)
-
-
 def test_onnxruntime_table_from_deployed_layers(tmp_path):
     """Each layer exported as `deploy` writes it, timed in ONNX Runtime with an 8-bit and a float input."""
     import tomli_w
@@ -181,7 +162,6 @@ def test_onnxruntime_table_from_deployed_layers(tmp_path):
     int8 = model.evaluate(chain, plan(LayerPlan("a", 4, 4), LayerPlan("b", 4, 8))).totals["latency_s"]
     floats = model.evaluate(chain, plan(LayerPlan("a", 4), LayerPlan("b", 4))).totals["latency_s"]
     assert int8 > 0 and floats > 0 and int8 != floats  # two different deployed kernels were timed
-    assert table["target"]["chained_saving_s_per_value"] >= 0  # a -> b: fitted on the all-8-bit model
 
 
 def test_example_plugin_installs_and_is_found_by_name(tmp_path):
