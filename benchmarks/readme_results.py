@@ -480,6 +480,13 @@ def reconstruction_section() -> list[str]:
         "see [how-it-works.md](how-it-works.md#reconstruction)).", "reconstruction_*")
 
 
+def reconstructed_finalists_section() -> list[str]:
+    return results_files_section(
+        "Reconstructing the finalists", "A search's finalists ranked rounded to nearest and reconstructed, and what "
+        "each pick scores on test (`[ptq] finalists = true` picks by the reconstructed held-out score; see "
+        "[how-it-works.md](how-it-works.md#reconstruction)).", "reconstruct_finalists_*")
+
+
 def search_cost_section() -> list[str]:
     return results_files_section(
         "What a search costs", "`oaq-search run` per stage, from a cold cache and warm, each run a fresh process; "
@@ -527,7 +534,7 @@ def readme_headline() -> list[str]:
 def main() -> None:
     body = [INTRO]
     for section in (ptq_section, sensitivity_section, search_section, latency_section, reconstruction_section,
-                    finetune_section, headline_section, own_model_section, deploy_section, ort_latency_section,
+                    reconstructed_finalists_section, finetune_section, headline_section, own_model_section, deploy_section, ort_latency_section,
                     search_cost_section, reference_section, systems_section):
         body += section() + [""]
     RESULTS_PAGE.parent.mkdir(exist_ok=True)

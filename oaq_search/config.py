@@ -247,10 +247,13 @@ class PtqConfig:
     range_learning_rate: float = 0.001  # Adam, activation ranges
     device: str = "auto"  # auto (cuda when there is one) | cpu | cuda[:N]
     seed: int = 0
+    # `run`: reconstruct every re-scored finalist and pick among them by their score on the search images the
+    # reconstruction does not fit on (one reconstruction per finalist; ResNet-20 at 2.5 bits: +0.43 on test)
+    finalists: bool = False
 
     def settings(self) -> dict | None:
         """What the reconstructed model depends on (not where it ran); None when rounding to nearest."""
-        return {k: v for k, v in to_dict(self).items() if k != "device"} if self.reconstruct else None
+        return {k: v for k, v in to_dict(self).items() if k not in ("device", "finalists")} if self.reconstruct else None
 
     def __post_init__(self):
         for name in ("images", "iterations", "batch_size"):

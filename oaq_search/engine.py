@@ -32,8 +32,8 @@ from .errors import UserError
 from .evaluate import accuracy, image_scorer, reference_accuracy, split_scorer
 from .graph import LayerGraph, build_layer_graph
 from .layout import choose_layout
-from .objective import (Objective, Scorer, allocation_problem, best_trial, check_feasible, finalist_score,
-                        incumbent_params)
+from .objective import (FINALIST_SCORES, RECONSTRUCTED_PICK, Objective, Scorer, allocation_problem, best_trial,
+                        check_feasible, finalist_score, incumbent_params, standard_errors_above)
 from .plan import Plan
 from .planning import PlanFactory, uniform_activation_bits
 from .ptq import CALIBRATION_IMAGES, post_training_quantize, reconstruct_plan, requantize
@@ -270,7 +270,11 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None,
     if search.finalists > 1 and not search.pareto_metric and not engine.custom_score:
         engine.objective.rescore_finalists(study, search.finalists, image_scorer(
             search.score, engine.splits.search, engine.model, search.batch_size), search.seed_margin, engine.progress)
-    best = best_trial(study)
+    best = best_trial(study, reconstructed=False)
+    if ptq is not None and ptq.reconstruct and ptq.finalists and len(study.user_attrs.get(FINALIST_SCORES, {})) > 1:
+        best = pick_reconstructed(engine, study, ptq, best)
+    elif study.user_attrs.get(RECONSTRUCTED_PICK):  # an earlier run's choice, which this run does not make
+        study.set_user_attr(RECONSTRUCTED_PICK, None)
     plan = Plan.from_dict(best.user_attrs["plan"])
     engine.seconds["finalists"] = time.perf_counter() - started
     plan.totals = best.user_attrs["costs"]
@@ -301,6 +305,41 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None,
     baselines = study.user_attrs.get(OUTCOME, {}).get("uniform") or uniform_baselines(engine)
     study.set_user_attr(OUTCOME, {**outcome, "uniform": baselines})
     return plan, quantized
+
+
+def pick_reconstructed(engine: Engine, study: optuna.Study, ptq: PtqConfig,
+                       incumbent: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+    """The re-scored finalist that scores best once reconstructed, on the search images reconstruction does
+    not fit on. It replaces `incumbent` (the pick rounded to nearest) only when it beats it by the seed
+    margin in standard errors, as the finalists do. Kept in the study, so export, report and a resumed
+    run agree without reconstructing every finalist again."""
+    search, finalists = engine.search, sorted(map(int, study.user_attrs[FINALIST_SCORES]))
+    decided = {"finalists": finalists, "incumbent": incumbent.number, "reconstruction": ptq.settings(),
+               "seed_margin": search.seed_margin}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    saved = study.user_attrs.get(RECONSTRUCTED_PICK) or {}
+    if {k: v for k, v in saved.items() if k not in ("trial", "scores")} == decided:
+        return trials[saved["trial"]]
+    held_out = engine.splits.search.last(len(engine.splits.search) - ptq.images)
+    if not len(held_out):
+        raise UserError(f"[ptq] finalists scores the finalists on search images past the {ptq.images} reconstruction "
+                        f"fits on, and the search split has {len(engine.splits.search)}: lower [ptq] images or raise "
+                        f"[data] search_size")
+    scorer = image_scorer(search.score, held_out, engine.model, search.batch_size)
+    per_image = {}
+    started = time.perf_counter()
+    for number in bar(len(finalists), "reconstruct the finalists", engine.progress, iterable=finalists):
+        plan = Plan.from_dict(trials[number].user_attrs["plan"])
+        quantized = post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction)
+        reconstruct_plan(quantized, engine.model, plan, engine.splits.search, ptq, progress=False)
+        per_image[number] = scorer(quantized)
+    engine.seconds["reconstruct finalists"] = time.perf_counter() - started
+    ranked = sorted(finalists, key=lambda n: (float(per_image[n].mean()), n == incumbent.number), reverse=True)
+    winner = next(n for n in ranked if n == incumbent.number or standard_errors_above(
+        per_image[n], per_image[incumbent.number]) >= search.seed_margin)
+    study.set_user_attr(RECONSTRUCTED_PICK, {"trial": winner, **decided, "scores": {
+        str(n): float(values.mean()) for n, values in per_image.items()}})
+    return trials[winner]
 
 
 def uniform_baselines(engine: Engine) -> list[dict]:

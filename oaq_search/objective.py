@@ -36,6 +36,7 @@ from .space import SearchSpace
 Scorer = Callable[[nn.Module], float]  # a quantized model -> its score (evaluate.split_scorer), higher is better
 ImageScorer = Callable[[nn.Module], torch.Tensor]  # ... -> its score on each image (evaluate.image_scorer)
 FINALIST_SCORES = "finalist_scores"  # study attribute: trial number -> score on the whole search split
+RECONSTRUCTED_PICK = "reconstructed_pick"  # study attribute: the finalist `[ptq] finalists` chose once reconstructed
 FINALIST_WINNER = "finalist_winner"  # study attribute: the trial `rescore_finalists` chose, from which finalists
 
 
@@ -182,7 +183,7 @@ class Objective:
             per_image[t.number] = self.scored(scorer)
         scores = {str(number): float(values.mean()) for number, values in per_image.items()}
         ranked = sorted(finalists, key=lambda t: (scores[str(t.number)], t.values[0], -t.number), reverse=True)
-        winner = next(t for t in ranked if seed is None or t is seed or _standard_errors_above(
+        winner = next(t for t in ranked if seed is None or t is seed or standard_errors_above(
             per_image[t.number], per_image[seed.number]) >= seed_margin)
         study.set_user_attr(FINALIST_SCORES, scores)
         study.set_user_attr(FINALIST_WINNER, {"trial": winner.number, **decided})
@@ -211,13 +212,16 @@ def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             if all(value <= 0 for value in t.constraints.values())]
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """The finished trial whose plan fits every budget that `Objective.rescore_finalists` chose, else
-    (a study from before it recorded its choice) the best re-scored finalist, else the best-scored."""
+def best_trial(study: optuna.Study, reconstructed: bool = True) -> optuna.trial.FrozenTrial:
+    """The finished trial whose plan fits every budget that the finalists' reconstruction chose (unless not
+    `reconstructed`), else `Objective.rescore_finalists` chose, else (a study from before it recorded its
+    choice) the best re-scored finalist, else the best-scored."""
     feasible = feasible_trials(study)
     if not feasible:
         raise UserError(f"study {study.study_name} has no finished trial that fits the budget yet: run more trials")
     winner = study.user_attrs.get(FINALIST_WINNER, {}).get("trial")
+    if reconstructed and study.user_attrs.get(RECONSTRUCTED_PICK):
+        winner = study.user_attrs[RECONSTRUCTED_PICK]["trial"]
     rescored = study.user_attrs.get(FINALIST_SCORES, {})
     finalists = [t for t in feasible if t.number == winner] or [t for t in feasible if str(t.number) in rescored]
     if finalists:
@@ -238,7 +242,7 @@ def incumbent_params(study: optuna.Study) -> dict[str, int] | None:
     return best.user_attrs.get(EVALUATED_PARAMS, best.params)
 
 
-def _standard_errors_above(scores: torch.Tensor, reference: torch.Tensor) -> float:
+def standard_errors_above(scores: torch.Tensor, reference: torch.Tensor) -> float:
     """How many standard errors of the paired per-image difference `scores` lie above `reference`."""
     mean, error = paired_difference(scores, reference)
     return mean / error if error > 0 else (float("inf") if mean > 0 else 0.0)

@@ -420,6 +420,32 @@ def test_a_search_chooses_per_group_which_inputs_stay_float_on_a_runtime_with_8_
         SearchConfig(activation_bits=32)
 
 
+def test_ptq_finalists_picks_among_the_reconstructed_finalists_once_and_keeps_the_choice(
+        synthetic_cifar, tmp_path, monkeypatch):
+    from oaq_search import engine as engine_module
+    from oaq_search.objective import FINALIST_SCORES, RECONSTRUCTED_PICK
+
+    config = synthetic_study(synthetic_cifar, tmp_path, n_trials=6, finalists=3, eval_images=10)
+    config.budget = {"memory": "100KiB"}
+    config.ptq.reconstruct, config.ptq.finalists, config.ptq.images, config.ptq.iterations = True, True, 16, 4
+    result = run_study(config, progress=False)
+    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    pick = study.user_attrs[RECONSTRUCTED_PICK]
+    assert set(pick["scores"]) == set(study.user_attrs[FINALIST_SCORES]) and len(pick["scores"]) > 1
+    assert result.plan.metadata["trial"] == pick["trial"] and result.plan.metadata["reconstruction"]["images"] == 16
+    assert export_plans(config)[0].key() == Plan.from_dict(study.trials[pick["trial"]].user_attrs["plan"]).key()
+    reconstructed = []  # resumed: the choice is read from the study; only the chosen plan is reconstructed
+    real = engine_module.reconstruct_plan
+    monkeypatch.setattr(engine_module, "reconstruct_plan", lambda *a, **k: reconstructed.append(1) or real(*a, **k))
+    assert run_study(config, progress=False).plan.metadata["trial"] == pick["trial"] and len(reconstructed) == 1
+    config.ptq.finalists = False  # the choice rounded to nearest again, for export too
+    assert run_study(config, progress=False).plan.metadata["trial"] == study.user_attrs["finalist_winner"]["trial"]
+    assert not optuna.load_study(study_name=config.name, storage=config.storage_url).user_attrs[RECONSTRUCTED_PICK]
+    config.ptq.finalists, config.ptq.images = True, 50
+    with pytest.raises(UserError, match=r"search images past the 50 reconstruction fits on"):
+        run_study(config, progress=False)
+
+
 def test_grids_searched_per_group_keep_one_grid_per_bit_width_when_they_cost_the_same(synthetic_cifar, tmp_path):
     from oaq_search.pipeline import prepare
 
