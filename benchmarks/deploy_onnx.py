@@ -6,11 +6,13 @@ images and how often both give the same class, the share of convolutions and lin
 runs as integer kernels, the file size, and latency against the float ONNX model at batch 1 and 64
 (--threads, the two timed in alternation). Plans: uniform OAQ at the --uniform settings (WxAy) and,
 for models in --search-models, the search at average weight bits --search-bits with 8-bit activations.
---weights: int8 containers (integer kernels) and/or packed (int2/int4/int8 codes, run dequantized).
+--weights: int8 containers (integer kernels) and/or packed (int2/int4/int8 codes, run dequantized);
+--quantize-skips adds int8 rows whose residual adds take the 8-bit quantized block input (integer adds).
 
     python benchmarks/deploy_onnx.py --models resnet20 tiny_mobilenet --search-models resnet20
     python benchmarks/deploy_onnx.py --models resnet56 --uniform W8A8 W4A8
     python benchmarks/deploy_onnx.py --models resnet20 --uniform W8A8 W4A8 W2A8 --search-models none --weights packed
+    python benchmarks/deploy_onnx.py --models resnet20 resnet56 --uniform W8A8 W4A8 --search-models none --quantize-skips
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=LATENCY_ROUNDS)
     parser.add_argument("--weights", nargs="+", choices=WEIGHT_FORMATS, default=["int8"])
+    parser.add_argument("--quantize-skips", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     splits = load_cifar10(SHARED / "data" / "cifar10", 5000)
@@ -65,10 +68,11 @@ def main() -> None:
         if name in args.search_models:
             plans.update(_search_plans(name, model, splits, args))
         fp = top1(logits(model, test), test)
+        variants = [(weights, False) for weights in args.weights] + [("int8", True)] * args.quantize_skips
         for label, plan in plans.items():
-            for weights in args.weights:
-                rows.append({"model": name, "plan": label, "weights": weights, "fp_test": fp,
-                             **_deploy(model, plan, splits, test, calibration, weights, args)})
+            for weights, skips in variants:
+                rows.append({"model": name, "plan": label, "weights": weights + ", quantized skips" * skips,
+                             "fp_test": fp, **_deploy(model, plan, splits, test, calibration, weights, skips, args)})
                 print(rows[-1], flush=True)
     _write(rows, args)
 
@@ -95,13 +99,13 @@ def _search_plans(name: str, model, splits, args) -> dict:
     return plans
 
 
-def _deploy(model, plan, splits, test, calibration, weights: str, args) -> dict:
+def _deploy(model, plan, splits, test, calibration, weights: str, quantize_skips: bool, args) -> dict:
     quantized = post_training_quantize(model, plan, splits.search)
     torch_logits = logits(quantized, test)
     with tempfile.TemporaryDirectory() as scratch:
         deployed, baseline = Path(scratch) / "model.onnx", Path(scratch) / "float.onnx"
         started = time.perf_counter()
-        export_onnx(quantized, plan, calibration, deployed, weights=weights)
+        export_onnx(quantized, plan, calibration, deployed, weights=weights, quantize_skips=quantize_skips)
         export_seconds = time.perf_counter() - started
         export_float_onnx(model, calibration, baseline)
         ort_logits = onnx_logits(deployed, test, threads=args.threads)
@@ -133,7 +137,8 @@ def _write(rows: list[dict], args) -> None:
                  f"alternating runs per batch size; {args.test_images} test images.")
     text = "\n".join(table)
     print(text)
-    name = "_".join(["deploy_onnx", *args.models, *([] if args.weights == ["int8"] else args.weights)])
+    name = "_".join(["deploy_onnx", *args.models, *([] if args.weights == ["int8"] else args.weights),
+                     *(["skips"] if args.quantize_skips else [])])
     print(f"written to {write_results(name, rows, text)}")
 
 

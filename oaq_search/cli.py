@@ -162,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="int8: codes in int8, which ONNX Runtime runs as integer kernels (default); packed: "
                              "each layer's codes as int2/int4/int8 for the file's true size, exactly the plan's "
                              "model, which ONNX Runtime runs dequantized, as float kernels")
+    deploy.add_argument("--quantize-skips", action="store_true",
+                        help="residual adds take the 8-bit quantized block input instead of the float one, so ONNX "
+                             "Runtime runs them as integer adds: faster, no longer exactly the plan's model")
     deploy.add_argument("--check", action="store_true", help="run it in ONNX Runtime: test accuracy beside "
                                                              "PyTorch's, integer kernels, latency against float")
     deploy.add_argument("--test-images", type=positive, help="score --check on the first N test images (default all)")

@@ -273,7 +273,8 @@ def deploy(args: argparse.Namespace) -> int:
     else:
         model, splits = load_model(args.model or packed.plan.model), load_cifar10(args.data_root)
     layers = from_packed(packed, model)
-    export_onnx(model, packed.plan, next(splits.search.batches(CALIBRATION_IMAGES))[0], args.out, layers, args.weights)
+    export_onnx(model, packed.plan, next(splits.search.batches(CALIBRATION_IMAGES))[0], args.out, layers, args.weights,
+                args.quantize_skips)
     kernels = kernel_counts(args.out)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB): {kernels['integer']} of "
           f"{kernels['integer'] + kernels['float']} convolutions and linears run as ONNX Runtime integer kernels"

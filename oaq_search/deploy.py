@@ -112,17 +112,23 @@ def reference_model(model: nn.Module, layers: dict[str, DeployableLayer]) -> nn.
 
 
 def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | Path,
-                layers: dict[str, DeployableLayer] | None = None, weights: str = "int8") -> None:
+                layers: dict[str, DeployableLayer] | None = None, weights: str = "int8",
+                quantize_skips: bool = False) -> None:
     """Write `model` (fake-quantized by `plan`, or a plain model with `layers` given) as QDQ ONNX to `path`.
 
     `images`, a batch of calibration images (a few hundred), fixes the input shape and each quantized
     layer's int8 output range. `weights="packed"` stores each layer's codes in the narrowest ONNX integer
     type (int2, int4 or int8) instead, for the file's true size: exactly the plan's model, which ONNX
-    Runtime runs with float kernels on the dequantized weights. The file is written whole or not at all."""
+    Runtime runs with float kernels on the dequantized weights. `quantize_skips` gives each residual add
+    the 8-bit quantized block input its next layer reads, in place of the float one the plan adds, so
+    ONNX Runtime runs the add as an integer QLinearAdd (faster; no longer exactly the plan's model). The
+    file is written whole or not at all."""
     import onnx
 
     if weights not in WEIGHT_FORMATS:
         raise UserError(f"unknown weight format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
+    if quantize_skips and weights == "packed":
+        raise UserError("quantized skips speed up integer kernels, which packed weights do not run on: drop one of them")
     layers = deployable_layers(model) if layers is None else layers
     _check_layers(plan, layers)
     plain = unwrap(model)
@@ -142,6 +148,8 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
     else:
         _compensate_residuals(graph, residuals, images)
         _quantize_outputs(graph, images)
+        if quantize_skips:
+            _quantize_skips(graph)
     onnx.checker.check_model(graph)
     _save(graph, path)
 
@@ -499,6 +507,25 @@ def _quantize_outputs(graph, images: torch.Tensor) -> None:
         _insert(graph, node, [helper.make_node("QuantizeLinear", [raw, scale, zero_point], [f"{raw}.codes"]),
                               helper.make_node("DequantizeLinear", [f"{raw}.codes", scale, zero_point], [tensor])],
                 after=True)
+
+
+def _quantize_skips(graph) -> None:
+    """Each Add's float operand that an unsigned 8-bit input quantizer (Q -> DQ, no Clip) also reads, taken
+    from that quantizer's DequantizeLinear instead, when it comes earlier in the graph."""
+    consumers, position = {}, {}
+    for index, node in enumerate(graph.graph.node):
+        position[id(node)] = index
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in graph.graph.node:
+        if node.op_type != "Add":
+            continue
+        for index, operand in enumerate(node.input):
+            dequantized = [d for q in consumers.get(operand, []) if q.op_type == "QuantizeLinear"
+                           for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"
+                           and position[id(d)] < position[id(node)]]
+            if dequantized:
+                node.input[index] = dequantized[0].output[0]
 
 
 def _next_quantizer(following: list, consumers: dict, values: dict) -> tuple[str, str] | None:

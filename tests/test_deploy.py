@@ -110,6 +110,35 @@ def test_packed_weights_store_each_layers_codes_in_the_narrowest_integer_and_run
         export_onnx(quantized, plan, images, tmp_path / "x.onnx", weights="int3")
 
 
+def test_quantized_skips_let_onnx_runtime_run_residual_adds_as_integer_adds(tmp_path):
+    import collections
+
+    import onnx
+    import onnxruntime
+
+    from oaq_search.data import ImageSplit
+    from oaq_search.pipeline import layer_graph, load_model
+    from oaq_search.runtime import agreement, onnx_logits
+
+    torch.manual_seed(0)
+    model, images = load_model("resnet20"), torch.rand(64, 3, 32, 32)
+    plan = PlanFactory("resnet20", model, layer_graph("resnet20", model)).uniform(4, 8)
+    quantized = post_training_quantize(model, plan, ImageSplit("search", images, torch.zeros(64, dtype=torch.long)))
+    adds = {}
+    for quantize_skips in (False, True):
+        path, optimized = tmp_path / f"{quantize_skips}.onnx", tmp_path / f"{quantize_skips}.opt.onnx"
+        export_onnx(quantized, plan, images, path, quantize_skips=quantize_skips)
+        options = onnxruntime.SessionOptions()
+        options.optimized_model_filepath = str(optimized)
+        onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        adds[quantize_skips] = collections.Counter(node.op_type for node in onnx.load(optimized).graph.node)["QLinearAdd"]
+    assert adds == {False: 0, True: adds[True]} and adds[True] >= 4
+    split = ImageSplit("test", images, torch.zeros(64, dtype=torch.long))
+    assert agreement(onnx_logits(tmp_path / "True.onnx", split, threads=1), quantized(images).detach()) >= 0.9
+    with pytest.raises(UserError, match="packed weights do not run on"):
+        export_onnx(quantized, plan, images, tmp_path / "x.onnx", weights="packed", quantize_skips=True)
+
+
 @pytest.mark.shared
 def test_deploy_check_runs_the_packed_plan_in_onnx_runtime_as_pytorch_does(shared, tmp_path, capsys):
     packed, onnx_file = tmp_path / "w4a8.packed.pt", tmp_path / "w4a8.onnx"
