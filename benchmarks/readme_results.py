@@ -460,7 +460,8 @@ def results_files_section(title: str, intro: str, pattern: str) -> list[str]:
 def deploy_section() -> list[str]:
     return results_files_section(
         "Deployed in ONNX Runtime", "Each plan post-training quantized, exported by `oaq-search deploy` (QDQ ONNX; "
-        "`--weights` int8 containers, or packed int2/int4/int8 codes run dequantized), and run in ONNX Runtime's CPU provider on the whole test split; latency against the float "
+        "`--weights` int8 containers, or packed int2/int4/int8 codes run dequantized; `quantized skips`: "
+        "`--quantize-skips`), and run in ONNX Runtime's CPU provider on the whole test split; latency against the float "
         "ONNX model of the same network, the two timed in alternation (see [how-it-works.md](how-it-works.md"
         "#deploying-to-onnx-runtime)).", "deploy_onnx_*")
 
