@@ -4,8 +4,9 @@ For each model and plan: post-training quantization (500 search-split calibratio
 corrected), PyTorch's test accuracy, the QDQ ONNX export, ONNX Runtime's accuracy on the same test
 images and how often both give the same class, the share of convolutions and linears ONNX Runtime
 runs as integer kernels, the file size, and latency against the float ONNX model at batch 1 and 64
-(--threads, the two timed in alternation). Plans: uniform OAQ at the --uniform settings (WxAy) and,
-for models in --search-models, the search at average weight bits --search-bits with 8-bit activations.
+(--threads; a plan's export variants and the float model timed in one alternation). Plans: uniform
+OAQ at the --uniform settings (WxAy) and, for models in --search-models, the search at average
+weight bits --search-bits with 8-bit activations.
 --weights: int8 containers (integer kernels) and/or packed (int2/int4/int8 codes, run dequantized);
 --quantize-skips adds int8 rows whose residual adds take the 8-bit quantized block input (integer adds).
 
@@ -70,9 +71,8 @@ def main() -> None:
         fp = top1(logits(model, test), test)
         variants = [(weights, False) for weights in args.weights] + [("int8", True)] * args.quantize_skips
         for label, plan in plans.items():
-            for weights, skips in variants:
-                rows.append({"model": name, "plan": label, "weights": weights + ", quantized skips" * skips,
-                             "fp_test": fp, **_deploy(model, plan, splits, test, calibration, weights, skips, args)})
+            for row in _deploy(model, plan, splits, test, calibration, variants, args):
+                rows.append({"model": name, "plan": label, "fp_test": fp, **row})
                 print(rows[-1], flush=True)
     _write(rows, args)
 
@@ -99,27 +99,34 @@ def _search_plans(name: str, model, splits, args) -> dict:
     return plans
 
 
-def _deploy(model, plan, splits, test, calibration, weights: str, quantize_skips: bool, args) -> dict:
+def _deploy(model, plan, splits, test, calibration, variants: list[tuple[str, bool]], args) -> list[dict]:
+    """One row per export variant (weights, quantized skips) of `plan`; every variant and the float model
+    timed in one alternation, so their speedups compare within the row group."""
     quantized = post_training_quantize(model, plan, splits.search)
     torch_logits = logits(quantized, test)
+    rows, paths = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
-        deployed, baseline = Path(scratch) / "model.onnx", Path(scratch) / "float.onnx"
-        started = time.perf_counter()
-        export_onnx(quantized, plan, calibration, deployed, weights=weights, quantize_skips=quantize_skips)
-        export_seconds = time.perf_counter() - started
+        baseline = Path(scratch) / "float.onnx"
         export_float_onnx(model, calibration, baseline)
-        ort_logits = onnx_logits(deployed, test, threads=args.threads)
-        kernels = kernel_counts(deployed)
-        latency = {batch: paired_latency({"int8": deployed, "float": baseline}, next(test.batches(batch))[0],
-                                         args.threads, args.rounds) for batch in (1, 64)}
-        sizes = {"onnx_kib": deployed.stat().st_size / 1024, "float_onnx_kib": baseline.stat().st_size / 1024}
-    accuracy = {"torch_test": top1(torch_logits, test), "ort_test": top1(ort_logits, test)}
-    return {**accuracy, "ort_minus_torch": accuracy["ort_test"] - accuracy["torch_test"],
-            "same_class": agreement(ort_logits, torch_logits), "integer_kernels": kernels["integer"],
-            "float_kernels": kernels["float"], **sizes, "export_s": export_seconds,
-            **{f"batch{b}_ms": t["int8"] * 1e3 for b, t in latency.items()},
-            **{f"batch{b}_float_ms": t["float"] * 1e3 for b, t in latency.items()},
-            **{f"batch{b}_speedup": t["float"] / t["int8"] for b, t in latency.items()}}
+        for weights, skips in variants:
+            label, path = weights + ", quantized skips" * skips, Path(scratch) / f"{len(paths)}.onnx"
+            started = time.perf_counter()
+            export_onnx(quantized, plan, calibration, path, weights=weights, quantize_skips=skips)
+            export_seconds = time.perf_counter() - started
+            ort_logits, kernels = onnx_logits(path, test, threads=args.threads), kernel_counts(path)
+            accuracy = {"torch_test": top1(torch_logits, test), "ort_test": top1(ort_logits, test)}
+            rows[label] = {"weights": label, **accuracy, "ort_minus_torch": accuracy["ort_test"] - accuracy["torch_test"],
+                           "same_class": agreement(ort_logits, torch_logits), "integer_kernels": kernels["integer"],
+                           "float_kernels": kernels["float"], "onnx_kib": path.stat().st_size / 1024,
+                           "float_onnx_kib": baseline.stat().st_size / 1024, "export_s": export_seconds}
+            paths[label] = path
+        for batch in (1, 64):
+            seconds = paired_latency({**paths, "float": baseline}, next(test.batches(batch))[0], args.threads,
+                                     args.rounds)
+            for label, row in rows.items():
+                row.update({f"batch{batch}_ms": seconds[label] * 1e3, f"batch{batch}_float_ms": seconds["float"] * 1e3,
+                            f"batch{batch}_speedup": seconds["float"] / seconds[label]})
+    return list(rows.values())
 
 
 def _write(rows: list[dict], args) -> None:
@@ -134,7 +141,8 @@ def _write(rows: list[dict], args) -> None:
                      f"{r['batch1_speedup']:.2f}x) | {r['batch64_ms']:.1f} ({r['batch64_float_ms']:.1f}, "
                      f"{r['batch64_speedup']:.2f}x) |")
     table.append(f"\nONNX Runtime {_ort_version()}, CPU provider, {args.threads} threads, median of {args.rounds} "
-                 f"alternating runs per batch size; {args.test_images} test images.")
+                 f"alternating runs per batch size (a plan's variants and the float model in one alternation); "
+                 f"{args.test_images} test images.")
     text = "\n".join(table)
     print(text)
     name = "_".join(["deploy_onnx", *args.models, *([] if args.weights == ["int8"] else args.weights),
