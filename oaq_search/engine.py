@@ -272,10 +272,15 @@ def finish(engine: Engine, study: optuna.Study, test: ImageSplit | None = None,
             search.score, engine.splits.search, engine.model, search.batch_size), search.seed_margin, engine.progress)
     best = best_trial(study, reconstructed=False)
     engine.seconds["finalists"] = time.perf_counter() - started
-    if ptq is not None and ptq.reconstruct and ptq.finalists and len(study.user_attrs.get(FINALIST_SCORES, {})) > 1:
+    picking = ptq is not None and ptq.reconstruct and ptq.finalists
+    if picking and len(study.user_attrs.get(FINALIST_SCORES, {})) > 1:
         best = pick_reconstructed(engine, study, ptq, best)
-    elif study.user_attrs.get(RECONSTRUCTED_PICK):  # an earlier run's choice, which this run does not make
-        study.set_user_attr(RECONSTRUCTED_PICK, None)
+    else:
+        if picking:
+            note("[ptq] finalists: no finalists were re-scored (search finalists = 1, a Pareto study or a custom "
+                 "score): the best trial is reconstructed alone", engine.progress)
+        if study.user_attrs.get(RECONSTRUCTED_PICK):  # an earlier run's choice, which this run does not make
+            study.set_user_attr(RECONSTRUCTED_PICK, None)
     plan = Plan.from_dict(best.user_attrs["plan"])
     plan.totals = best.user_attrs["costs"]
     plan.metadata = {"study": engine.name, "storage": engine.storage_url, "trial": best.number,
