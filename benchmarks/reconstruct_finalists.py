@@ -12,12 +12,10 @@ the two rankings and what each pick scores on test can be compared.
 from __future__ import annotations
 
 import argparse
-import copy
-import time
 
 import torch
 from _common import SHARED, checkpoint, write_results
-from reconstruction import searched
+from reconstruction import reconstructed_copy, searched
 from scipy.stats import spearmanr
 
 from oaq_search.config import PtqConfig
@@ -26,7 +24,7 @@ from oaq_search.evaluate import accuracy
 from oaq_search.objective import FINALIST_SCORES, FINALIST_WINNER
 from oaq_search.pipeline import load_model
 from oaq_search.plan import Plan
-from oaq_search.ptq import post_training_quantize, reconstruct_plan
+from oaq_search.ptq import post_training_quantize
 
 
 def main() -> None:
@@ -49,16 +47,14 @@ def main() -> None:
     for number in sorted(map(int, search_scores)):
         plan = Plan.from_dict(trials[number].user_attrs["plan"])
         nearest = post_training_quantize(model, plan, splits.search)
-        started = time.perf_counter()
-        reconstructed = copy.deepcopy(nearest)
-        reconstruct_plan(reconstructed, model, plan, splits.search, config, progress=False)
+        reconstructed, seconds = reconstructed_copy(nearest, model, plan, splits, config)
         rows.append({"trial": number, "seed": trials[number].user_attrs.get("seed"),
                      "finalist_score": search_scores[str(number)],
                      "nearest_held_out": accuracy(nearest, held_out, progress=False),
                      "nearest_test": accuracy(nearest, splits.test, progress=False) - fp,
                      "reconstructed_held_out": accuracy(reconstructed, held_out, progress=False),
                      "reconstructed_test": accuracy(reconstructed, splits.test, progress=False) - fp,
-                     "seconds": time.perf_counter() - started})
+                     "seconds": seconds})
         print(rows[-1], flush=True)
     _write(rows, study.user_attrs[FINALIST_WINNER]["trial"], fp, args)
 

@@ -63,10 +63,7 @@ def main() -> None:
             nearest = post_training_quantize(model, plan, splits.search)
             row = {"model": name, "plan": label, "weight_kib": round(cost_model.evaluate(graph, plan).totals[
                 "weight_bytes"] / 1024, 1), "fp": fp, "nearest": accuracy(nearest, splits.test, progress=False) - fp}
-            started = time.perf_counter()
-            reconstructed = copy.deepcopy(nearest)
-            reconstruct_plan(reconstructed, model, plan, splits.search, config, progress=False)
-            row["seconds"] = time.perf_counter() - started
+            reconstructed, row["seconds"] = reconstructed_copy(nearest, model, plan, splits, config)
             row["reconstructed"] = accuracy(reconstructed, splits.test, progress=False) - fp
             for epochs in args.finetune_epochs:
                 row[f"finetune_{epochs}"], row[f"finetune_{epochs}_seconds"] = _finetuned(
@@ -86,6 +83,14 @@ def _plan(label: str, name: str, model, graph, splits, calibration, args):
     weight_bits, activation_bits = setting[1:].split("A")
     return PlanFactory(name, model, graph, method or "oaq", "uniform", False, calibration).uniform(
         int(weight_bits), int(activation_bits))
+
+
+def reconstructed_copy(nearest, model, plan, splits, config: PtqConfig):
+    """`nearest` (the plan rounded to nearest) reconstructed on the search split, as a copy, and the seconds it took."""
+    started = time.perf_counter()
+    reconstructed = copy.deepcopy(nearest)
+    reconstruct_plan(reconstructed, model, plan, splits.search, config, progress=False)
+    return reconstructed, time.perf_counter() - started
 
 
 def searched(name: str, model, splits, bits: float, activation_bits: int, trials: int, cost_model: str, **options):

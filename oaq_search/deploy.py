@@ -192,7 +192,7 @@ def _integer_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
     mu: its weights are rounded afresh onto int8's own grid, what is left of each channel's mean kept."""
     levels = _levels(layer)
     lattice = _lattice(levels)
-    values = grids.codes_to_values(layer.weight.codes.to(torch.float64), layer.grid, layer.bits).numpy()
+    values, scale, offset = _per_channel(layer)
     if lattice is not None and layer.bits == 8 and 2 * np.abs(levels * lattice).max() > INT8_MAX:
         return _rounded_afresh(layer)
     if lattice is None or np.abs(levels * lattice).max() > INT8_MAX:
@@ -201,8 +201,7 @@ def _integer_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
     ints = np.round(values * lattice)  # |ints| <= peak
     peak = int(np.abs(levels * lattice).max())
     channels = ints.shape[0]
-    scale = np.broadcast_to(layer.weight.scale.double().numpy(), (channels,)) / lattice  # one lattice step
-    offset = np.broadcast_to(layer.weight.offset.double().numpy(), (channels,))
+    scale = scale / lattice  # one lattice step
     factors = np.arange(1, INT8_MAX // peak + 1)[None, :]  # candidate refinements, per channel
     shifts = np.round(offset[:, None] * factors / scale[:, None])
     fits = factors * peak + np.abs(shifts) <= INT8_MAX
@@ -213,6 +212,14 @@ def _integer_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
     shape = (-1,) + (1,) * (ints.ndim - 1)
     codes = (ints * factor.reshape(shape) + shift.reshape(shape)).astype(np.int8)
     return IntegerWeight(codes, step, offset - shift * step)
+
+
+def _per_channel(layer: DeployableLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The codes' grid values, and each output channel's scale and offset (mu), in float64."""
+    values = grids.codes_to_values(layer.weight.codes.to(torch.float64), layer.grid, layer.bits).numpy()
+    channels = values.shape[0]
+    return (values, np.broadcast_to(layer.weight.scale.double().numpy(), (channels,)),
+            np.broadcast_to(layer.weight.offset.double().numpy(), (channels,)))
 
 
 def _levels(layer: DeployableLayer) -> np.ndarray:
@@ -233,7 +240,7 @@ def _packed_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
     levels = _levels(layer)
     low = grids.code_range(layer.grid, layer.bits)[0]
     unit = levels[1] - levels[0]
-    channels = layer.weight.codes.shape[0]
+    values, scale, offset = _per_channel(layer)
     if np.allclose(levels, levels[0] + unit * np.arange(len(levels)), rtol=0, atol=1e-12):
         ints, base = layer.weight.codes.numpy().astype(np.int64), levels[0] - unit * low
     else:
@@ -241,23 +248,19 @@ def _packed_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
         if lattice is None:
             raise UserError(f"layer {name}: the {layer.grid} grid at {layer.bits} bits has levels no integer type holds "
                             f"exactly; deploy plans on the uniform or midrise grid, or pot/ipot at 4 bits or fewer")
-        values = grids.codes_to_values(layer.weight.codes.to(torch.float64), layer.grid, layer.bits).numpy()
         ints, unit, base = np.round(values * lattice).astype(np.int64), 1.0 / lattice, 0.0
     bits = next((b for b in PACKED_OPSET if -(2 ** (b - 1)) <= ints.min() and ints.max() < 2 ** (b - 1)), None)
     if bits is None:
         raise UserError(f"layer {name}: the {layer.grid} grid at {layer.bits} bits needs integers beyond int8; "
                         f"deploy it without --weights packed")
-    scale = np.broadcast_to(layer.weight.scale.double().numpy(), (channels,))
-    offset = np.broadcast_to(layer.weight.offset.double().numpy(), (channels,))
     return IntegerWeight(ints.astype(np.int8), scale * unit, scale * base + offset, bits)
 
 
 def _planned_weight(layer: DeployableLayer) -> np.ndarray:
     """The plan's weights, scale * values + offset, in float."""
-    values = grids.codes_to_values(layer.weight.codes.to(torch.float64), layer.grid, layer.bits).numpy()
-    channels, shape = values.shape[0], (-1,) + (1,) * (values.ndim - 1)
-    scale = np.broadcast_to(layer.weight.scale.double().numpy(), (channels,)).reshape(shape)
-    return scale * values + np.broadcast_to(layer.weight.offset.double().numpy(), (channels,)).reshape(shape)
+    values, scale, offset = _per_channel(layer)
+    shape = (-1,) + (1,) * (values.ndim - 1)
+    return scale.reshape(shape) * values + offset.reshape(shape)
 
 
 def _rounded_afresh(layer: DeployableLayer) -> IntegerWeight:
@@ -489,12 +492,9 @@ def _quantize_outputs(graph, images: torch.Tensor) -> None:
     peaks = np.zeros(len(targets))
     for outputs in _run(graph, [node.output[0] for node in targets], images):
         peaks = np.maximum(peaks, [float(np.abs(output).max()) for output in outputs])
-    consumers, values = {}, {init.name: numpy_helper.to_array(init) for init in graph.graph.initializer}
-    for candidate in graph.graph.node:
-        for name in candidate.input:
-            consumers.setdefault(name, []).append(candidate)
-        if candidate.op_type == "Constant":
-            values[candidate.output[0]] = numpy_helper.to_array(candidate.attribute[0].t)
+    consumers, values = _consumers(graph), {init.name: numpy_helper.to_array(init) for init in graph.graph.initializer}
+    values.update({node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in graph.graph.node
+                   if node.op_type == "Constant"})
     for node, peak in zip(targets, peaks):
         tensor, raw = node.output[0], f"{node.output[0]}.float"
         node.output[0] = raw
@@ -509,14 +509,19 @@ def _quantize_outputs(graph, images: torch.Tensor) -> None:
                 after=True)
 
 
+def _consumers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    consumers: dict[str, list] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 def _quantize_skips(graph) -> None:
     """Each Add's float operand that an unsigned 8-bit input quantizer (Q -> DQ, no Clip) also reads, taken
     from that quantizer's DequantizeLinear instead, when it comes earlier in the graph."""
-    consumers, position = {}, {}
-    for index, node in enumerate(graph.graph.node):
-        position[id(node)] = index
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers, position = _consumers(graph), {id(node): index for index, node in enumerate(graph.graph.node)}
     for node in graph.graph.node:
         if node.op_type != "Add":
             continue

@@ -335,9 +335,8 @@ def pick_reconstructed(engine: Engine, study: optuna.Study, ptq: PtqConfig,
     started = time.perf_counter()
     for number in bar(len(finalists), "reconstruct the finalists", engine.progress, iterable=finalists):
         plan = Plan.from_dict(trials[number].user_attrs["plan"])
-        quantized = post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction)
-        reconstruct_plan(quantized, engine.model, plan, engine.splits.search, ptq, progress=False)
-        per_image[number] = scorer(quantized)
+        per_image[number] = scorer(post_training_quantize(engine.model, plan, engine.splits.search, search.bn_correction,
+                                                          reconstruction=ptq, progress=False))
     engine.seconds["reconstruct finalists"] = time.perf_counter() - started
     ranked = sorted(finalists, key=lambda n: (float(per_image[n].mean()), n == incumbent.number), reverse=True)
     winner = next(n for n in ranked if n == incumbent.number or standard_errors_above(

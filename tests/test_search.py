@@ -422,7 +422,7 @@ def test_a_search_chooses_per_group_which_inputs_stay_float_on_a_runtime_with_8_
 
 def test_ptq_finalists_picks_among_the_reconstructed_finalists_once_and_keeps_the_choice(
         synthetic_cifar, tmp_path, monkeypatch):
-    from oaq_search import engine as engine_module
+    from oaq_search import ptq as ptq_module
     from oaq_search.objective import FINALIST_SCORES, RECONSTRUCTED_PICK
 
     config = synthetic_study(synthetic_cifar, tmp_path, n_trials=6, finalists=3, eval_images=10)
@@ -435,8 +435,8 @@ def test_ptq_finalists_picks_among_the_reconstructed_finalists_once_and_keeps_th
     assert result.plan.metadata["trial"] == pick["trial"] and result.plan.metadata["reconstruction"]["images"] == 16
     assert export_plans(config)[0].key() == Plan.from_dict(study.trials[pick["trial"]].user_attrs["plan"]).key()
     reconstructed = []  # resumed: the choice is read from the study; only the chosen plan is reconstructed
-    real = engine_module.reconstruct_plan
-    monkeypatch.setattr(engine_module, "reconstruct_plan", lambda *a, **k: reconstructed.append(1) or real(*a, **k))
+    real = ptq_module.reconstruct  # what every reconstruction, of a finalist or of the chosen plan, runs
+    monkeypatch.setattr(ptq_module, "reconstruct", lambda *a, **k: reconstructed.append(1) or real(*a, **k))
     assert run_study(config, progress=False).plan.metadata["trial"] == pick["trial"] and len(reconstructed) == 1
     config.ptq.finalists = False  # the choice rounded to nearest again, for export too
     assert run_study(config, progress=False).plan.metadata["trial"] == study.user_attrs["finalist_winner"]["trial"]
