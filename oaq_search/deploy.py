@@ -4,10 +4,10 @@
 folded by the exporter) and the quantization is written into the graph afterwards:
 - each quantized layer's weight becomes int8 codes and a per-output-channel scale (DequantizeLinear):
   the plan's b-bit codes on an integer lattice of the grid's levels, refined (the codes multiplied by
-  up to 127 // lattice) so OAQ's offset mu lands near a lattice point, then added to the codes. What
-  is left of mu shifts a channel's weights alike; its mean effect on calibration images goes into the
-  bias, as BatchNorm correction would (W4A8 ResNet-20: -0.65 points without, -0.05 with, on 4,000
-  test images; an exact float correction after each kernel made the model 2.5x slower than float);
+  up to 127 // lattice) and shifted by OAQ's offset mu, which plans quantize onto that finer lattice
+  (`oaq.int8_offset`), so the weights are the plan's exactly. Of a plan quantized before that, what is
+  left of mu shifts a channel's weights alike; its mean effect on calibration images goes into the
+  bias, as BatchNorm correction would;
 - its input: QuantizeLinear (uint8; zero point 128 for signed inputs) -> Clip to the plan's 2^b levels
   -> DequantizeLinear, exactly the fake quantizer's grid and range;
 - a layer the plan gives no input bits keeps its float input and gets the plan's weights in float32:
@@ -38,12 +38,12 @@ from .activations import fake_quantize_activation
 from .errors import UserError
 from .fake_quant import quantized_layers, unwrap
 from .files import replace_atomically
-from .oaq import QuantizedWeight, dequantize
+from .grids import INT8_MAX
+from .oaq import QuantizedWeight, dequantize, int8_refinement
 from .packing import PackedModel
 from .plan import Plan
 
 OPSET = 17  # QDQ with per-channel weights needs 13; 17 is the newest the TorchScript exporter fully supports
-INT8_MAX = 127
 WEIGHT_FORMATS = ("int8", "packed")  # int8 containers ONNX Runtime fuses into integer kernels | exact-size codes
 PACKED_OPSET = {2: 25, 4: 21, 8: OPSET}  # container bits -> the first opset whose DequantizeLinear reads them
 
@@ -187,31 +187,22 @@ class IntegerWeight:
 
 
 def _integer_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
-    """The plan's codes on the grid's integer lattice, each channel refined by the factor that leaves
-    the least of mu (the codes stay within int8). An 8-bit layer's 255 levels fill int8 with no room for
-    mu: its weights are rounded afresh onto int8's own grid, what is left of each channel's mean kept."""
-    levels = _levels(layer)
-    lattice = _lattice(levels)
+    """The plan's codes on the grid's integer lattice, refined and shifted so they hold OAQ's mu as well
+    (`oaq.int8_refinement`; plans quantize mu onto that point, so nothing is left of it). An 8-bit grid
+    int8 cannot hold with its mu is rounded afresh onto int8's own grid, what is left of each channel's
+    mean kept."""
+    lattice = grids.int8_lattice(layer.grid, layer.bits)
     values, scale, offset = _per_channel(layer)
-    if lattice is not None and layer.bits == 8 and 2 * np.abs(levels * lattice).max() > INT8_MAX:
-        return _rounded_afresh(layer)
-    if lattice is None or np.abs(levels * lattice).max() > INT8_MAX:
+    if lattice is None or (lattice == INT8_MAX and np.any(offset)):  # the latter: a plan from before offsets were held
+        if layer.bits == 8:
+            return _rounded_afresh(layer)
         raise UserError(f"layer {name}: the {layer.grid} grid at {layer.bits} bits has levels int8 codes cannot hold "
                         f"exactly; deploy plans on the uniform or midrise grid, or pot/ipot at 4 bits or fewer")
-    ints = np.round(values * lattice)  # |ints| <= peak
-    peak = int(np.abs(levels * lattice).max())
-    channels = ints.shape[0]
-    scale = scale / lattice  # one lattice step
-    factors = np.arange(1, INT8_MAX // peak + 1)[None, :]  # candidate refinements, per channel
-    shifts = np.round(offset[:, None] * factors / scale[:, None])
-    fits = factors * peak + np.abs(shifts) <= INT8_MAX
-    residuals = np.where(fits, np.abs(offset[:, None] - shifts * scale[:, None] / factors), np.inf)
-    best = residuals.argmin(1)
-    factor, shift = factors[0, best], np.where(fits[np.arange(channels), best], shifts[np.arange(channels), best], 0)
-    step = scale / factor
-    shape = (-1,) + (1,) * (ints.ndim - 1)
-    codes = (ints * factor.reshape(shape) + shift.reshape(shape)).astype(np.int8)
-    return IntegerWeight(codes, step, offset - shift * step)
+    factor, shift = (t.numpy() for t in int8_refinement(torch.from_numpy(offset / scale * lattice), lattice))
+    step = scale / lattice / factor
+    shape = (-1,) + (1,) * (values.ndim - 1)
+    codes = np.round(values * lattice) * factor.reshape(shape) + shift.reshape(shape)
+    return IntegerWeight(codes.astype(np.int8), step, offset - shift * step)
 
 
 def _per_channel(layer: DeployableLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -228,11 +219,6 @@ def _levels(layer: DeployableLayer) -> np.ndarray:
     return grids.codes_to_values(torch.arange(low, high + 1, dtype=torch.float64), layer.grid, layer.bits).numpy()
 
 
-def _lattice(levels: np.ndarray) -> int | None:
-    """The smallest integer m that makes every level times m an integer (None past int8's reach)."""
-    return next((m for m in range(1, 2 * INT8_MAX + 2) if np.abs(levels * m - np.round(levels * m)).max() < 1e-6), None)
-
-
 def _packed_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
     """The plan's weights exactly, in the narrowest signed container that holds their integers: an evenly
     spaced grid (uniform, midrise) stores its codes, its own offset joining mu's; PoT and IPoT store their
@@ -244,15 +230,12 @@ def _packed_weight(name: str, layer: DeployableLayer) -> IntegerWeight:
     if np.allclose(levels, levels[0] + unit * np.arange(len(levels)), rtol=0, atol=1e-12):
         ints, base = layer.weight.codes.numpy().astype(np.int64), levels[0] - unit * low
     else:
-        lattice = _lattice(levels)
+        lattice = grids.int8_lattice(layer.grid, layer.bits)
         if lattice is None:
             raise UserError(f"layer {name}: the {layer.grid} grid at {layer.bits} bits has levels no integer type holds "
                             f"exactly; deploy plans on the uniform or midrise grid, or pot/ipot at 4 bits or fewer")
         ints, unit, base = np.round(values * lattice).astype(np.int64), 1.0 / lattice, 0.0
-    bits = next((b for b in PACKED_OPSET if -(2 ** (b - 1)) <= ints.min() and ints.max() < 2 ** (b - 1)), None)
-    if bits is None:
-        raise UserError(f"layer {name}: the {layer.grid} grid at {layer.bits} bits needs integers beyond int8; "
-                        f"deploy it without --weights packed")
+    bits = next(b for b in PACKED_OPSET if -(2 ** (b - 1)) <= ints.min() and ints.max() < 2 ** (b - 1))
     return IntegerWeight(ints.astype(np.int8), scale * unit, scale * base + offset, bits)
 
 

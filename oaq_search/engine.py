@@ -32,6 +32,7 @@ from .errors import UserError
 from .evaluate import accuracy, image_scorer, reference_accuracy, split_scorer
 from .graph import LayerGraph, build_layer_graph
 from .layout import choose_layout
+from .oaq import REVISION
 from .objective import (FINALIST_SCORES, RECONSTRUCTED_PICK, Objective, Scorer, allocation_problem, best_trial,
                         check_feasible, finalist_score, incumbent_params, standard_errors_above)
 from .plan import Plan
@@ -355,7 +356,7 @@ def uniform_baselines(engine: Engine) -> list[dict]:
     plans = [objective.factory.uniform(bits, search.default_activation_bits, search.first_last_bits)
              for bits in search.weight_bits]
     with stage("uniform baselines", engine.progress):
-        scores = cached_json(engine.model.state_dict(), {"fingerprint": engine.fingerprint, "version": 1}, "uniform-",
+        scores = cached_json(engine.model.state_dict(), {"fingerprint": engine.fingerprint, "version": 1, "quantizer": REVISION}, "uniform-",
                              lambda: [objective.score(plan) for plan in plans],
                              None if engine.custom_score else "default")
     return [{"weight_bits": bits, "costs": objective.cost_model.evaluate(engine.graph, plan).totals, "score": score}

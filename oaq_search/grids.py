@@ -20,6 +20,7 @@ from .choices import GRIDS
 from .errors import UserError
 
 MIN_BITS, MAX_BITS = 2, 8
+INT8_MAX = 127
 FLOAT_INPUT_BITS = 32  # in a searched list of input bits: the input stays float (the layer runs a float kernel)
 
 
@@ -98,6 +99,15 @@ def floor_code(x: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
 def rounded_codes(x: torch.Tensor, grid: str, bits: int, round_up: torch.Tensor | None = None) -> torch.Tensor:
     """Codes of x: the nearest levels, or with `round_up` (0/1 per value) the level below or above."""
     return level_index(x, grid, bits) if round_up is None else floor_code(x, grid, bits) + round_up.to(x.dtype)
+
+
+@functools.cache
+def int8_lattice(grid: str, bits: int) -> int | None:
+    """The smallest m that makes every level times m an integer within int8 (levels end at 1, so m is
+    the largest): how an int8 container holds the grid's codes. None for a grid it cannot hold (PoT and
+    IPoT above 4 bits, midrise at 8)."""
+    every = levels(grid, bits)
+    return next((m for m in range(1, INT8_MAX + 1) if (every * m - torch.round(every * m)).abs().max() < 1e-6), None)
 
 
 def codes_to_values(codes: torch.Tensor, grid: str, bits: int) -> torch.Tensor:

@@ -19,6 +19,11 @@ from . import grids
 from .choices import METHODS
 from .errors import UserError
 
+# Part of every cache key of results computed from quantized weights; bump when they change.
+# 2: OAQ's mu held on a lattice int8 codes reach (`int8_offset`).
+REVISION = 2
+MIN_REFINEMENT = 16  # int8 refines a grid's lattice this often to hold mu (<= 1/32 step off), or the grid is centred on 0
+
 # Gaussian-MSE-optimal clipping thresholds (sigma units) of the symmetric uniform grids: 2^b - 1
 # levels (mid-tread, also used for pot and ipot) and 2^b levels (midrise); the method note's
 # 1.7/2.2/2.6/4.0 are neither. tests/test_quantizers.py re-derives both.
@@ -107,14 +112,48 @@ def quantize_weight(weight: torch.Tensor, quantizer: WeightQuantizer, name: str 
 
 
 def normalized_grid_input(weight, quantizer, name="weight", scale_factor=None):
-    """(x in [-1, 1], mu, sigma, R): the reshaped, range-normalised weight and its statistics."""
+    """(x in [-1, 1], mu, sigma, R): the reshaped, range-normalised weight and its statistics, mu where
+    int8 holds it (`int8_offset`; 0 for grids too fine for int8 to refine: they are centred on zero)."""
     if not torch.isfinite(weight).all():
         raise UserError(f"layer {name} has NaN or inf weights: fix the checkpoint before quantizing")
     z, mu, sigma = normalize(weight, quantizer.per_channel)
+    lattice = grids.int8_lattice(quantizer.grid, quantizer.bits)
+    if lattice is not None and grids.INT8_MAX // lattice < MIN_REFINEMENT:  # int8 holds no fine offset: centre on 0
+        z, mu = z + mu / sigma, torch.zeros_like(mu)
     reshaped = reshape_outliers(z, quantizer, scale_factor)
     dims = tuple(range(1, z.dim())) if quantizer.per_channel else tuple(range(z.dim()))
     scale = reshaped.abs().amax(dim=dims, keepdim=True).clamp(min=torch.finfo(z.dtype).tiny)
-    return reshaped / scale, mu, sigma, scale
+    offset = int8_offset(mu, sigma * scale, quantizer.grid, quantizer.bits)
+    return reshaped / scale + (mu - offset) / (sigma * scale), offset, sigma, scale
+
+
+def int8_offset(mu: torch.Tensor, step: torch.Tensor, grid: str, bits: int) -> torch.Tensor:
+    """mu moved to the nearest point an int8 container holds beside the grid's codes (see
+    `int8_refinement`), so the deployed ONNX model has the plan's weights exactly; it moves by at most
+    half a refined step (1/32 of a grid step or less, for offsets under a step). Grids int8 cannot
+    hold, and offsets beyond its reach, keep mu. Gradients pass straight through."""
+    lattice = grids.int8_lattice(grid, bits)
+    if lattice is None:
+        return mu
+    with torch.no_grad():
+        units = (mu / step * lattice).reshape(-1).double()
+        factor, shift = int8_refinement(units, lattice)
+        within = (units - shift / factor).abs() <= 0.5 / factor  # not clipped: int8 reaches this offset
+        held = torch.where(within, shift / factor, units).reshape(mu.shape).to(mu.dtype) * step / lattice
+    return mu + (held - mu).detach()
+
+
+def int8_refinement(units: torch.Tensor, lattice: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For offsets of `units` lattice steps (one per channel): the refinement F and integer k, offset
+    ~ k / F steps, nearest the offset with codes * F + k inside int8 (F * lattice + |k| <= 127); F = 1
+    and k clipped where none fits. How deployment stores codes and offset in one int8 tensor."""
+    units = units.reshape(-1, 1).double()
+    factors = torch.arange(1, grids.INT8_MAX // lattice + 1, dtype=torch.float64)
+    shifts = torch.round(units * factors)
+    fits = factors * lattice + shifts.abs() <= grids.INT8_MAX
+    nearest = torch.where(fits, (units - shifts / factors).abs(), torch.inf).argmin(1, keepdim=True)  # F = 1 if none
+    room = grids.INT8_MAX - lattice
+    return factors[nearest].squeeze(1), shifts.gather(1, nearest).clamp(-room, room).squeeze(1)
 
 
 def dequantize(quantized: QuantizedWeight, quantizer: WeightQuantizer) -> torch.Tensor:

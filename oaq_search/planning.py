@@ -24,6 +24,7 @@ from .files import write_text_atomically
 from .graph import LayerGraph
 from .grids import FLOAT_INPUT_BITS
 from .oaq import (
+    REVISION,
     SCALE_FACTOR_CANDIDATES,
     THRESHOLD_MULTIPLIERS,
     WeightQuantizer,
@@ -69,7 +70,7 @@ class PlanFactory:
             images = _output_error_images(graph, calibration)
             self._output_errors = _output_error_functions(model, graph, images)
             self._stored_choices = cache_file(cache_dir, {**self._weights, "calibration images": images}, {
-                "method": method, "per_channel": per_channel, "version": 1,
+                "method": method, "per_channel": per_channel, "version": 1, "quantizer": REVISION,
                 "candidates": [SCALE_FACTOR_CANDIDATES, THRESHOLD_MULTIPLIERS]}, prefix="outliers-")
             self._read_choices()
 

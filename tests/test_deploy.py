@@ -26,18 +26,34 @@ def layer_of(weight: torch.Tensor, quantizer: WeightQuantizer) -> DeployableLaye
     return DeployableLayer(quantize_weight(weight, quantizer), quantizer.grid, quantizer.bits, 8, (0.0, 1.0))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_int8_codes_hold_the_plans_weights_up_to_a_per_channel_constant(bits):
-    weight = torch.randn(16, 8, 3, 3) * 0.1 + 0.013  # an offset mu that is no whole number of steps
-    quantizer = WeightQuantizer(bits, method="oaq", scale_factor=0.3)
+@pytest.mark.parametrize("grid, bits", [("uniform", 2), ("uniform", 3), ("uniform", 4), ("uniform", 8),
+                                        ("midrise", 3), ("pot", 4)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_codes_hold_the_plans_weights_exactly(grid, bits, per_channel):
+    """Plans hold OAQ's offset mu where int8 reaches it (`oaq.int8_offset`), so the codes need no residual."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 8, 3, 3) * 0.1 + 0.02 * torch.randn(16, 1, 1, 1)  # offsets no whole number of steps
+    quantizer = WeightQuantizer(bits, grid, scale_factor=0.3, per_channel=per_channel)
     layer = layer_of(weight, quantizer)
     integer = _integer_weight("conv", layer)
     planned = dequantize(layer.weight, quantizer).double().numpy()
-    error = planned - integer.representable() - integer.offset.reshape(-1, 1, 1, 1)
     assert integer.codes.dtype == np.int8
+    assert np.abs(planned - integer.representable()).max() < 1e-6 * np.abs(planned).max()
+    assert np.abs(integer.offset).max() < 1e-6 * integer.step.max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_plan_quantized_before_offsets_were_held_deploys_up_to_a_per_channel_constant(bits):
+    weight = torch.randn(16, 8, 3, 3) * 0.1 + 0.013
+    quantizer = WeightQuantizer(bits, scale_factor=0.3)
+    held = quantize_weight(weight, quantizer)
+    layer = DeployableLayer(dataclasses.replace(held, offset=weight.mean()), quantizer.grid, bits, 8, (0.0, 1.0))  # mu as it was
+    integer = _integer_weight("conv", layer)
+    planned = dequantize(layer.weight, quantizer).double().numpy()
+    error = planned - integer.representable() - integer.offset.reshape(-1, 1, 1, 1)
     if bits < 8:  # the plan's own codes, refined: exact but for the constant residual the bias takes
         assert np.abs(error).max() < 1e-6
-        assert np.abs(integer.offset).max() <= integer.step.max() / 2 + 1e-12
+        assert 0 < np.abs(integer.offset).max() <= integer.step.max() / 2 + 1e-12
     else:  # 255 levels fill int8: rounded afresh, each channel's mean error kept as its residual
         assert np.abs(error.reshape(16, -1).mean(1)).max() < 1e-7 and np.abs(error).max() <= integer.step.max()
 

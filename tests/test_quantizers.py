@@ -65,8 +65,9 @@ def test_scale_factor_zero_clips_at_the_threshold():
     torch.manual_seed(0)
     weight = heavy_tailed()
     z, mu, sigma = normalize(weight, per_channel=False)
+    z = z + mu / sigma  # a uniform 8-bit grid is centred on zero (int8 holds no offset beside its 255 levels)
     quantized = fake_quantize_weight(weight, WeightQuantizer(8, method="oaq", scale_factor=0.0, threshold=2.0))
-    assert float(((quantized - mu) / sigma).abs().max()) == pytest.approx(2.0, rel=1e-5)
+    assert float((quantized / sigma).abs().max()) == pytest.approx(2.0, rel=1e-5)
     inside = z.abs() < 1.9
     assert torch.allclose(quantized[inside], weight[inside], atol=float(sigma) * 2 / 127)
 
@@ -92,9 +93,11 @@ def test_uniform_vanilla_matches_torch_fake_quantize():
     torch.manual_seed(0)
     weight = torch.randn(8, 4, 3, 3)
     # Vanilla uniform on z = (w - mu)/sigma with range R is affine fake quantization with
-    # scale sigma*R/m and zero point mu expressed in steps, for integers in [-m, m].
+    # scale sigma*R/m and zero point mu expressed in steps, for integers in [-m, m] (mu as held: on the
+    # lattice int8 codes reach, `int8_offset`).
     quantizer = WeightQuantizer(4, method="vanilla")
-    z, mu, sigma = normalize(weight, per_channel=False)
+    z, _, sigma = normalize(weight, per_channel=False)
+    mu = quantize_weight(weight, quantizer).offset
     m = 2 ** 3 - 1
     scale = float(sigma * z.abs().max() / m)
     shifted = weight - mu  # torch's zero point must be an integer, so compare on the centred weight
@@ -103,7 +106,8 @@ def test_uniform_vanilla_matches_torch_fake_quantize():
     assert torch.allclose(ours, theirs, atol=1e-6)
 
     per_channel = WeightQuantizer(4, method="vanilla", per_channel=True)
-    z, mu, sigma = normalize(weight, per_channel=True)
+    z, _, sigma = normalize(weight, per_channel=True)
+    mu = quantize_weight(weight, per_channel).offset.reshape(-1, 1, 1, 1)
     scales = (sigma * z.abs().amax(dim=(1, 2, 3), keepdim=True) / m).flatten()
     ours = fake_quantize_weight(weight, per_channel) - mu
     theirs = torch.fake_quantize_per_channel_affine(weight - mu, scales, torch.zeros(8, dtype=torch.int32), 0, -m, m)

@@ -175,7 +175,7 @@ def test_a_fine_tune_from_a_reconstructed_model_keeps_its_rounding_and_resumes_w
     model = load_model("resnet20")
     splits = load_cifar10(synthetic_cifar, 50)
     plan = PlanFactory("resnet20", model, layer_graph("resnet20", model), "oaq", "uniform", False).uniform(3, 8)
-    ptq = PtqConfig(reconstruct=True, images=32, iterations=8, learning_rate=0.05)
+    ptq = PtqConfig(reconstruct=True, images=32, iterations=8, learning_rate=0.02)
     config = FinetuneConfig(mode="scale", epochs=2, batch_size=16, images_per_epoch=32)
     with second_epoch_interrupted():
         finetune_and_test(model, plan, splits, config, tmp_path, test_images=64, progress=False, reconstruction=ptq)

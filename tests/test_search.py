@@ -465,14 +465,15 @@ def test_grids_searched_per_group_keep_one_grid_per_bit_width_when_they_cost_the
 def test_the_engine_reproduces_the_quickstart_plan_of_the_code_before_it(quick_study):
     """Golden values from commit 0954131, the last before the engine took model and data as objects:
     the quickstart shrunk as below, run there on one thread (as a pytest-xdist worker). The same seed
-    must give the same plan and the same accuracies through the new engine."""
+    must give the same plan and the same accuracies through the new engine. Renewed once, when plans
+    began holding OAQ's mu where int8 reaches it (`oaq.REVISION` 2; it was 94.0, 89.0, 87.4 before)."""
     config = quick_study
     config.search.n_trials, config.search.eval_images, config.search.finalists = 4, 200, 2
     config.search.measured_sensitivity_images = 64
     config.data.test_images = 500
     result = run_study(config)
-    assert result.plan.key() == "b5c5928709cd407d"
-    assert (result.search_score, result.fp_test_accuracy, result.test_accuracy) == (94.0, 89.0, 87.4)
+    assert result.plan.key() == "ffbbd6f3888b7c68"
+    assert (result.search_score, result.fp_test_accuracy, result.test_accuracy) == (93.0, 89.0, 87.6)
     assert result.plan.metadata["trial"] == 0
 
 

@@ -21,7 +21,7 @@ from ..cache import cached_json
 from ..data import ImageSplit
 from ..files import write_text_atomically
 from ..graph import LayerGraph
-from ..oaq import WeightQuantizer, choose_outlier_settings, fake_quantize_weight
+from ..oaq import REVISION, WeightQuantizer, choose_outlier_settings, fake_quantize_weight
 from .metrics import METRICS, SensitivityMetric, get_metric, register_metric
 
 __all__ = ["METRICS", "SensitivityMetric", "SensitivityTable", "compute_sensitivity", "get_metric", "register_metric"]
@@ -98,7 +98,7 @@ def compute_sensitivity(model: nn.Module, graph: LayerGraph, metrics: Iterable[s
     weights = {name: modules[name].weight.detach() for name in graph.names}
     settings = {"metrics": [m.name for m in metrics], "bits": bits, "methods": methods, "grid": grid,
                 "data": data.fingerprint() if data is not None and any(m.needs_data for m in metrics) else None,
-                "version": _FORMAT_VERSION}
+                "version": _FORMAT_VERSION, "quantizer": REVISION}
 
     def measure() -> dict:
         started = time.perf_counter()
