@@ -9,13 +9,18 @@ costs on its own (an Identity model) is taken off each. Two whole models, timed 
 layers to what a model costs: `other_ops_s` is the all-float model's time less its layers' (BatchNorm
 is folded: the adds, activations, pooling and one call), and the 8-bit times are scaled so that they
 and `other_ops_s` add up to the all-8-bit model's (a layer alone pays its own quantize and dequantize
-calls, which integer layers in a row share).
+calls, which integer layers in a row share). A third, every other layer with 8-bit inputs, prices a
+switch between integer and float kernels (`switch_s_per_value`, per input value of the layer after it):
+ONNX Runtime's integer kernels run NHWC and its float ones NCHWc, so each switch transposes and
+reorders the value, and a float Conv loses the Add and Relu it would fuse.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -25,10 +30,11 @@ from oaq_search.deploy import export_float_onnx, export_onnx
 from oaq_search.fake_quant import calibrate_activations, quantize_
 from oaq_search.graph import LayerGraph, build_layer_graph
 from oaq_search.grids import FLOAT_INPUT_BITS
-from oaq_search.plan import Plan
+from oaq_search.plan import LayerPlan, Plan
 from oaq_search.runtime import paired_latency
 
 from .measure import WEIGHT_BITS, layer_shape, target_table
+from .target import switching_layers
 
 ACTIVATION_BITS = list(range(2, 9))  # uint8 containers, clipped to the plan's levels below 8
 RUNS_PER_TURN = 3  # runs of a model in a row per timing round, the last timed (see runtime.paired_latency)
@@ -51,12 +57,18 @@ def measure_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[
                 timed[key] = {kind: max(seconds[kind] - seconds["call"], 0.0) for kind in ("int8", "float")}
             layers.append((shape, timed[key]))
         images = torch.randn(max(batch, 8), *input_shape)
-        whole = paired_latency({"float": _deployed(model, graph, None, images, folder / "float.onnx"),
-                                "int8": _deployed(model, graph, 8, images, folder / "int8.onnx")},
+        plans = {"float": _plan(graph, ()), "int8": _plan(graph, graph.names), "alternating": _plan(graph, graph.names[::2])}
+        whole = paired_latency({label: _deployed(model, plan, images, folder / f"{label}.onnx")
+                                for label, plan in plans.items()},
                                torch.randn(batch, *input_shape), threads, repeats, RUNS_PER_TURN)
     other = max(whole["float"] - sum(times["float"] for _, times in layers), 0.0)
     # a layer timed alone pays its own quantize and dequantize calls, which integer layers in a row share
     chained = (whole["int8"] - other) / max(sum(times["int8"] for _, times in layers), 1e-12)
+    alternating = other + sum(times["int8"] * chained if (info.name in graph.names[::2]) else times["float"]
+                              for info, (_, times) in zip(graph.infos(), layers))
+    switched = sum(math.prod(graph.info(name).input_shape)
+                   for name in switching_layers(graph, plans["alternating"], FLOAT_INPUT_BITS))
+    switch = max(whole["alternating"] - alternating, 0.0) / max(switched, 1)
     entries = []
     for shape, times in layers:
         entries += [{**shape, "weight_bits": w, "activation_bits": a, "latency_s": times["int8"] * chained}
@@ -67,8 +79,10 @@ def measure_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[
 
     description = (f"ONNX Runtime {onnxruntime.__version__} CPU provider, batch {batch}, {threads} threads, "
                    f"measured on this machine; 8-bit layer times scaled by {chained:.3f} to the all-8-bit model's")
-    return target_table("onnxruntime-cpu", description, entries, other, ACTIVATION_BITS + [FLOAT_INPUT_BITS],
-                        FLOAT_INPUT_BITS)
+    table = target_table("onnxruntime-cpu", description, entries, other, ACTIVATION_BITS + [FLOAT_INPUT_BITS],
+                         FLOAT_INPUT_BITS)
+    table["target"]["switch_s_per_value"] = switch
+    return table
 
 
 def _single_layer_models(layer: nn.Module, info, batch: int, folder: Path) -> dict[str, Path]:
@@ -77,16 +91,21 @@ def _single_layer_models(layer: nn.Module, info, batch: int, folder: Path) -> di
     single = nn.Sequential(copy.deepcopy(getattr(layer, "layer", layer)))  # a QuantizedLayer's own layer
     graph = build_layer_graph(single, info.input_shape)
     images = torch.randn(max(batch, 8), *info.input_shape)
-    return {label: _deployed(single, graph, bits, images, folder / f"{info.name}.{label}.onnx")
-            for label, bits in (("int8", 8), ("float", None))}
+    return {label: _deployed(single, _plan(graph, integer), images, folder / f"{info.name}.{label}.onnx")
+            for label, integer in (("int8", graph.names), ("float", ()))}
 
 
-def _deployed(model: nn.Module, graph: LayerGraph, activation_bits: int | None, images: torch.Tensor,
-              path: Path) -> Path:
-    """`model` with 8-bit weights (and inputs of `activation_bits`) written as `oaq-search deploy` writes it."""
-    plan = Plan.uniform("measured", graph, 8, activation_bits=activation_bits, method="vanilla")
+def _plan(graph: LayerGraph, integer: Iterable[str]) -> Plan:
+    """8-bit weights everywhere, and 8-bit inputs for the `integer` layers (the others read float)."""
+    integer = set(integer)
+    return Plan("measured", [LayerPlan(name, 8, activation_bits=8 if name in integer else None, method="vanilla")
+                             for name in graph.names])
+
+
+def _deployed(model: nn.Module, plan: Plan, images: torch.Tensor, path: Path) -> Path:
+    """`model` quantized by `plan`, written as `oaq-search deploy` writes it."""
     quantized = quantize_(copy.deepcopy(model).eval(), plan)
-    if activation_bits is not None:
+    if any(layer.activation_bits for layer in plan.layers):
         calibrate_activations(quantized, [images])
     export_onnx(quantized, plan, images, path)
     return path

@@ -1,7 +1,8 @@
 """Hardware targets from a table file (TOML or JSON): capabilities, latency and energy per layer.
 
 A target file has four parts (see hwmodels/targets/*.toml):
-  [target]        name, description, default_activation_bits (for layers the plan leaves float)
+  [target]        name, description, default_activation_bits (for layers the plan leaves float), and for
+                  measured tables other_ops_s and switch_s_per_value (`switching_layers`)
   [capabilities]  weight_bits / activation_bits per op ("conv2d", "linear"), scale_formats, and
                   code_packing ("fields", or "base3": ternary codes five to a byte; packing.py)
   [rates]         per op, per bit pair "w{W}a{A}": macs_per_s, and optionally joules_per_mac
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from oaq_search.errors import UserError
 from oaq_search.graph import LayerGraph, LayerInfo
+from oaq_search.grids import FLOAT_INPUT_BITS
 from oaq_search.plan import CODE_PACKINGS, TERNARY_BITS, LayerPlan, Plan, packing_for
 from oaq_search.schema import read_document
 
@@ -58,6 +60,7 @@ class TargetTable:
     code_packing: str = "fields"
     layer_overhead_s: float = 0.0
     other_ops_s: float = 0.0  # time of everything that is not a quantizable layer (measured tables)
+    switch_s_per_value: float = 0.0  # per input value (one image) of a layer whose kernel kind differs from its producers'
     layers: dict[tuple, dict[str, float]] = field(default_factory=dict)
 
 
@@ -153,7 +156,21 @@ def _parse(data: dict, path: Path) -> TargetTable:
         scale_formats=list(capabilities.get("scale_formats", ["float32", "pow2"])), rates=rates,
         code_packing=code_packing,
         layer_overhead_s=number(rates_table, "layer_overhead_s", "rates.", positive=False, default=0.0),
-        other_ops_s=number(target, "other_ops_s", "target.", positive=False, default=0.0), layers=layers)
+        other_ops_s=number(target, "other_ops_s", "target.", positive=False, default=0.0),
+        switch_s_per_value=number(target, "switch_s_per_value", "target.", positive=False, default=0.0), layers=layers)
+
+
+def switching_layers(graph: LayerGraph, plan: Plan, default_activation_bits: int) -> list[str]:
+    """Layers whose kernel kind (integer, or float for a float input) differs from a layer feeding them: in
+    ONNX Runtime the value changes layout there (integer kernels run NHWC, float ones NCHWc)."""
+    planned = {layer.name: layer for layer in plan.layers}
+
+    def integer(name: str) -> bool | None:  # None: not in the plan (a float layer)
+        layer = planned.get(name)
+        return None if layer is None else (layer.activation_bits or default_activation_bits) != FLOAT_INPUT_BITS
+
+    return [name for name in planned
+            if any(integer(producer) not in (None, integer(name)) for producer in graph.layers.predecessors(name))]
 
 
 class TargetModel(CostModel):
@@ -211,6 +228,9 @@ class TargetModel(CostModel):
         report = MemoryModel().evaluate(graph, plan)
         for layer in plan.layers:
             report.per_layer[layer.name].update(self.layer_cost(graph.info(layer.name), layer))
+        if self.table.switch_s_per_value:
+            for name in switching_layers(graph, plan, self.table.default_activation_bits):
+                report.per_layer[name]["latency_s"] += self.table.switch_s_per_value * math.prod(graph.info(name).input_shape)
         for metric in ("latency_s", "energy_j"):
             if all(metric in costs for costs in report.per_layer.values()):
                 report.totals[metric] = sum(costs[metric] for costs in report.per_layer.values())

@@ -164,6 +164,27 @@ def test_onnxruntime_table_from_deployed_layers(tmp_path):
     assert int8 > 0 and floats > 0 and int8 != floats  # two different deployed kernels were timed
 
 
+def test_a_switch_between_integer_and_float_kernels_costs_the_next_layers_input_values(chain, tmp_path):
+    """ONNX Runtime's integer kernels run NHWC and its float ones NCHWc: a measured table charges each
+    switch `switch_s_per_value` per input value of the layer after it (b reads 4 x 8 x 8 values)."""
+    text = ('[target]\nname = "runtime"\ndefault_activation_bits = 32\nswitch_s_per_value = {switch}\n'
+            '[capabilities]\nweight_bits = {{ conv2d = [8], linear = [8] }}\n'
+            'activation_bits = {{ conv2d = [8, 32], linear = [8, 32] }}\n'
+            '[rates]\nconv2d = {{ w8a8 = {{ macs_per_s = 2e9 }}, w8a32 = {{ macs_per_s = 1e9 }} }}\n'
+            'linear = {{ w8a8 = {{ macs_per_s = 2e9 }}, w8a32 = {{ macs_per_s = 1e9 }} }}\n')
+    (tmp_path / "switching.toml").write_text(text.format(switch=1e-9))
+    (tmp_path / "plain.toml").write_text(text.format(switch=0))
+    latency = {name: {label: TargetModel(tmp_path / f"{name}.toml").evaluate(chain, plan(*layers)).totals["latency_s"]
+                      for label, layers in {"same": (LayerPlan("a", 8, 8), LayerPlan("b", 8, 8)),
+                                            "switched": (LayerPlan("a", 8, 8), LayerPlan("b", 8))}.items()}
+               for name in ("switching", "plain")}
+    assert latency["switching"]["same"] == pytest.approx(latency["plain"]["same"])
+    assert latency["switching"]["switched"] - latency["plain"]["switched"] == pytest.approx(4 * 8 * 8 * 1e-9)
+    with pytest.raises(UserError, match="switch_s_per_value' must be a finite number, zero or more"):
+        (tmp_path / "bad.toml").write_text(text.format(switch=-1))
+        TargetModel(tmp_path / "bad.toml")
+
+
 def test_example_plugin_installs_and_is_found_by_name(tmp_path):
     source, target = tmp_path / "npu_plugin", tmp_path / "site"
     shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "npu_plugin", source)  # builds stay out of the repo
