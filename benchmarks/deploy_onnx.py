@@ -37,7 +37,7 @@ from oaq_search.graph import build_layer_graph
 from oaq_search.pipeline import load_model
 from oaq_search.planning import PlanFactory
 from oaq_search.ptq import CALIBRATION_IMAGES, post_training_quantize
-from oaq_search.runtime import LATENCY_ROUNDS, agreement, kernel_counts, onnx_logits, paired_latency
+from oaq_search.runtime import LATENCY_ROUNDS, accuracy_change, agreement, kernel_counts, onnx_logits, paired_latency
 
 EXAMPLE = REPOSITORY / "examples" / "own_model"
 
@@ -114,8 +114,9 @@ def _deploy(model, plan, splits, test, calibration, variants: list[tuple[str, bo
             export_onnx(quantized, plan, calibration, path, weights=weights, quantize_skips=skips)
             export_seconds = time.perf_counter() - started
             ort_logits, kernels = onnx_logits(path, test, threads=args.threads), kernel_counts(path)
-            accuracy = {"torch_test": top1(torch_logits, test), "ort_test": top1(ort_logits, test)}
-            rows[label] = {"weights": label, **accuracy, "ort_minus_torch": accuracy["ort_test"] - accuracy["torch_test"],
+            change, error = accuracy_change(ort_logits, torch_logits, test.labels)
+            rows[label] = {"weights": label, "torch_test": top1(torch_logits, test), "ort_test": top1(ort_logits, test),
+                           "ort_minus_torch": change, "ort_minus_torch_error": error,
                            "same_class": agreement(ort_logits, torch_logits), "integer_kernels": kernels["integer"],
                            "float_kernels": kernels["float"], "onnx_kib": path.stat().st_size / 1024,
                            "float_onnx_kib": baseline.stat().st_size / 1024, "export_s": export_seconds}
@@ -129,13 +130,18 @@ def _deploy(model, plan, splits, test, calibration, variants: list[tuple[str, bo
     return list(rows.values())
 
 
+def _error(row: dict) -> str:
+    """' ± s.e.' of ORT minus PyTorch, where the row has it (results files from before it do not)."""
+    return f" ± {row['ort_minus_torch_error']:.2f}" if "ort_minus_torch_error" in row else ""
+
+
 def _write(rows: list[dict], args) -> None:
-    table = ["| model | plan | weights | PyTorch test (change vs FP) | ONNX Runtime test | ORT - PyTorch | same class | "
+    table = ["| model | plan | weights | PyTorch test (change vs FP) | ONNX Runtime test | ORT - PyTorch (± 1 s.e.) | same class | "
              "integer kernels | ONNX KiB (float) | batch 1 ms (float, speedup) | batch 64 ms (float, speedup) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['model']} | {r['plan']} | {r.get('weights', 'int8')} | {r['torch_test']:.2f} ({r['torch_test'] - r['fp_test']:+.2f}) | "
-                     f"{r['ort_test']:.2f} | {r['ort_minus_torch']:+.2f} | {100 * r['same_class']:.1f} % | "
+                     f"{r['ort_test']:.2f} | {r['ort_minus_torch']:+.2f}{_error(r)} | {100 * r['same_class']:.1f} % | "
                      f"{r['integer_kernels']} of {r['integer_kernels'] + r['float_kernels']} | "
                      f"{r['onnx_kib']:.0f} ({r['float_onnx_kib']:.0f}) | {r['batch1_ms']:.2f} ({r['batch1_float_ms']:.2f}, "
                      f"{r['batch1_speedup']:.2f}x) | {r['batch64_ms']:.1f} ({r['batch64_float_ms']:.1f}, "

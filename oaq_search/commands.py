@@ -290,13 +290,14 @@ def _check_deployed(args: argparse.Namespace, model, layers, test) -> None:
 
     from .deploy import export_float_onnx, reference_model
     from .evaluate import logits, top1
-    from .runtime import LATENCY_ROUNDS, agreement, onnx_logits, paired_latency
+    from .runtime import LATENCY_ROUNDS, accuracy_change, agreement, onnx_logits, paired_latency
 
     test = test.subset(args.test_images or len(test))
     ours, theirs = onnx_logits(args.out, test, threads=args.threads), logits(reference_model(model, layers), test)
-    deployed, planned = top1(ours, test), top1(theirs, test)
-    print(f"ONNX Runtime on {len(test)} test images: {deployed:.2f} % (PyTorch, same plan: {planned:.2f} %; change "
-          f"{deployed - planned:+.2f}; the same class for {100 * agreement(ours, theirs):.1f} % of images)")
+    change, error = accuracy_change(ours, theirs, test.labels)
+    print(f"ONNX Runtime on {len(test)} test images: {top1(ours, test):.2f} % (PyTorch, same plan: "
+          f"{top1(theirs, test):.2f} %; change {change:+.2f} ± {error:.2f}, one standard error over images; "
+          f"the same class for {100 * agreement(ours, theirs):.1f} % of images)")
     with tempfile.TemporaryDirectory() as scratch:
         float_path = Path(scratch) / "float.onnx"
         export_float_onnx(model, next(test.batches(1))[0], float_path)

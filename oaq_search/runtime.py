@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .data import ImageSplit
+from .evaluate import paired_difference
 
 INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
@@ -73,6 +74,13 @@ def paired_latency(paths: dict[str, str | Path], images: torch.Tensor, threads: 
             runner.run(None, feeds[label])
             times[label].append(time.perf_counter() - started)
     return {label: statistics.median(values) for label, values in times.items()}
+
+
+def accuracy_change(deployed: torch.Tensor, planned: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Deployed minus planned top-1 accuracy in points, and its standard error over the images (paired):
+    how large a change the images that switched class make by chance alone."""
+    right = lambda outputs: 100.0 * (outputs.argmax(1) == labels.cpu()).double()  # noqa: E731
+    return paired_difference(right(deployed), right(planned))
 
 
 def agreement(first: torch.Tensor, second: torch.Tensor) -> float:

@@ -165,9 +165,10 @@ def test_deploy_check_runs_the_packed_plan_in_onnx_runtime_as_pytorch_does(share
     assert main(["deploy", str(packed), "--out", str(onnx_file), "--check", "--test-images", "500", *common]) == 0
     out = capsys.readouterr().out
     assert "20 of 20 convolutions and linears run as ONNX Runtime integer kernels" in out
-    deployed, planned, same = map(float, re.search(r"(\S+) % \(PyTorch, same plan: (\S+) %.*the same class for "
-                                                   r"(\S+) %", out).groups())
+    deployed, planned, change, error, same = map(float, re.search(
+        r"(\S+) % \(PyTorch, same plan: (\S+) %; change (\S+) ± (\S+),.*the same class for (\S+) %", out).groups())
     assert abs(deployed - planned) <= 1.0 and same >= 97.0, out
+    assert change == pytest.approx(deployed - planned, abs=0.01) and 0 <= error < 1.0  # paired, over 500 images
     assert "batch 64" in out and onnx_file.stat().st_size < 400_000  # int8 codes: under half the float file
 
 
