@@ -47,10 +47,11 @@ def main() -> None:
     parser.add_argument("--search-trials", type=int, default=32)
     parser.add_argument("--search-cost-model", default="memory", help="memory-base3: ternary layers packed five a byte")
     parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
+    parser.add_argument("--seed", type=int, default=0, help="of the reconstruction's and the fine-tune's random draws")
     parser.add_argument("--tag", help="results file suffix (default: the models)")
     args = parser.parse_args()
     splits = load_cifar10(args.data_root)
-    config = PtqConfig(reconstruct=True, iterations=args.iterations, images=args.images)
+    config = PtqConfig(reconstruct=True, iterations=args.iterations, images=args.images, seed=args.seed)
     calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
     rows, cost_model = [], hwmodels.get_cost_model(args.search_cost_model)  # sizes as the search counts them
     for name in args.models:
@@ -66,8 +67,9 @@ def main() -> None:
             reconstructed, row["seconds"] = reconstructed_copy(nearest, model, plan, splits, config)
             row["reconstructed"] = accuracy(reconstructed, splits.test, progress=False) - fp
             for epochs in args.finetune_epochs:
+                tuning = FinetuneConfig(mode=args.finetune_mode, epochs=epochs, seed=args.seed)
                 row[f"finetune_{epochs}"], row[f"finetune_{epochs}_seconds"] = _finetuned(
-                    model, plan, splits, reconstructed, FinetuneConfig(mode=args.finetune_mode, epochs=epochs), fp)
+                    model, plan, splits, reconstructed, tuning, fp)
             print(_line(row, args), flush=True)
             rows.append(row)
     _write(rows, args, config)
@@ -119,7 +121,7 @@ def _write(rows: list[dict], args, config: PtqConfig) -> None:
     tuned = "".join(f" | + {e} epoch{'s' * (e > 1)} {args.finetune_mode} fine-tune" for e in args.finetune_epochs)
     lines = [f"Test split (10,000 images), change vs each checkpoint's full precision; reconstruction with "
              f"{config.iterations} steps per block on {config.images} search-split images, {torch.get_num_threads()} "
-             f"threads.", "",
+             f"threads" + (f", seed {config.seed}" if config.seed else "") + ".", "",
              f"| model | plan | weights (KiB) | rounded to nearest | reconstructed | reconstruction time{tuned} |",
              "|---|---|---:|---:|---:|---:|" + "---:|" * len(args.finetune_epochs)]
     for row in rows:
