@@ -148,7 +148,7 @@ def int8_refinement(units: torch.Tensor, lattice: int) -> tuple[torch.Tensor, to
     ~ k / F steps, nearest the offset with codes * F + k inside int8 (F * lattice + |k| <= 127); F = 1
     and k clipped where none fits. How deployment stores codes and offset in one int8 tensor."""
     units = units.reshape(-1, 1).double()
-    factors = torch.arange(1, grids.INT8_MAX // lattice + 1, dtype=torch.float64)
+    factors = torch.arange(1, grids.INT8_MAX // lattice + 1, dtype=torch.float64, device=units.device)
     shifts = torch.round(units * factors)
     fits = factors * lattice + shifts.abs() <= grids.INT8_MAX
     nearest = torch.where(fits, (units - shifts / factors).abs(), torch.inf).argmin(1, keepdim=True)  # F = 1 if none

@@ -5,7 +5,7 @@ import torch
 from oaq_search import grids
 from oaq_search.errors import UserError
 from oaq_search.oaq import (DEFAULT_THRESHOLDS, MIDRISE_THRESHOLDS, WeightQuantizer, choose_outlier_settings,
-                            dequantize, fake_quantize_weight, normalize, quantize_weight)
+                            dequantize, fake_quantize_weight, int8_offset, normalize, quantize_weight)
 
 
 def heavy_tailed(shape=(16, 8, 3, 3)):
@@ -173,3 +173,8 @@ def test_default_thresholds_are_gaussian_mse_optimal():
         for bits, threshold in table.items():
             best = optimize.minimize_scalar(lambda t: mse(t, grid, bits), bounds=(0.5, 8), method="bounded").x
             assert best == pytest.approx(threshold, abs=0.01), (grid, bits)
+
+def test_the_int8_offset_stays_on_the_weights_device():
+    """Reconstruction and QAT run on a GPU when there is one; the meta device stands in for it here."""
+    mu, step = torch.randn(8, 1, 1, 1, device="meta"), torch.rand(8, 1, 1, 1, device="meta")
+    assert int8_offset(mu, step, "uniform", 4).device.type == "meta"
