@@ -57,14 +57,15 @@ def measure_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[
                 timed[key] = {kind: max(seconds[kind] - seconds["call"], 0.0) for kind in ("int8", "float")}
             layers.append((shape, timed[key]))
         images = torch.randn(max(batch, 8), *input_shape)
-        plans = {"float": _plan(graph, ()), "int8": _plan(graph, graph.names), "alternating": _plan(graph, graph.names[::2])}
+        every_other = set(graph.names[::2])
+        plans = {"float": _plan(graph, ()), "int8": _plan(graph, graph.names), "alternating": _plan(graph, every_other)}
         whole = paired_latency({label: _deployed(model, plan, images, folder / f"{label}.onnx")
                                 for label, plan in plans.items()},
                                torch.randn(batch, *input_shape), threads, repeats, RUNS_PER_TURN)
     other = max(whole["float"] - sum(times["float"] for _, times in layers), 0.0)
     # a layer timed alone pays its own quantize and dequantize calls, which integer layers in a row share
     chained = (whole["int8"] - other) / max(sum(times["int8"] for _, times in layers), 1e-12)
-    alternating = other + sum(times["int8"] * chained if (info.name in graph.names[::2]) else times["float"]
+    alternating = other + sum(times["int8"] * chained if info.name in every_other else times["float"]
                               for info, (_, times) in zip(graph.infos(), layers))
     switched = sum(math.prod(graph.info(name).input_shape)
                    for name in switching_layers(graph, plans["alternating"], FLOAT_INPUT_BITS))

@@ -157,6 +157,7 @@ def test_onnxruntime_table_from_deployed_layers(tmp_path):
     table = measure_onnxruntime(ConvChain().eval(), chain, (3, 32, 32), batch=4, repeats=5)
     assert {(e["in_channels"], e["activation_bits"]) for e in table["layers"]} == {
         (channels, bits) for channels in (3, 4) for bits in [*range(2, 9), 32]}
+    assert 0 <= table["target"]["switch_s_per_value"] < 1e-3  # fitted on a third model: a 8-bit, b float
     (tmp_path / "ort.toml").write_text(tomli_w.dumps(table))
     model = get_cost_model(f"target:{tmp_path / 'ort.toml'}")
     int8 = model.evaluate(chain, plan(LayerPlan("a", 4, 4), LayerPlan("b", 4, 8))).totals["latency_s"]
