@@ -60,7 +60,7 @@ class TargetTable:
     code_packing: str = "fields"
     layer_overhead_s: float = 0.0
     other_ops_s: float = 0.0  # time of everything that is not a quantizable layer (measured tables)
-    switch_s_per_value: float = 0.0  # per input value (one image) of a layer whose kernel kind differs from its producers'
+    switch_s_per_value: float = 0.0  # per input value (one image) of a layer whose kernel kind differs from a producer's
     layers: dict[tuple, dict[str, float]] = field(default_factory=dict)
 
 
@@ -228,9 +228,10 @@ class TargetModel(CostModel):
         report = MemoryModel().evaluate(graph, plan)
         for layer in plan.layers:
             report.per_layer[layer.name].update(self.layer_cost(graph.info(layer.name), layer))
-        if self.table.switch_s_per_value:
+        switch = self.table.switch_s_per_value
+        if switch:
             for name in switching_layers(graph, plan, self.table.default_activation_bits):
-                report.per_layer[name]["latency_s"] += self.table.switch_s_per_value * math.prod(graph.info(name).input_shape)
+                report.per_layer[name]["latency_s"] += switch * math.prod(graph.info(name).input_shape)
         for metric in ("latency_s", "energy_j"):
             if all(metric in costs for costs in report.per_layer.values()):
                 report.totals[metric] = sum(costs[metric] for costs in report.per_layer.values())

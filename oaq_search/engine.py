@@ -356,7 +356,8 @@ def uniform_baselines(engine: Engine) -> list[dict]:
     plans = [objective.factory.uniform(bits, search.default_activation_bits, search.first_last_bits)
              for bits in search.weight_bits]
     with stage("uniform baselines", engine.progress):
-        scores = cached_json(engine.model.state_dict(), {"fingerprint": engine.fingerprint, "version": 1, "quantizer": REVISION}, "uniform-",
+        key = {"fingerprint": engine.fingerprint, "version": 1, "quantizer": REVISION}
+        scores = cached_json(engine.model.state_dict(), key, "uniform-",
                              lambda: [objective.score(plan) for plan in plans],
                              None if engine.custom_score else "default")
     return [{"weight_bits": bits, "costs": objective.cost_model.evaluate(engine.graph, plan).totals, "score": score}

@@ -118,11 +118,14 @@ def normalized_grid_input(weight, quantizer, name="weight", scale_factor=None):
         raise UserError(f"layer {name} has NaN or inf weights: fix the checkpoint before quantizing")
     z, mu, sigma = normalize(weight, quantizer.per_channel)
     lattice = grids.int8_lattice(quantizer.grid, quantizer.bits)
-    if lattice is not None and grids.INT8_MAX // lattice < MIN_REFINEMENT:  # int8 holds no fine offset: centre on 0
+    centred = lattice is not None and grids.INT8_MAX // lattice < MIN_REFINEMENT  # int8 holds no fine offset
+    if centred:
         z, mu = z + mu / sigma, torch.zeros_like(mu)
     reshaped = reshape_outliers(z, quantizer, scale_factor)
     dims = tuple(range(1, z.dim())) if quantizer.per_channel else tuple(range(z.dim()))
     scale = reshaped.abs().amax(dim=dims, keepdim=True).clamp(min=torch.finfo(z.dtype).tiny)
+    if centred:  # int8 holds mu = 0 as it is
+        return reshaped / scale, mu, sigma, scale
     offset = int8_offset(mu, sigma * scale, quantizer.grid, quantizer.bits)
     return reshaped / scale + (mu - offset) / (sigma * scale), offset, sigma, scale
 

@@ -69,7 +69,8 @@ def cached_group_sensitivity(key: Mapping[str, object], reference: nn.Module, me
         scores = measure()
         return np.where(np.isfinite(scores), scores, None).tolist()
 
-    stored = cached_json(reference.state_dict(), {**key, "version": _VERSION, "quantizer": REVISION}, "measured-", measured, cache_dir)
+    stored = cached_json(reference.state_dict(), {**key, "version": _VERSION, "quantizer": REVISION}, "measured-",
+                         measured, cache_dir)
     return np.array([[np.inf if v is None else v for v in row] for row in stored])
 
 
