@@ -30,6 +30,7 @@ from oaq_search.deploy import export_float_onnx, export_onnx
 from oaq_search.fake_quant import calibrate_activations, quantize_
 from oaq_search.graph import LayerGraph, build_layer_graph
 from oaq_search.grids import FLOAT_INPUT_BITS
+from oaq_search.kernel_rounding import round_like_kernels_
 from oaq_search.plan import LayerPlan, Plan
 from oaq_search.runtime import paired_latency
 
@@ -108,6 +109,7 @@ def _deployed(model: nn.Module, plan: Plan, images: torch.Tensor, path: Path) ->
     quantized = quantize_(copy.deepcopy(model).eval(), plan)
     if any(layer.activation_bits for layer in plan.layers):
         calibrate_activations(quantized, [images])
+        round_like_kernels_(quantized, images)
     export_onnx(quantized, plan, images, path)
     return path
 

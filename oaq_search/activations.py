@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .grids import check_bits
+from .grids import INT8_MAX, check_bits
 
 CALIBRATION_METHODS = ("percentile", "mse")
 _SAMPLE_SIZE = 200_000
@@ -98,6 +98,42 @@ class ActivationQuantizer(nn.Module):
         with torch.no_grad():
             self.clip.copy_(clip.clamp(min=1e-8))
         self.observing = False
+
+
+class OutputQuantizer(nn.Module):
+    """Rounds a layer's output to int8 as ONNX Runtime requantizes it between integer kernels: steps of
+    clip / 127 from -128 to 127, clip the largest magnitude seen while observing (`kernel_rounding.py`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("clip", torch.tensor(0.0))
+        self.observing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.clip = torch.maximum(self.clip, x.detach().abs().amax().to(self.clip))
+            return x
+        step = self.clip.clamp(min=1e-8) / INT8_MAX
+        scaled = torch.clamp(x / step, -INT8_MAX - 1, INT8_MAX)
+        return (scaled + (torch.round(scaled) - scaled).detach()) * step
+
+
+class OutputHook:
+    """A forward hook that passes a module's output through a layer's `OutputQuantizer`: the module is the
+    layer, or the BatchNorm after it, whose output a deployment requantizes."""
+
+    def __init__(self, quantizer: OutputQuantizer):
+        self.quantizer = quantizer
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(output)
+
+
+def remove_output_hooks(model: nn.Module) -> None:
+    """Take every `OutputHook` off `model`'s modules (a plain model is no longer requantized)."""
+    for module in model.modules():
+        for key in [key for key, hook in module._forward_hooks.items() if isinstance(hook, OutputHook)]:
+            del module._forward_hooks[key]
 
 
 def fake_quantize_activation(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:

@@ -14,10 +14,12 @@ folded by the exporter) and the quantization is written into the graph afterward
   ONNX Runtime has no integer kernel for it, and a DequantizeLinear before its float kernel ran on
   every call (ResNet-20 weight-only: 2.9x the float model's latency at batch 1). A measured ONNX Runtime
   table (`hw measure --runtime onnxruntime`) prices a plan by which layers get integer kernels;
-- its output: int8 QuantizeLinear -> DequantizeLinear at the range calibration images reach, because
-  ONNX Runtime fuses a layer into an integer kernel only when its output is requantized.
+- its output: int8 QuantizeLinear -> DequantizeLinear, because ONNX Runtime fuses a layer into an integer
+  kernel only when its output is requantized: at the next layer's input grid where only a ReLU lies
+  between, else at the int8 range the plan's model rounds it to (`kernel_rounding.py`).
 `weights="packed"` writes the plan's exact model at its true size instead: each layer's codes as int2,
-int4 or int8, dequantized and offset in the graph, inputs quantized as above, outputs left in float.
+int4 or int8, dequantized and offset in the graph, inputs quantized as above, outputs rounded where the
+plan's model rounds them.
 ONNX Runtime runs it with float kernels (dequantizing the weights on every call).
 """
 
@@ -41,6 +43,7 @@ from .files import replace_atomically
 from .grids import INT8_MAX
 from .oaq import QuantizedWeight, dequantize, int8_refinement
 from .packing import PackedModel
+from .kernel_rounding import hook_output_quantizers
 from .plan import Plan
 
 OPSET = 17  # QDQ with per-channel weights needs 13; 17 is the newest the TorchScript exporter fully supports
@@ -57,6 +60,7 @@ class DeployableLayer:
     bits: int
     input_bits: int | None
     input_range: tuple[float, float] | None  # (0, clip) unsigned or (-clip, clip) signed
+    output_clip: float | None = None  # the int8 range its output is rounded to (`kernel_rounding.py`); None: not rounded
 
 
 def deployable_layers(model: nn.Module) -> dict[str, DeployableLayer]:
@@ -64,9 +68,11 @@ def deployable_layers(model: nn.Module) -> dict[str, DeployableLayer]:
     layers = {}
     for layer in quantized_layers(model):
         quantizer, activation = layer.weight_quantizer, layer.input_quantizer
+        output = None if layer.output_quantizer is None else float(layer.output_quantizer.clip)
         layers[layer.name] = DeployableLayer(
             layer.codes(), quantizer.grid, quantizer.bits,
-            activation.bits if activation is not None else None, activation.range if activation is not None else None)
+            activation.bits if activation is not None else None, activation.range if activation is not None else None,
+            output)
     return layers
 
 
@@ -90,17 +96,21 @@ def from_packed(packed: PackedModel, model: nn.Module) -> dict[str, DeployableLa
                 plain[name].bias.copy_(entry["bias"])
             clip, signed = packed.state.get(f"{name}.input_quantizer.clip"), packed.state.get(
                 f"{name}.input_quantizer.signed_flag")
-            bits = layer_plan.activation_bits
+            bits, output = layer_plan.activation_bits, packed.state.get(f"{name}.output_quantizer.clip")
             layers[name] = DeployableLayer(weight, entry["grid"], entry["bits"], bits, None if clip is None else (
-                -float(clip) if bool(signed) else 0.0, float(clip)))
+                -float(clip) if bool(signed) else 0.0, float(clip)), None if output is None else float(output))
     model.eval()
     return layers
 
 
 def reference_model(model: nn.Module, layers: dict[str, DeployableLayer]) -> nn.Module:
-    """A copy of a `from_packed` model that fake-quantizes each quantized layer's input as the plan says:
-    what PyTorch computes for the packed plan, to compare ONNX Runtime with."""
+    """A copy of a `from_packed` model that fake-quantizes each quantized layer's input, and rounds the
+    outputs the packed model rounds, as the plan says: what PyTorch computes for the packed plan, to compare
+    ONNX Runtime with."""
     reference = copy.deepcopy(model)
+    hook_output_quantizers(reference, {name: layer.output_clip for name, layer in layers.items() if layer.output_clip},
+                           {name: (layer.input_bits, layer.input_range) for name, layer in layers.items()
+                            if layer.input_range is not None})
     modules = dict(reference.named_modules())
     for name, layer in layers.items():
         if layer.input_range is not None:
@@ -116,8 +126,8 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
                 quantize_skips: bool = False) -> None:
     """Write `model` (fake-quantized by `plan`, or a plain model with `layers` given) as QDQ ONNX to `path`.
 
-    `images`, a batch of calibration images (a few hundred), fixes the input shape and each quantized
-    layer's int8 output range. `weights="packed"` stores each layer's codes in the narrowest ONNX integer
+    `images`, a batch of calibration images (a few hundred), fixes the input shape, and the int8 output
+    ranges a model quantized before output rounding does not carry. `weights="packed"` stores each layer's codes in the narrowest ONNX integer
     type (int2, int4 or int8) instead, for the file's true size: exactly the plan's model, which ONNX
     Runtime runs with float kernels on the dequantized weights. `quantize_skips` gives each residual add
     the 8-bit quantized block input its next layer reads, in place of the float one the plan adds, so
@@ -144,10 +154,11 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
     graph = _export_float(plain, images[:1])
     residuals = _quantize_weights_and_inputs(graph, layers, stored, exact=weights == "packed")
     if weights == "packed":
+        _quantize_outputs(graph, images, layers, planned_only=True)
         graph = _with_opset(graph, PACKED_OPSET[min(weight.bits for weight in stored.values())])
     else:
         _compensate_residuals(graph, residuals, images)
-        _quantize_outputs(graph, images)
+        _quantize_outputs(graph, images, layers)
         if quantize_skips:
             _quantize_skips(graph)
     onnx.checker.check_model(graph)
@@ -462,30 +473,44 @@ def _input_chain(graph, node, layer: DeployableLayer, chains: dict) -> str:
     return chains[key]
 
 
-def _quantize_outputs(graph, images: torch.Tensor) -> None:
-    """Each integer layer's output through Q -> DQ. A layer whose output only passes a ReLU (or a
-    ReLU6 above the range) on to the next layer's input quantizer takes that quantizer's grid: exact, as
-    the quantizer would round and clip it so anyway, and ONNX Runtime then drops the activation. Others:
-    the largest magnitude `images` reach, symmetric, as uint8 around 128 (with int8 outputs ONNX Runtime
-    leaves a convolution that also feeds a residual add in float)."""
+def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableLayer], planned_only: bool = False) -> None:
+    """Each integer layer's output through Q -> DQ (uint8 around 128 where signed). A layer the plan's model
+    rounds the output of (`kernel_rounding.py`) takes that int8 grid; with `planned_only`, only those. A layer whose output only passes a ReLU (or a
+    ReLU6 above the range) on to the next layer's input quantizer takes that quantizer's grid: exact, as the
+    quantizer would round and clip it so anyway, and ONNX Runtime then drops the activation. Others (a
+    packed model from before output rounding) get the largest magnitude `images` reach, with a warning:
+    the plan's model does not round those."""
     from onnx import helper, numpy_helper
 
     targets = [node for node in graph.graph.node if node.op_type in ("Conv", "Gemm") and
-               node.input[1].endswith(".weight.dequantized")]
-    peaks = np.zeros(len(targets))
-    for outputs in _run(graph, [node.output[0] for node in targets], images):
-        peaks = np.maximum(peaks, [float(np.abs(output).max()) for output in outputs])
+               node.input[1].endswith((".weight.dequantized", ".weight.planned"))]
     consumers, values = _consumers(graph), {init.name: numpy_helper.to_array(init) for init in graph.graph.initializer}
     values.update({node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in graph.graph.node
                    if node.op_type == "Constant"})
-    for node, peak in zip(targets, peaks):
-        tensor, raw = node.output[0], f"{node.output[0]}.float"
+    grids, unplanned = {}, []
+    for node in targets:
+        clip = layers[_layer_of(node, set(layers))].output_clip
+        if clip is not None:
+            grids[node.name] = np.float32(clip) / np.float32(INT8_MAX)
+        elif not planned_only:
+            grids[node.name] = _next_quantizer(consumers.get(node.output[0], []), consumers, values)
+            if grids[node.name] is None:
+                unplanned.append(node)
+    if unplanned:
+        peaks = np.zeros(len(unplanned))
+        for outputs in _run(graph, [node.output[0] for node in unplanned], images):
+            peaks = np.maximum(peaks, [float(np.abs(output).max()) for output in outputs])
+        grids.update({node.name: np.float32(max(peak, 1e-8)) / np.float32(INT8_MAX) for node, peak in zip(unplanned, peaks)})
+        warnings.warn(f"{len(unplanned)} layer outputs are rounded to int8 at ranges fitted here, which the plan's "
+                      f"model does not round (a packed model written before output rounding): ONNX Runtime's accuracy "
+                      f"may differ from PyTorch's by tenths of a point; quantize the plan again to round them alike")
+    for node in (node for node in targets if node.name in grids):
+        tensor, raw, grid = node.output[0], f"{node.output[0]}.float", grids[node.name]
         node.output[0] = raw
-        grid = _next_quantizer(consumers.get(tensor, []), consumers, values)
-        if grid is not None:
+        if isinstance(grid, tuple):
             scale, zero_point = grid
         else:
-            scale = _constant(graph, f"{raw}.scale", np.array(max(peak, 1e-8) / INT8_MAX, np.float32))
+            scale = _constant(graph, f"{raw}.scale", np.array(grid, np.float32))
             zero_point = _constant(graph, f"{raw}.zero", np.array(128, np.uint8))
         _insert(graph, node, [helper.make_node("QuantizeLinear", [raw, scale, zero_point], [f"{raw}.codes"]),
                               helper.make_node("DequantizeLinear", [f"{raw}.codes", scale, zero_point], [tensor])],

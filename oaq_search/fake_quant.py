@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import ActivationQuantizer
+from .activations import ActivationQuantizer, OutputQuantizer, remove_output_hooks
 from .errors import UserError
 from .layout import fast_layout
 from .oaq import QuantizedWeight, WeightQuantizer, fake_quantize_weight, quantize_weight
@@ -31,6 +31,9 @@ class QuantizedLayer(nn.Module):
         self.name = name
         self.weight_quantizer: WeightQuantizer | None = None
         self.input_quantizer: ActivationQuantizer | None = None
+        # int8 rounding of the output where a deployment requantizes it (`kernel_rounding.py`), applied by an
+        # `OutputHook` on the module computing the output: this layer, or its BatchNorm
+        self.output_quantizer: OutputQuantizer | None = None
         self.register_parameter("scale_logit", None)  # learnable OAQ s = sigmoid(scale_logit), fine-tuning only
         self.register_buffer("cached_weight", None, persistent=False)
         self.register_buffer("round_up", None)  # 0/1 per weight, learned by reconstruction; None: nearest level
@@ -164,6 +167,7 @@ def needs_calibration(model: nn.Module) -> bool:
 def unwrap(model: nn.Module) -> nn.Module:
     """A copy of `model` with every wrapper replaced by its full-precision layer: a plain checkpoint's model."""
     plain = copy.deepcopy(model)
+    remove_output_hooks(plain)
     for layer in list(quantized_layers(plain)):
         _set_submodule(plain, layer.name, layer.layer)
     return plain

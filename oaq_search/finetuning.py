@@ -36,7 +36,8 @@ from .files import save_atomically
 from .packing import pack_model
 from .plan import Plan
 from .progress import bar, note
-from .ptq import post_training_quantize
+from .kernel_rounding import round_like_kernels_
+from .ptq import CALIBRATION_IMAGES, post_training_quantize
 from .schema import to_dict
 
 DEFAULT_LEARNING_RATES = {"qat": 0.005, "scale": 0.001}  # weights (SGD + momentum) / BN affine (Adam); cosine
@@ -123,6 +124,7 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
     if reconstructed:
         tuned.metadata["reconstruction"] = to_dict(reconstruction)
     quantize_(quantized, tuned)  # s and ranges become plain plan values; the model equals `apply(tuned)`
+    round_like_kernels_(quantized, next(splits.search.batches(CALIBRATION_IMAGES))[0])  # as `apply` would
     quantized.eval()
     files = {"plan": output_dir / "plan.json", "checkpoint": output_dir / "finetuned.pt",
              "packed": output_dir / "model.packed.pt"}
@@ -241,7 +243,11 @@ def _resume(state: dict | None, path: Path, model, optimizers, schedulers) -> li
     for key, value in state["model"].items():  # learned roundings: buffers a fresh model does not have yet
         if key.endswith(".round_up"):
             model.get_submodule(key.removesuffix(".round_up")).round_up = value
-    model.load_state_dict(state["model"])
+    # a state saved before output rounding (kernel_rounding) lacks output ranges: the start's serve, refitted at the end
+    loaded = model.load_state_dict(state["model"], strict=False)
+    if loaded.unexpected_keys or any(not key.endswith(".output_quantizer.clip") for key in loaded.missing_keys):
+        raise UserError(f"fine-tune state {path} does not fit the model ({(loaded.missing_keys + loaded.unexpected_keys)[0]}): "
+                        f"delete it to start over")
     for optimizer, saved in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)
     for scheduler, saved in zip(schedulers, state["schedulers"]):

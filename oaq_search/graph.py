@@ -165,7 +165,7 @@ def build_layer_graph(model: nn.Module, input_shape: tuple[int, ...], leaf_modul
 
     `leaf_modules` (qualified names) are called as a whole, not traced into: the way past a submodule
     torch.fx cannot trace. Their layers stay in full precision (`LayerGraph.float_layers`)."""
-    traced = _trace(model, set(leaf_modules))
+    traced = trace(model, set(leaf_modules))
     was_training = model.training
     traced.eval()
     with torch.no_grad():
@@ -225,7 +225,8 @@ class _Tracer(fx.Tracer):
         return qualified_name in self.leaf_modules or super().is_leaf_module(module, qualified_name)
 
 
-def _trace(model: nn.Module, leaf_modules: set[str]) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: set[str]) -> fx.GraphModule:
+    """`model` as a torch.fx graph, `leaf_modules` called whole; a one-line error where it cannot be traced."""
     names = dict(model.named_modules())
     unknown = sorted(leaf_modules - set(names))
     if unknown:

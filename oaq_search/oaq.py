@@ -159,6 +159,17 @@ def int8_refinement(units: torch.Tensor, lattice: int) -> tuple[torch.Tensor, to
     return factors[nearest].squeeze(1), shifts.gather(1, nearest).clamp(-room, room).squeeze(1)
 
 
+def int8_steps(quantized: QuantizedWeight, grid: str, bits: int) -> torch.Tensor | None:
+    """Per output channel, what one step of the int8 codes a deployment stores the weight in is worth: the
+    grid's lattice step refined by `int8_refinement`. None where int8 cannot hold the grid."""
+    lattice = grids.int8_lattice(grid, bits)
+    if lattice is None:
+        return None
+    scale = quantized.scale.double().expand(quantized.codes.shape[0])
+    factor, _shift = int8_refinement(quantized.offset.double().expand_as(scale) / scale * lattice, lattice)
+    return scale / lattice / factor
+
+
 def dequantize(quantized: QuantizedWeight, quantizer: WeightQuantizer) -> torch.Tensor:
     """w^ back from codes, scale and offset."""
     values = grids.codes_to_values(quantized.codes.to(torch.float32), quantizer.grid, quantizer.bits)

@@ -12,6 +12,7 @@ from .config import PtqConfig
 from .data import ImageSplit
 from .errors import UserError
 from .fake_quant import activation_quantizers, calibrate_activations, learned_plan, needs_calibration, quantize_
+from .kernel_rounding import round_like_kernels_
 from .plan import Plan
 from .reconstruction import reconstruct
 from .schema import to_dict
@@ -23,7 +24,8 @@ def post_training_quantize(model: nn.Module, plan: Plan, calibration: ImageSplit
                            bn_correction: bool = True, calibration_images: int = CALIBRATION_IMAGES,
                            reconstruction: PtqConfig | None = None, progress: bool | None = None) -> nn.Module:
     """A quantized copy of `model`. Calibration data (the search split) fixes activation ranges and,
-    with `bn_correction`, matches BatchNorm statistics to full precision; without it the weights are
+    with `bn_correction`, matches BatchNorm statistics to full precision; the model then rounds biases and
+    outputs as a deployment's integer kernels do (`kernel_rounding.py`). Without it the weights are
     quantized data-free. With `reconstruction` (its `reconstruct` set) the rounding and ranges are then
     learned block by block (`reconstruct_plan`, which also gives the plan the result follows)."""
     quantized = quantize_(copy.deepcopy(model), plan)
@@ -35,6 +37,7 @@ def post_training_quantize(model: nn.Module, plan: Plan, calibration: ImageSplit
     images = next(calibration.batches(calibration_images))[0]
     corrector = BatchNormCorrector(model, images) if bn_correction else None
     calibrate_and_correct(quantized, images, corrector, ranges_from_data=needs_calibration(quantized))
+    round_like_kernels_(quantized, images)
     if reconstructing:
         reconstruct_plan(quantized, model, plan, calibration, reconstruction, progress)
     return quantized
@@ -46,6 +49,7 @@ def reconstruct_plan(quantized: nn.Module, model: nn.Module, plan: Plan, calibra
     `reconstruction.images` images of `calibration`; returns the plan it now follows: the learned ranges,
     and the settings in the metadata (the rounding is in the model's codes, not in the plan)."""
     reconstruct(quantized, model, next(calibration.batches(reconstruction.images))[0], reconstruction, progress)
+    round_like_kernels_(quantized, next(calibration.batches(CALIBRATION_IMAGES))[0])
     result = learned_plan(quantized, plan)
     result.metadata = {**plan.metadata, "reconstruction": to_dict(reconstruction)}
     return result

@@ -46,7 +46,9 @@ def test_algorithm_1_learns_only_s_and_ranges_and_apply_rebuilds_it(resnet20, tm
     assert all(layer.activation_range is not None and layer.activation_range[1] > 0 for layer in result.plan.layers)
     saved = torch.load(result.files["checkpoint"], weights_only=True)
     for name, tensor in before.items():  # weights and BN affine frozen; BN statistics were corrected (PTQ)
-        if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+        if name.endswith("bias"):  # beta moved only to put the folded bias on its int32 grid (kernel_rounding)
+            assert torch.allclose(saved[name], tensor, rtol=0, atol=1e-3), name
+        elif not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
             assert torch.equal(saved[name], tensor), name
     assert torch.load(result.files["packed"], weights_only=True)["format"] == "oaq-packed-2"
     rebuilt = post_training_quantize(load_model("resnet20", result.files["checkpoint"]),
