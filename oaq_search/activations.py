@@ -102,7 +102,9 @@ class ActivationQuantizer(nn.Module):
 
 class OutputQuantizer(nn.Module):
     """Rounds a layer's output to int8 as ONNX Runtime requantizes it between integer kernels: steps of
-    clip / 127 from -128 to 127, clip the largest magnitude seen while observing (`kernel_rounding.py`)."""
+    clip / 127 from -128 to 127, clip the largest magnitude seen while observing (`kernel_rounding.py`).
+    Not in training mode: BatchNorm then normalizes by batch statistics, so the outputs are not the
+    deployed ones anyway, and the rounding cost a fifth of a QAT step for nothing 8 bits could teach."""
 
     def __init__(self):
         super().__init__()
@@ -112,6 +114,8 @@ class OutputQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.clip = torch.maximum(self.clip, x.detach().abs().amax().to(self.clip))
+            return x
+        if self.training:
             return x
         step = self.clip.clamp(min=1e-8) / INT8_MAX
         scaled = torch.clamp(x / step, -INT8_MAX - 1, INT8_MAX)

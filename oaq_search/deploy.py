@@ -480,13 +480,11 @@ def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableL
     quantizer would round and clip it so anyway, and ONNX Runtime then drops the activation. Others (a
     packed model from before output rounding) get the largest magnitude `images` reach, with a warning:
     the plan's model does not round those."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     targets = [node for node in graph.graph.node if node.op_type in ("Conv", "Gemm") and
                node.input[1].endswith((".weight.dequantized", ".weight.planned"))]
-    consumers, values = _consumers(graph), {init.name: numpy_helper.to_array(init) for init in graph.graph.initializer}
-    values.update({node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in graph.graph.node
-                   if node.op_type == "Constant"})
+    consumers, values = _consumers(graph), _constants(graph)
     grids, unplanned = {}, []
     for node in targets:
         clip = layers[_layer_of(node, set(layers))].output_clip
@@ -528,17 +526,56 @@ def _consumers(graph) -> dict[str, list]:
 
 def _quantize_skips(graph) -> None:
     """Each Add's float operand that an unsigned 8-bit input quantizer (Q -> DQ, no Clip) also reads, taken
-    from that quantizer's DequantizeLinear instead, when it comes earlier in the graph."""
-    consumers, position = _consumers(graph), {id(node): index for index, node in enumerate(graph.graph.node)}
-    for node in graph.graph.node:
+    from that quantizer's DequantizeLinear instead, when it comes earlier in the graph. An operand reached
+    from such a tensor through Slice and zero Pad alone (ResNet's parameter-free shortcut) takes the
+    dequantized tensor into the chain and is quantized again on the same grid after it, which changes no
+    value (zero is on the grid): ONNX Runtime then moves the chain to uint8 and runs the add as QLinearAdd."""
+    from onnx import helper
+
+    consumers, values = _consumers(graph), _constants(graph)
+    position = {id(node): index for index, node in enumerate(graph.graph.node)}
+    producers = {output: node for node in graph.graph.node for output in node.output}
+    for node in list(graph.graph.node):
         if node.op_type != "Add":
             continue
         for index, operand in enumerate(node.input):
-            dequantized = [d for q in consumers.get(operand, []) if q.op_type == "QuantizeLinear"
+            chain, source = [], operand
+            while source in producers and len(consumers[source]) == 1 and _keeps_grid(producers[source], values):
+                chain.insert(0, producers[source])
+                source = chain[0].input[0]
+            first = chain[0] if chain else node
+            dequantized = [d for q in consumers.get(source, []) if q.op_type == "QuantizeLinear"
                            for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"
-                           and position[id(d)] < position[id(node)]]
-            if dequantized:
-                node.input[index] = dequantized[0].output[0]
+                           and position[id(d)] < position[id(first)]]
+            if not dequantized or (chain and int(values[dequantized[0].input[2]]) != 0):
+                continue
+            first.input[list(first.input).index(source)] = dequantized[0].output[0]
+            if chain:
+                scale, zero_point = dequantized[0].input[1:3]
+                tag = f"{operand}.requantized"
+                _insert(graph, chain[-1], [helper.make_node("QuantizeLinear", [operand, scale, zero_point], [f"{tag}.codes"]),
+                                           helper.make_node("DequantizeLinear", [f"{tag}.codes", scale, zero_point], [tag])],
+                        after=True)
+                node.input[index] = tag
+
+
+def _keeps_grid(node, values: dict) -> bool:
+    """A Slice, or a Pad with zeros: a tensor on a grid holding zero stays on it."""
+    if node.op_type == "Slice":
+        return True
+    constant = node.input[2] if len(node.input) > 2 else ""
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    return node.op_type == "Pad" and mode == b"constant" and (not constant or float(values.get(constant, 1.0)) == 0)
+
+
+def _constants(graph) -> dict:
+    """Initializer and Constant node values by tensor name."""
+    from onnx import numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in graph.graph.initializer}
+    values.update({node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in graph.graph.node
+                   if node.op_type == "Constant"})
+    return values
 
 
 def _next_quantizer(following: list, consumers: dict, values: dict) -> tuple[str, str] | None:

@@ -148,7 +148,7 @@ def test_quantized_skips_let_onnx_runtime_run_residual_adds_as_integer_adds(tmp_
         options.optimized_model_filepath = str(optimized)
         onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         adds[quantize_skips] = collections.Counter(node.op_type for node in onnx.load(optimized).graph.node)["QLinearAdd"]
-    assert adds == {False: 0, True: adds[True]} and adds[True] >= 4
+    assert adds == {False: 0, True: 8}  # all but the last block's add, the shortcuts' Slice and Pad run on uint8
     split = ImageSplit("test", images, torch.zeros(64, dtype=torch.long))
     assert agreement(onnx_logits(tmp_path / "True.onnx", split, threads=1), quantized(images).detach()) >= 0.9
     with pytest.raises(UserError, match="packed weights do not run on"):
