@@ -41,9 +41,9 @@ from .errors import UserError
 from .fake_quant import quantized_layers, unwrap
 from .files import replace_atomically
 from .grids import INT8_MAX
+from .kernel_rounding import hook_output_quantizers
 from .oaq import QuantizedWeight, dequantize, int8_refinement
 from .packing import PackedModel
-from .kernel_rounding import hook_output_quantizers
 from .plan import Plan
 
 OPSET = 17  # QDQ with per-channel weights needs 13; 17 is the newest the TorchScript exporter fully supports
@@ -60,7 +60,7 @@ class DeployableLayer:
     bits: int
     input_bits: int | None
     input_range: tuple[float, float] | None  # (0, clip) unsigned or (-clip, clip) signed
-    output_clip: float | None = None  # the int8 range its output is rounded to (`kernel_rounding.py`); None: not rounded
+    output_clip: float | None = None  # int8 range its output is rounded to (`kernel_rounding.py`); None: not
 
 
 def deployable_layers(model: nn.Module) -> dict[str, DeployableLayer]:
@@ -108,7 +108,8 @@ def reference_model(model: nn.Module, layers: dict[str, DeployableLayer]) -> nn.
     outputs the packed model rounds, as the plan says: what PyTorch computes for the packed plan, to compare
     ONNX Runtime with."""
     reference = copy.deepcopy(model)
-    hook_output_quantizers(reference, {name: layer.output_clip for name, layer in layers.items() if layer.output_clip},
+    hook_output_quantizers(reference, {name: layer.output_clip for name, layer in layers.items()
+                                       if layer.output_clip is not None},
                            {name: (layer.input_bits, layer.input_range) for name, layer in layers.items()
                             if layer.input_range is not None})
     modules = dict(reference.named_modules())
@@ -127,12 +128,12 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
     """Write `model` (fake-quantized by `plan`, or a plain model with `layers` given) as QDQ ONNX to `path`.
 
     `images`, a batch of calibration images (a few hundred), fixes the input shape, and the int8 output
-    ranges a model quantized before output rounding does not carry. `weights="packed"` stores each layer's codes in the narrowest ONNX integer
-    type (int2, int4 or int8) instead, for the file's true size: exactly the plan's model, which ONNX
-    Runtime runs with float kernels on the dequantized weights. `quantize_skips` gives each residual add
-    the 8-bit quantized block input its next layer reads, in place of the float one the plan adds, so
-    ONNX Runtime runs the add as an integer QLinearAdd (faster; no longer exactly the plan's model). The
-    file is written whole or not at all."""
+    ranges a model quantized before output rounding does not carry. `weights="packed"` stores each
+    layer's codes in the narrowest ONNX integer type (int2, int4 or int8) instead, for the file's true
+    size: exactly the plan's model, which ONNX Runtime runs with float kernels on the dequantized weights.
+    `quantize_skips` gives each residual add the 8-bit quantized block input its next layer reads, in
+    place of the float one the plan adds, so ONNX Runtime runs the add as an integer QLinearAdd (faster;
+    no longer exactly the plan's model). The file is written whole or not at all."""
     import onnx
 
     if weights not in WEIGHT_FORMATS:
@@ -473,13 +474,14 @@ def _input_chain(graph, node, layer: DeployableLayer, chains: dict) -> str:
     return chains[key]
 
 
-def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableLayer], planned_only: bool = False) -> None:
+def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableLayer],
+                      planned_only: bool = False) -> None:
     """Each integer layer's output through Q -> DQ (uint8 around 128 where signed). A layer the plan's model
-    rounds the output of (`kernel_rounding.py`) takes that int8 grid; with `planned_only`, only those. A layer whose output only passes a ReLU (or a
-    ReLU6 above the range) on to the next layer's input quantizer takes that quantizer's grid: exact, as the
-    quantizer would round and clip it so anyway, and ONNX Runtime then drops the activation. Others (a
-    packed model from before output rounding) get the largest magnitude `images` reach, with a warning:
-    the plan's model does not round those."""
+    rounds the output of (`kernel_rounding.py`) takes that int8 grid; with `planned_only`, only those. A
+    layer whose output only passes a ReLU (or a ReLU6 above the range) on to the next layer's input
+    quantizer takes that quantizer's grid: exact, as the quantizer would round and clip it so anyway, and
+    ONNX Runtime then drops the activation. Others (a packed model from before output rounding) get the
+    largest magnitude `images` reach, with a warning: the plan's model does not round those."""
     from onnx import helper
 
     targets = [node for node in graph.graph.node if node.op_type in ("Conv", "Gemm") and
@@ -498,7 +500,8 @@ def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableL
         peaks = np.zeros(len(unplanned))
         for outputs in _run(graph, [node.output[0] for node in unplanned], images):
             peaks = np.maximum(peaks, [float(np.abs(output).max()) for output in outputs])
-        grids.update({node.name: np.float32(max(peak, 1e-8)) / np.float32(INT8_MAX) for node, peak in zip(unplanned, peaks)})
+        grids.update({node.name: np.float32(max(peak, 1e-8)) / np.float32(INT8_MAX)
+                      for node, peak in zip(unplanned, peaks)})
         warnings.warn(f"{len(unplanned)} layer outputs are rounded to int8 at ranges fitted here, which the plan's "
                       f"model does not round (a packed model written before output rounding): ONNX Runtime's accuracy "
                       f"may differ from PyTorch's by tenths of a point; quantize the plan again to round them alike")
@@ -553,9 +556,9 @@ def _quantize_skips(graph) -> None:
             if chain:
                 scale, zero_point = dequantized[0].input[1:3]
                 tag = f"{operand}.requantized"
-                _insert(graph, chain[-1], [helper.make_node("QuantizeLinear", [operand, scale, zero_point], [f"{tag}.codes"]),
-                                           helper.make_node("DequantizeLinear", [f"{tag}.codes", scale, zero_point], [tag])],
-                        after=True)
+                _insert(graph, chain[-1], [
+                    helper.make_node("QuantizeLinear", [operand, scale, zero_point], [f"{tag}.codes"]),
+                    helper.make_node("DequantizeLinear", [f"{tag}.codes", scale, zero_point], [tag])], after=True)
                 node.input[index] = tag
 
 

@@ -246,8 +246,8 @@ def _resume(state: dict | None, path: Path, model, optimizers, schedulers) -> li
     # a state saved before output rounding (kernel_rounding) lacks output ranges: the start's serve, refitted at the end
     loaded = model.load_state_dict(state["model"], strict=False)
     if loaded.unexpected_keys or any(not key.endswith(".output_quantizer.clip") for key in loaded.missing_keys):
-        raise UserError(f"fine-tune state {path} does not fit the model ({(loaded.missing_keys + loaded.unexpected_keys)[0]}): "
-                        f"delete it to start over")
+        stray = (loaded.missing_keys + loaded.unexpected_keys)[0]
+        raise UserError(f"fine-tune state {path} does not fit the model ({stray}): delete it to start over")
     for optimizer, saved in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)
     for scheduler, saved in zip(schedulers, state["schedulers"]):

@@ -81,8 +81,9 @@ def layer_outputs(model: nn.Module, layers: set[str]) -> dict[str, fx.Node]:
     for node in traced.graph.nodes:
         if node.op == "call_module" and node.target in layers:
             users = list(node.users)
-            folded = len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _BATCHNORMS)
-            found[node.target] = users[0] if folded else node
+            batchnorm = len(users) == 1 and users[0].op == "call_module" and isinstance(
+                modules[users[0].target], _BATCHNORMS)
+            found[node.target] = users[0] if batchnorm else node
     return found
 
 
@@ -104,7 +105,8 @@ def _round_bias(layer: QuantizedLayer, batchnorm: nn.Module | None) -> None:
         return  # no beta to shift: left as it is
     gain = (batchnorm.weight.double() if batchnorm.weight is not None else 1.0) / torch.sqrt(
         batchnorm.running_var.double() + batchnorm.eps)
-    folded = batchnorm.bias.double() + gain * ((bias.double() if bias is not None else 0.0) - batchnorm.running_mean.double())
+    layer_bias = bias.double() if bias is not None else 0.0
+    folded = batchnorm.bias.double() + gain * (layer_bias - batchnorm.running_mean.double())
     batchnorm.bias.add_(_onto(folded, steps * gain.abs()) - folded)
 
 

@@ -46,10 +46,11 @@ def test_outputs_a_deployment_requantizes_on_their_own_are_rounded_after_their_b
 
 def test_each_integer_layers_folded_bias_lies_on_its_int32_grid(w4a4):
     quantized, _plan, _splits = w4a4
-    for conv, bn in ((quantized.layer1[0].conv1, quantized.layer1[0].bn1), (quantized.layer3[2].conv2, quantized.layer3[2].bn2)):
+    for block, index in ((quantized.layer1[0], 1), (quantized.layer3[2], 2)):  # before a ReLU; before an add
+        conv, bn = getattr(block, f"conv{index}"), getattr(block, f"bn{index}")
         gain = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double()
         folded = bn.bias.double() - gain * bn.running_mean.double()
-        low, high = conv.input_quantizer.range
+        _low, high = conv.input_quantizer.range
         grid = int8_steps(conv.codes(), "uniform", 4) * high / 15 * gain.abs()
         units = folded / grid
         assert (units - units.round()).abs().max() < 0.01
