@@ -103,8 +103,8 @@ class ActivationQuantizer(nn.Module):
 class OutputQuantizer(nn.Module):
     """Rounds a layer's output to int8 as ONNX Runtime requantizes it between integer kernels: steps of
     clip / 127 from -128 to 127, clip the largest magnitude seen while observing (`kernel_rounding.py`).
-    Not in training mode: BatchNorm then normalizes by batch statistics, so the outputs are not the
-    deployed ones anyway, and the rounding cost a fifth of a QAT step for nothing 8 bits could teach."""
+    Also while training: QAT that skipped it (a fifth faster) ended 0.31 points lower (W4A4 ResNet-20, seed 0),
+    the peak range's steps being coarse for the heavy-tailed outputs before residual adds."""
 
     def __init__(self):
         super().__init__()
@@ -114,8 +114,6 @@ class OutputQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.clip = torch.maximum(self.clip, x.detach().abs().amax().to(self.clip))
-            return x
-        if self.training:
             return x
         step = self.clip.clamp(min=1e-8) / INT8_MAX
         scaled = torch.clamp(x / step, -INT8_MAX - 1, INT8_MAX)
