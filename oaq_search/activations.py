@@ -103,8 +103,8 @@ class ActivationQuantizer(nn.Module):
 class OutputQuantizer(nn.Module):
     """Rounds a layer's output to int8 as ONNX Runtime requantizes it between integer kernels: steps of
     clip / 127 from -128 to 127, clip the largest magnitude seen while observing (`kernel_rounding.py`).
-    Also while training: QAT that skipped it (a fifth faster) ended 0.31 points lower (W4A4 ResNet-20, seed 0),
-    the peak range's steps being coarse for the heavy-tailed outputs before residual adds."""
+    Also while training: QAT that skipped it (a fifth faster) ended 0.31 points lower (W4A4 ResNet-20,
+    seed 0), the peak range's steps being coarse for the heavy-tailed outputs before residual adds."""
 
     def __init__(self):
         super().__init__()
