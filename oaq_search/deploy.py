@@ -109,9 +109,7 @@ def reference_model(model: nn.Module, layers: dict[str, DeployableLayer]) -> nn.
     ONNX Runtime with."""
     reference = copy.deepcopy(model)
     hook_output_quantizers(reference, {name: layer.output_clip for name, layer in layers.items()
-                                       if layer.output_clip is not None},
-                           {name: (layer.input_bits, layer.input_range) for name, layer in layers.items()
-                            if layer.input_range is not None})
+                                       if layer.output_clip is not None})
     modules = dict(reference.named_modules())
     for name, layer in layers.items():
         if layer.input_range is not None:

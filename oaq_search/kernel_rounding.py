@@ -56,16 +56,14 @@ def round_like_kernels_(quantized: nn.Module, images: torch.Tensor) -> nn.Module
     return _fit_outputs(quantized, images)
 
 
-def hook_output_quantizers(model: nn.Module, clips: dict[str, float], inputs: dict[str, InputGrid]) -> None:
+def hook_output_quantizers(model: nn.Module, clips: dict[str, float]) -> None:
     """Round the outputs of a plain `model` (a packed model's architecture, its biases rounded already) as
-    its plan's model does: `clips`, the output ranges the packed model holds; `inputs`, its layers' input
-    quantizers."""
+    its plan's model does: `clips`, the output ranges the packed model holds, by layer."""
     modules = dict(model.named_modules())
-    for name, output in layer_outputs(model, set(inputs)).items():
-        if name in clips and not _rounded_by_next_inputs(output, inputs, modules):
-            quantizer = OutputQuantizer()
-            quantizer.clip.fill_(clips[name])
-            modules[output.target].register_forward_hook(OutputHook(quantizer))
+    for name, output in layer_outputs(model, set(clips)).items():
+        quantizer = OutputQuantizer()
+        quantizer.clip.fill_(clips[name])
+        modules[output.target].register_forward_hook(OutputHook(quantizer))
 
 
 def layer_outputs(model: nn.Module, layers: set[str]) -> dict[str, fx.Node]:
