@@ -111,6 +111,14 @@ class OutputQuantizer(nn.Module):
         self.register_buffer("clip", torch.tensor(0.0))
         self.observing = False
 
+    def start_observing(self) -> None:
+        """Forget the range; the next forward passes are recorded, not rounded."""
+        self.clip.zero_()
+        self.observing = True
+
+    def freeze(self) -> None:
+        self.observing = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.clip = torch.maximum(self.clip, x.detach().abs().amax().to(self.clip))
@@ -138,9 +146,14 @@ def remove_output_hooks(model: nn.Module) -> None:
             del module._forward_hooks[key]
 
 
+def activation_levels(bits: int, signed: bool) -> int:
+    """The steps from zero to the clip: 2^b - 1 unsigned, 2^(b-1) - 1 each side signed."""
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
 def fake_quantize_activation(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """Uniform quantization of x to [0, clip] (unsigned) or [-clip, clip] (signed), STE gradient."""
-    levels = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    levels = activation_levels(bits, signed)
     step = clip / levels
     low = -levels if signed else 0
     scaled = torch.clamp(x / step, low, levels)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import grids
-from .activations import fake_quantize_activation
+from .activations import activation_levels, fake_quantize_activation
 from .errors import UserError
 from .fake_quant import quantized_layers, unwrap
 from .files import replace_atomically
@@ -454,7 +454,7 @@ def _input_chain(graph, node, layer: DeployableLayer, chains: dict) -> str:
 
     low, high = layer.input_range
     signed = low < 0
-    levels = 2 ** (layer.input_bits - 1) - 1 if signed else 2**layer.input_bits - 1
+    levels = activation_levels(layer.input_bits, signed)
     zero = 128 if signed else 0
     key = (node.input[0], round(high / levels, 12), zero, levels)
     if key in chains:
@@ -485,9 +485,9 @@ def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableL
     targets = [node for node in graph.graph.node if node.op_type in ("Conv", "Gemm") and
                node.input[1].endswith((".weight.dequantized", ".weight.planned"))]
     consumers, values = _consumers(graph), _constants(graph)
-    grids, unplanned = {}, []
+    grids, unplanned, names = {}, [], set(layers)
     for node in targets:
-        clip = layers[_layer_of(node, set(layers))].output_clip
+        clip = layers[_layer_of(node, names)].output_clip
         if clip is not None:
             grids[node.name] = np.float32(clip) / np.float32(INT8_MAX)
         elif not planned_only:

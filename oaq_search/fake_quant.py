@@ -135,9 +135,11 @@ def activation_quantizers(model: nn.Module) -> list[ActivationQuantizer]:
     return [layer.input_quantizer for layer in quantized_layers(model) if layer.input_quantizer is not None]
 
 
-def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Observe the inputs of every activation quantizer on `batches` afresh, then fix their ranges."""
-    observers = activation_quantizers(model)
+def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor],
+                          observers: list[ActivationQuantizer | OutputQuantizer] | None = None) -> None:
+    """Observe what every activation quantizer (or `observers`) sees on `batches` afresh, then fix their
+    ranges."""
+    observers = activation_quantizers(model) if observers is None else observers
     for observer in observers:
         observer.start_observing()
     model.eval()

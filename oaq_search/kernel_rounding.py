@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .activations import OutputHook, OutputQuantizer
+from .activations import OutputHook, OutputQuantizer, activation_levels
 from .errors import UserError
-from .fake_quant import QuantizedLayer, quantized_layers, unwrap
+from .fake_quant import QuantizedLayer, calibrate_activations, quantized_layers, unwrap
 from .graph import trace
-from .layout import fast_layout
 from .oaq import int8_steps
 
 InputGrid = tuple[int, tuple[float, float]]  # a layer's input quantizer: bits, (low, high)
@@ -92,8 +91,7 @@ def _round_bias(layer: QuantizedLayer, batchnorm: nn.Module | None) -> None:
     if steps is None:  # a grid int8 cannot hold: `deploy` refuses or rounds it afresh
         return
     low, high = layer.input_quantizer.range
-    bits = layer.input_quantizer.bits
-    steps = steps * (high / (2 ** (bits - 1) - 1 if low < 0 else 2**bits - 1))
+    steps = steps * (high / activation_levels(layer.input_quantizer.bits, low < 0))
     bias = layer.layer.bias
     if batchnorm is None:
         if bias is not None:
@@ -116,16 +114,8 @@ def _onto(values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 def _fit_outputs(model: nn.Module, images: torch.Tensor) -> nn.Module:
     """Fit each output quantizer's range to the largest magnitude its output reaches on `images`."""
     quantizers = [layer.output_quantizer for layer in quantized_layers(model) if layer.output_quantizer is not None]
-    if not quantizers:
-        return model
-    for quantizer in quantizers:
-        quantizer.clip.zero_()
-        quantizer.observing = True
-    model.eval()
-    with torch.no_grad():
-        model(fast_layout(images.to(quantizers[0].clip.device), model))
-    for quantizer in quantizers:
-        quantizer.observing = False
+    if quantizers:
+        calibrate_activations(model, [images.to(quantizers[0].clip.device)], quantizers)
     return model
 
 
