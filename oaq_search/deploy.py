@@ -130,8 +130,9 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
     layer's codes in the narrowest ONNX integer type (int2, int4 or int8) instead, for the file's true
     size: exactly the plan's model, which ONNX Runtime runs with float kernels on the dequantized weights.
     `quantize_skips` gives each residual add the 8-bit quantized block input its next layer reads, in
-    place of the float one the plan adds, so ONNX Runtime runs the add as an integer QLinearAdd (faster;
-    no longer exactly the plan's model). The file is written whole or not at all."""
+    place of the float one the plan adds, so ONNX Runtime runs the add as an integer QLinearAdd, and rounds
+    an output that reaches only the next layer's input quantizer straight onto its grid (faster; no longer
+    exactly the plan's model). The file is written whole or not at all."""
     import onnx
 
     if weights not in WEIGHT_FORMATS:
@@ -157,9 +158,9 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
         graph = _with_opset(graph, PACKED_OPSET[min(weight.bits for weight in stored.values())])
     else:
         _compensate_residuals(graph, residuals, images)
-        _quantize_outputs(graph, images, layers)
         if quantize_skips:
             _quantize_skips(graph)
+        _quantize_outputs(graph, images, layers, next_grid_first=quantize_skips)
     onnx.checker.check_model(graph)
     _save(graph, path)
 
@@ -473,13 +474,15 @@ def _input_chain(graph, node, layer: DeployableLayer, chains: dict) -> str:
 
 
 def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableLayer],
-                      planned_only: bool = False) -> None:
+                      planned_only: bool = False, next_grid_first: bool = False) -> None:
     """Each integer layer's output through Q -> DQ (uint8 around 128 where signed). A layer the plan's model
     rounds the output of (`kernel_rounding.py`) takes that int8 grid; with `planned_only`, only those. A
     layer whose output only passes a ReLU (or a ReLU6 above the range) on to the next layer's input
-    quantizer takes that quantizer's grid: exact, as the quantizer would round and clip it so anyway, and
-    ONNX Runtime then drops the activation. Others (a packed model from before output rounding) get the
-    largest magnitude `images` reach, with a warning: the plan's model does not round those."""
+    quantizer is read by that quantizer directly, the activation dropped: exact, as the quantizer rounds
+    and clips alike. With `next_grid_first` that holds even where the plan's model rounds the output to
+    int8 first (quantized skips: ResNet's stem, whose ReLU then feeds nothing but the quantizer). Others
+    (a packed model from before output rounding) get the largest magnitude `images` reach, with a warning:
+    the plan's model does not round those."""
     from onnx import helper
 
     targets = [node for node in graph.graph.node if node.op_type in ("Conv", "Gemm") and
@@ -488,7 +491,10 @@ def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableL
     grids, unplanned, names = {}, [], set(layers)
     for node in targets:
         clip = layers[_layer_of(node, names)].output_clip
-        if clip is not None:
+        following = _next_quantizer(consumers.get(node.output[0], []), consumers, values) if next_grid_first else None
+        if following is not None:
+            grids[node.name] = following
+        elif clip is not None:
             grids[node.name] = np.float32(clip) / np.float32(INT8_MAX)
         elif not planned_only:
             grids[node.name] = _next_quantizer(consumers.get(node.output[0], []), consumers, values)
@@ -504,13 +510,16 @@ def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableL
                       f"model does not round (a packed model written before output rounding): ONNX Runtime's accuracy "
                       f"may differ from PyTorch's by tenths of a point; quantize the plan again to round them alike")
     for node in (node for node in targets if node.name in grids):
-        tensor, raw, grid = node.output[0], f"{node.output[0]}.float", grids[node.name]
+        if isinstance(grids[node.name], tuple):  # the next input quantizer reads the layer; the ReLU goes
+            (activation,) = consumers[node.output[0]]
+            for quantizer in consumers[activation.output[0]]:
+                quantizer.input[0] = node.output[0]
+            graph.graph.node.remove(activation)
+            continue
+        tensor, raw = node.output[0], f"{node.output[0]}.float"
         node.output[0] = raw
-        if isinstance(grid, tuple):
-            scale, zero_point = grid
-        else:
-            scale = _constant(graph, f"{raw}.scale", np.array(grid, np.float32))
-            zero_point = _constant(graph, f"{raw}.zero", np.array(128, np.uint8))
+        scale = _constant(graph, f"{raw}.scale", np.array(grids[node.name], np.float32))
+        zero_point = _constant(graph, f"{raw}.zero", np.array(128, np.uint8))
         _insert(graph, node, [helper.make_node("QuantizeLinear", [raw, scale, zero_point], [f"{raw}.codes"]),
                               helper.make_node("DequantizeLinear", [f"{raw}.codes", scale, zero_point], [tensor])],
                 after=True)
@@ -528,9 +537,9 @@ def _consumers(graph) -> dict[str, list]:
 def _quantize_skips(graph) -> None:
     """Each Add's float operand that an unsigned 8-bit input quantizer (Q -> DQ, no Clip) also reads, taken
     from that quantizer's DequantizeLinear instead, when it comes earlier in the graph. An operand reached
-    from such a tensor through Slice and zero Pad alone (ResNet's parameter-free shortcut) takes the
-    dequantized tensor into the chain and is quantized again on the same grid after it, which changes no
-    value (zero is on the grid): ONNX Runtime then moves the chain to uint8 and runs the add as QLinearAdd."""
+    from such a tensor through Slice and zero Pad alone (ResNet's parameter-free shortcut) runs that chain
+    on the quantizer's uint8 codes, dequantized after it: the same values (zero is code 0), and ONNX Runtime
+    runs the add as QLinearAdd with no float tensor left in the shortcut."""
     from onnx import helper
 
     consumers, values = _consumers(graph), _constants(graph)
@@ -545,19 +554,22 @@ def _quantize_skips(graph) -> None:
                 chain.insert(0, producers[source])
                 source = chain[0].input[0]
             first = chain[0] if chain else node
-            dequantized = [d for q in consumers.get(source, []) if q.op_type == "QuantizeLinear"
-                           for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"
-                           and position[id(d)] < position[id(first)]]
-            if not dequantized or (chain and int(values[dequantized[0].input[2]]) != 0):
+            quantizers = [(q, d) for q in consumers.get(source, []) if q.op_type == "QuantizeLinear"
+                          for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"
+                          and position[id(d)] < position[id(first)]]
+            if not quantizers or (chain and int(values[quantizers[0][1].input[2]]) != 0):
                 continue
-            first.input[list(first.input).index(source)] = dequantized[0].output[0]
-            if chain:
-                scale, zero_point = dequantized[0].input[1:3]
-                tag = f"{operand}.requantized"
-                _insert(graph, chain[-1], [
-                    helper.make_node("QuantizeLinear", [operand, scale, zero_point], [f"{tag}.codes"]),
-                    helper.make_node("DequantizeLinear", [f"{tag}.codes", scale, zero_point], [tag])], after=True)
-                node.input[index] = tag
+            quantizer, dequantizer = quantizers[0]
+            if not chain:
+                node.input[index] = dequantizer.output[0]
+                continue
+            first.input[0] = quantizer.output[0]
+            for pad in (link for link in chain if link.op_type == "Pad" and len(link.input) > 2):
+                pad.input[2] = ""  # pads with code 0, the zero point
+            tag = f"{operand}.dequantized"
+            _insert(graph, chain[-1], [helper.make_node("DequantizeLinear", [operand, *dequantizer.input[1:3]], [tag])],
+                    after=True)
+            node.input[index] = tag
 
 
 def _keeps_grid(node, values: dict) -> bool:
