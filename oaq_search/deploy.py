@@ -130,9 +130,8 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
     layer's codes in the narrowest ONNX integer type (int2, int4 or int8) instead, for the file's true
     size: exactly the plan's model, which ONNX Runtime runs with float kernels on the dequantized weights.
     `quantize_skips` gives each residual add the 8-bit quantized block input its next layer reads, in
-    place of the float one the plan adds, so ONNX Runtime runs the add as an integer QLinearAdd, and rounds
-    an output that reaches only the next layer's input quantizer straight onto its grid (faster; no longer
-    exactly the plan's model). The file is written whole or not at all."""
+    place of the float one the plan adds, so ONNX Runtime runs the add as an integer QLinearAdd (faster;
+    no longer exactly the plan's model). The file is written whole or not at all."""
     import onnx
 
     if weights not in WEIGHT_FORMATS:
@@ -158,9 +157,9 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
         graph = _with_opset(graph, PACKED_OPSET[min(weight.bits for weight in stored.values())])
     else:
         _compensate_residuals(graph, residuals, images)
+        _quantize_outputs(graph, images, layers)
         if quantize_skips:
             _quantize_skips(graph)
-        _quantize_outputs(graph, images, layers, next_grid_first=quantize_skips)
     onnx.checker.check_model(graph)
     _save(graph, path)
 
@@ -474,15 +473,13 @@ def _input_chain(graph, node, layer: DeployableLayer, chains: dict) -> str:
 
 
 def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableLayer],
-                      planned_only: bool = False, next_grid_first: bool = False) -> None:
+                      planned_only: bool = False) -> None:
     """Each integer layer's output through Q -> DQ (uint8 around 128 where signed). A layer the plan's model
     rounds the output of (`kernel_rounding.py`) takes that int8 grid; with `planned_only`, only those. A
     layer whose output only passes a ReLU (or a ReLU6 above the range) on to the next layer's input
     quantizer is read by that quantizer directly, the activation dropped: exact, as the quantizer rounds
-    and clips alike. With `next_grid_first` that holds even where the plan's model rounds the output to
-    int8 first (quantized skips: ResNet's stem, whose ReLU then feeds nothing but the quantizer). Others
-    (a packed model from before output rounding) get the largest magnitude `images` reach, with a warning:
-    the plan's model does not round those."""
+    and clips alike. Others (a packed model from before output rounding) get the largest magnitude `images`
+    reach, with a warning: the plan's model does not round those."""
     from onnx import helper
 
     targets = [node for node in graph.graph.node if node.op_type in ("Conv", "Gemm") and
@@ -491,10 +488,7 @@ def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableL
     grids, unplanned, names = {}, [], set(layers)
     for node in targets:
         clip = layers[_layer_of(node, names)].output_clip
-        following = _next_quantizer(consumers.get(node.output[0], []), consumers, values) if next_grid_first else None
-        if following is not None:
-            grids[node.name] = following
-        elif clip is not None:
+        if clip is not None:
             grids[node.name] = np.float32(clip) / np.float32(INT8_MAX)
         elif not planned_only:
             grids[node.name] = _next_quantizer(consumers.get(node.output[0], []), consumers, values)

@@ -26,17 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FinetuneConfig, PtqConfig
-from .data import Splits, ImageSplit
+from .data import ImageSplit, Splits
 from .devices import training_device
 from .errors import UserError
 from .evaluate import accuracy
-from .layout import channels_last_works
 from .fake_quant import learned_plan, quantize_, quantized_layers, unwrap
 from .files import save_atomically
+from .kernel_rounding import round_like_kernels_
+from .layout import channels_last_works
 from .packing import pack_model
 from .plan import Plan
 from .progress import bar, note
-from .kernel_rounding import round_like_kernels_
 from .ptq import CALIBRATION_IMAGES, post_training_quantize
 from .schema import to_dict
 
