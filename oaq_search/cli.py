@@ -157,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--out", default="model.onnx", help="ONNX file to write (default model.onnx)")
     deploy.add_argument("--study", help="take the model (a factory) and data from this study file")
     deploy.add_argument("--model", help="registered model name (default: the plan's)")
-    deploy.add_argument("--data-root", help="CIFAR-10 root: calibration images fix each layer's int8 output range")
+    deploy.add_argument("--data-root", help="CIFAR-10 root, read only for --check and by packed models from before "
+                                            "they carried every range (calibration images fit those)")
     deploy.add_argument("--weights", choices=("int8", "packed"), default="int8",
                         help="int8: codes in int8, which ONNX Runtime runs as integer kernels (default); packed: "
                              "each layer's codes as int2/int4/int8 for the file's true size, exactly the plan's "

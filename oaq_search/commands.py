@@ -177,7 +177,7 @@ def quantize(args: argparse.Namespace) -> int:
     print(f"{args.model} on {len(split)} {args.split} images: full precision {fp:.2f} %, quantized {ours:.2f} % "
           f"(change {ours - fp:+.2f}{nearest}); weights {format_quantity('weight_bytes', size)} packed")
     if args.out:
-        payload = pack_model(quantized, plan, args.out)
+        payload = pack_model(quantized, plan, args.out, splits.input_shape)
         plan_path = plan.save(Path(args.out).with_suffix(".plan.json"))
         print(f"packed model {args.out} ({payload} bytes of layers), plan {plan_path}")
     return 0
@@ -267,14 +267,21 @@ def deploy(args: argparse.Namespace) -> int:
 
     check_writable(args.out, "ONNX model")  # refused now, not after the export
     packed = load_packed(args.packed)
+    reads_data = args.check or args.data_root is not None  # a packed model carries what the export needs
     if args.study:
         config = _study_config(args)
-        model, splits = load_study_model(config.model, config.folder), load_study_data(config.data, config.folder)
+        model = load_study_model(config.model, config.folder)
+        splits = load_study_data(config.data, config.folder) if reads_data else None
     else:
-        model, splits = load_model(args.model or packed.plan.model), load_cifar10(args.data_root)
+        model = load_model(args.model or packed.plan.model)
+        splits = load_cifar10(args.data_root) if reads_data else None
+    input_shape = packed.input_shape or (None if args.study else model_spec(args.model or packed.plan.model).input_shape)
+    if splits is None and input_shape is None:
+        raise UserError(f"{args.packed} does not say its input shape (written before packed models held it): pass "
+                        f"--data-root or --study")
     layers = from_packed(packed, model)
-    export_onnx(model, packed.plan, next(splits.search.batches(CALIBRATION_IMAGES))[0], args.out, layers, args.weights,
-                args.quantize_skips)
+    images = next(splits.search.batches(CALIBRATION_IMAGES))[0] if splits is not None else None
+    export_onnx(model, packed.plan, images, args.out, layers, args.weights, args.quantize_skips, input_shape)
     kernels = kernel_counts(args.out)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB): {kernels['integer']} of "
           f"{kernels['integer'] + kernels['float']} convolutions and linears run as ONNX Runtime integer kernels"

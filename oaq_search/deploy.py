@@ -120,13 +120,15 @@ def reference_model(model: nn.Module, layers: dict[str, DeployableLayer]) -> nn.
     return reference
 
 
-def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | Path,
+def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor | None, path: str | Path,
                 layers: dict[str, DeployableLayer] | None = None, weights: str = "int8",
-                quantize_skips: bool = False) -> None:
+                quantize_skips: bool = False, input_shape: tuple[int, ...] | None = None) -> None:
     """Write `model` (fake-quantized by `plan`, or a plain model with `layers` given) as QDQ ONNX to `path`.
 
-    `images`, a batch of calibration images (a few hundred), fixes the input shape, and the int8 output
-    ranges a model quantized before output rounding does not carry. `weights="packed"` stores each
+    `images`, a batch of calibration images (a few hundred), fixes the input shape, and what a model
+    quantized before output rounding and held offsets does not carry: int8 output ranges, and the mean
+    effect of what its codes leave of mu. A model quantized since needs no data: `images` None and
+    `input_shape` one image's (C, H, W). `weights="packed"` stores each
     layer's codes in the narrowest ONNX integer type (int2, int4 or int8) instead, for the file's true
     size: exactly the plan's model, which ONNX Runtime runs with float kernels on the dequantized weights.
     `quantize_skips` gives each residual add the 8-bit quantized block input its next layer reads, in
@@ -138,6 +140,8 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
         raise UserError(f"unknown weight format {weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
     if quantize_skips and weights == "packed":
         raise UserError("quantized skips speed up integer kernels, which packed weights do not run on: drop one of them")
+    if images is None and input_shape is None:
+        raise UserError("export_onnx needs calibration images or, for a model that carries its ranges, the input shape")
     layers = deployable_layers(model) if layers is None else layers
     _check_layers(plan, layers)
     plain = unwrap(model)
@@ -150,7 +154,7 @@ def export_onnx(model: nn.Module, plan: Plan, images: torch.Tensor, path: str | 
         for name, layer in layers.items():
             weight = stored[name].representable(weights == "packed") if name in stored else _planned_weight(layer)
             modules[name].weight.copy_(torch.from_numpy(weight).to(modules[name].weight.dtype))
-    graph = _export_float(plain, images[:1])
+    graph = _export_float(plain, images[:1] if images is not None else torch.zeros(1, *input_shape))
     residuals = _quantize_weights_and_inputs(graph, layers, stored, exact=weights == "packed")
     if weights == "packed":
         _quantize_outputs(graph, images, layers, planned_only=True)
@@ -339,7 +343,7 @@ def _quantize_weights_and_inputs(graph, layers: dict[str, DeployableLayer], stor
         _insert(graph, node, dequantize)
         if layers[name].input_range is not None:
             node.input[0] = _input_chain(graph, node, layers[name], chains)
-        if not exact and np.abs(weight.offset).max() > 0:
+        if not exact and np.any(np.abs(weight.offset) > 1e-4 * weight.step):  # below: float rounding, ~1e-7 steps
             residuals.append((node, gain * weight.offset))
         found.add(name)
     missing = sorted(set(stored) - found)
@@ -372,13 +376,15 @@ def _with_opset(graph, opset: int):
     return converted
 
 
-def _compensate_residuals(graph, residuals: list[tuple[object, np.ndarray]], images: torch.Tensor) -> None:
+def _compensate_residuals(graph, residuals: list[tuple[object, np.ndarray]], images: torch.Tensor | None) -> None:
     """Add to each bias what the residual of mu adds on average: residual_c * the mean sum of the layer's
     (quantized) input over a kernel window, on `images`."""
     from onnx import numpy_helper
 
     if not residuals:
         return
+    _need_images(images, f"the int8 codes of {len(residuals)} layers leave part of their weights' offset mu, whose "
+                         f"mean effect goes into the bias")
     window_sums = _mean_window_sums(graph, [node for node, _ in residuals], images)
     initializers = {init.name: init for init in graph.graph.initializer}
     for (node, residual), window_sum in zip(residuals, window_sums):
@@ -416,6 +422,12 @@ def _mean_window_sums(graph, nodes: list, images: torch.Tensor) -> list[np.ndarr
             totals[index] = totals[index] + windows.mean((2, 3)).sum(0).numpy()
         count += len(batch[0])
     return [np.asarray(total) / count for total in totals]
+
+
+def _need_images(images: torch.Tensor | None, why: str) -> None:
+    if images is None:
+        raise UserError(f"deploying this model needs calibration images: {why}; pass --data-root (or --study), "
+                        f"or quantize the plan again")
 
 
 def _run(graph, outputs: list[str], images: torch.Tensor, batch_size: int = 100):
@@ -495,6 +507,8 @@ def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableL
             if grids[node.name] is None:
                 unplanned.append(node)
     if unplanned:
+        _need_images(images, f"{len(unplanned)} layer outputs have no int8 range in the model (a packed model written "
+                             f"before output rounding)")
         peaks = np.zeros(len(unplanned))
         for outputs in _run(graph, [node.output[0] for node in unplanned], images):
             peaks = np.maximum(peaks, [float(np.abs(output).max()) for output in outputs])

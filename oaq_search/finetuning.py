@@ -130,7 +130,7 @@ def finetune(model: nn.Module, plan: Plan, splits: Splits, config: FinetuneConfi
              "packed": output_dir / "model.packed.pt"}
     save_atomically(unwrap(quantized).state_dict(), files["checkpoint"])
     tuned.metadata["finetune"]["checkpoint"] = str(files["checkpoint"])
-    pack_model(quantized, tuned, files["packed"])
+    pack_model(quantized, tuned, files["packed"], splits.input_shape)
     tuned.save(files["plan"])
     return FinetuneResult(quantized, tuned, history, files, start_scores=start_scores)
 

@@ -70,10 +70,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...], packin
     return torch.from_numpy(unsigned.astype(np.int16) + code_range(grid, bits)[0]).to(torch.int8).reshape(shape)
 
 
-def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
+def pack_model(model: nn.Module, plan: Plan, path: str | Path, input_shape: tuple[int, ...] | None = None) -> int:
     """Write the quantized model (packed layers + every other tensor) and return its layer bytes.
 
     The file holds only tensors, strings and numbers, so `torch.load(weights_only=True)` reads it.
+    `input_shape`, one image's (C, H, W), lets `deploy` export it without data.
     """
     layers, payload_bytes = {}, 0
     for layer in quantized_layers(model):
@@ -97,7 +98,10 @@ def pack_model(model: nn.Module, plan: Plan, path: str | Path) -> int:
                           + (bias.numel() if bias is not None else 0)))
     quantized_names = {f"{name}.{suffix}" for name in layers for suffix in ("layer.weight", "layer.bias", "round_up")}
     rest = {k: v for k, v in model.state_dict().items() if k not in quantized_names}
-    save_atomically({"format": PACKED_FORMAT, "plan": plan.to_json(), "layers": layers, "state": rest}, path)
+    payload = {"format": PACKED_FORMAT, "plan": plan.to_json(), "layers": layers, "state": rest}
+    if input_shape is not None:
+        payload["input_shape"] = [int(size) for size in input_shape]
+    save_atomically(payload, path)
     return payload_bytes
 
 
@@ -108,6 +112,7 @@ class PackedModel:
     plan: Plan
     layers: dict[str, dict]  # per layer: codes (unpacked, int8), scale, offset, bits, grid, bias (optional)
     state: dict[str, torch.Tensor]  # the rest of the quantized model's state_dict (BatchNorm, activation ranges)
+    input_shape: tuple[int, ...] | None = None  # one image's (C, H, W); None in files written before it
 
     def weight(self, name: str) -> QuantizedWeight:
         entry = self.layers[name]
@@ -132,6 +137,7 @@ def load_packed(path: str | Path) -> PackedModel:
         layers = {name: {**entry, "codes": unpack_codes(entry["codes"], entry["bits"], tuple(entry["shape"]),
                                                         entry["packing"], entry["grid"])}
                   for name, entry in payload["layers"].items()}
-        return PackedModel(plan, layers, dict(payload["state"]))
+        shape = payload.get("input_shape")
+        return PackedModel(plan, layers, dict(payload["state"]), None if shape is None else tuple(int(size) for size in shape))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"packed model {path} is damaged ({type(error).__name__}: {error}): write it again") from None

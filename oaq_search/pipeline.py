@@ -170,7 +170,7 @@ def finish_study(config: StudyConfig, engine: Engine, study: optuna.Study) -> St
     plan, quantized = finish(engine, study, test, config.ptq)
     plan.metadata["checkpoint"] = config.model.checkpoint
     plan_path = plan.save(config.output_path / "plan.json")
-    pack_model(quantized, plan, config.output_path / "model.packed.pt")  # what `deploy` reads
+    pack_model(quantized, plan, config.output_path / "model.packed.pt", engine.splits.input_shape)  # what `deploy` reads
     return StudyResult(plan, plan_path, config.name, config.storage_url, plan.metadata["search_score"],
                        plan.metadata["fp_test_accuracy"], plan.metadata["test_accuracy"], finished_trials(study),
                        len(engine.space.parameter_names), engine.seconds, model=quantized)

@@ -175,6 +175,18 @@ def test_deploy_check_runs_the_packed_plan_in_onnx_runtime_as_pytorch_does(share
     assert abs(deployed - planned) <= 1.0 and same >= 97.0, out
     assert change == pytest.approx(deployed - planned, abs=0.01) and 0 <= error < 1.0  # paired, over 500 images
     assert "batch 64" in out and onnx_file.stat().st_size < 400_000  # int8 codes: under half the float file
+    data_free = tmp_path / "data_free.onnx"  # the packed model carries its ranges and input shape: no data needed
+    assert main(["deploy", str(packed), "--out", str(data_free)]) == 0
+    assert data_free.read_bytes() == onnx_file.read_bytes()
+    payload = torch.load(packed, weights_only=True)  # as written before output ranges and the input shape
+    payload["state"] = {k: v for k, v in payload["state"].items() if not k.endswith("output_quantizer.clip")}
+    del payload["input_shape"]
+    torch.save(payload, tmp_path / "old.packed.pt")
+    capsys.readouterr()
+    assert main(["deploy", str(tmp_path / "old.packed.pt"), "--out", str(tmp_path / "old.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "layer outputs have no int8 range" in err and "pass --data-root" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "old.onnx").exists()
 
 
 @pytest.mark.shared
