@@ -12,7 +12,7 @@ from .config import PtqConfig
 from .data import ImageSplit
 from .errors import UserError
 from .fake_quant import activation_quantizers, calibrate_activations, learned_plan, needs_calibration, quantize_
-from .kernel_rounding import round_like_kernels_
+from .kernel_rounding import outputs_unrounded, round_like_kernels_
 from .plan import Plan
 from .reconstruction import reconstruct
 from .schema import to_dict
@@ -48,7 +48,8 @@ def reconstruct_plan(quantized: nn.Module, model: nn.Module, plan: Plan, calibra
     """Reconstruct `quantized` (`model` post-training quantized by `plan`) in place on the first
     `reconstruction.images` images of `calibration`; returns the plan it now follows: the learned ranges,
     and the settings in the metadata (the rounding is in the model's codes, not in the plan)."""
-    reconstruct(quantized, model, next(calibration.batches(reconstruction.images))[0], reconstruction, progress)
+    with outputs_unrounded(quantized):
+        reconstruct(quantized, model, next(calibration.batches(reconstruction.images))[0], reconstruction, progress)
     round_like_kernels_(quantized, next(calibration.batches(CALIBRATION_IMAGES))[0])
     result = learned_plan(quantized, plan)
     result.metadata = {**plan.metadata, "reconstruction": to_dict(reconstruction)}

@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 
-from oaq_search.activations import OutputHook
+from oaq_search.activations import OutputHook, remove_output_hooks
 from oaq_search.data import load_cifar10
 from oaq_search.deploy import export_onnx
 from oaq_search.fake_quant import unwrap
+from oaq_search.kernel_rounding import outputs_unrounded
 from oaq_search.oaq import int8_steps
 from oaq_search.pipeline import layer_graph, load_model
 from oaq_search.planning import PlanFactory
@@ -32,7 +33,7 @@ def output_hooks(model):
 
 
 def test_outputs_a_deployment_requantizes_on_their_own_are_rounded_after_their_batchnorm(w4a4):
-    quantized, _plan, _splits = w4a4
+    quantized, _plan, splits = w4a4
     hooked = output_hooks(quantized)
     # before each residual add (the stem's ReLU output feeds one too), and the logits; a block's first conv
     # passes a ReLU on to the second's input quantizer, whose grid rounds it
@@ -42,6 +43,14 @@ def test_outputs_a_deployment_requantizes_on_their_own_are_rounded_after_their_b
     copied = copy.deepcopy(quantized)  # each copy rounds with its own quantizers
     assert output_hooks(copied)["layer2.1.bn2"].quantizer is copied.layer2[1].conv2.output_quantizer
     assert output_hooks(unwrap(quantized)) == {}  # a plain model no longer rounds
+    unhooked = copy.deepcopy(quantized).eval()
+    remove_output_hooks(unhooked)
+    images = splits.search.images[:8]
+    with torch.no_grad():
+        rounded = quantized.eval()(images)
+        with outputs_unrounded(quantized):  # as reconstruction runs it
+            assert torch.equal(quantized(images), unhooked(images))
+        assert torch.equal(quantized(images), rounded) and not torch.equal(rounded, unhooked(images))
 
 
 def test_each_integer_layers_folded_bias_lies_on_its_int32_grid(w4a4):
