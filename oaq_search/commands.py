@@ -268,14 +268,15 @@ def deploy(args: argparse.Namespace) -> int:
     check_writable(args.out, "ONNX model")  # refused now, not after the export
     packed = load_packed(args.packed)
     reads_data = args.check or args.data_root is not None  # a packed model carries what the export needs
+    name = args.model or packed.plan.model
     if args.study:
         config = _study_config(args)
         model = load_study_model(config.model, config.folder)
         splits = load_study_data(config.data, config.folder) if reads_data else None
     else:
-        model = load_model(args.model or packed.plan.model)
+        model = load_model(name)
         splits = load_cifar10(args.data_root) if reads_data else None
-    input_shape = packed.input_shape or (None if args.study else model_spec(args.model or packed.plan.model).input_shape)
+    input_shape = packed.input_shape or (None if args.study else model_spec(name).input_shape)
     if splits is None and input_shape is None:
         raise UserError(f"{args.packed} does not say its input shape (written before packed models held it): pass "
                         f"--data-root or --study")

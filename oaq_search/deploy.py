@@ -503,9 +503,13 @@ def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableL
         if clip is not None:
             grids[node.name] = np.float32(clip) / np.float32(INT8_MAX)
         elif not planned_only:
-            grids[node.name] = _next_quantizer(consumers.get(node.output[0], []), consumers, values)
-            if grids[node.name] is None:
+            activation = _activation_before_quantizer(consumers.get(node.output[0], []), consumers, values)
+            if activation is None:
                 unplanned.append(node)
+                continue
+            for quantizer in consumers[activation.output[0]]:  # it reads the layer; the activation goes
+                quantizer.input[0] = node.output[0]
+            graph.graph.node.remove(activation)
     if unplanned:
         _need_images(images, f"{len(unplanned)} layer outputs have no int8 range in the model (a packed model written "
                              f"before output rounding)")
@@ -518,12 +522,6 @@ def _quantize_outputs(graph, images: torch.Tensor, layers: dict[str, DeployableL
                       f"model does not round (a packed model written before output rounding): ONNX Runtime's accuracy "
                       f"may differ from PyTorch's by tenths of a point; quantize the plan again to round them alike")
     for node in (node for node in targets if node.name in grids):
-        if isinstance(grids[node.name], tuple):  # the next input quantizer reads the layer; the ReLU goes
-            (activation,) = consumers[node.output[0]]
-            for quantizer in consumers[activation.output[0]]:
-                quantizer.input[0] = node.output[0]
-            graph.graph.node.remove(activation)
-            continue
         tensor, raw = node.output[0], f"{node.output[0]}.float"
         node.output[0] = raw
         scale = _constant(graph, f"{raw}.scale", np.array(grids[node.name], np.float32))
@@ -599,9 +597,9 @@ def _constants(graph) -> dict:
     return values
 
 
-def _next_quantizer(following: list, consumers: dict, values: dict) -> tuple[str, str] | None:
-    """(scale, zero point) of the input quantizer a layer's output reaches through nothing but a ReLU, or
-    a ReLU6 whose top is at or above the quantizer's (which then clips first); None otherwise."""
+def _activation_before_quantizer(following: list, consumers: dict, values: dict):
+    """The ReLU through which alone a layer's output reaches an unsigned input quantizer, or the ReLU6
+    whose top is at or above the quantizer's (which then clips first); None otherwise."""
     if len(following) != 1 or following[0].op_type not in ("Relu", "Clip"):
         return None
     activation = following[0]
@@ -617,4 +615,4 @@ def _next_quantizer(following: list, consumers: dict, values: dict) -> tuple[str
         levels = int(values[clips[0].input[2]]) if clips else 255
         if low is None or float(low) != 0 or (high is not None and float(high) < levels * float(values[scale])):
             return None
-    return scale, zero_point
+    return activation
