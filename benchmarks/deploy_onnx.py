@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=LATENCY_ROUNDS)
     parser.add_argument("--weights", nargs="+", choices=WEIGHT_FORMATS, default=["int8"])
     parser.add_argument("--quantize-skips", action="store_true")
+    parser.add_argument("--tag", help="appended to the results file name (another machine, say)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     splits = load_cifar10(SHARED / "data" / "cifar10", 5000)
@@ -152,7 +153,7 @@ def _write(rows: list[dict], args) -> None:
     text = "\n".join(table)
     print(text)
     name = "_".join(["deploy_onnx", *args.models, *([] if args.weights == ["int8"] else args.weights),
-                     *(["skips"] if args.quantize_skips else [])])
+                     *(["skips"] if args.quantize_skips else []), *([args.tag] if args.tag else [])])
     print(f"written to {write_results(name, rows, text)}")
 
 

@@ -2,13 +2,15 @@
 
 Per model and batch size: `hw measure --runtime onnxruntime` (hwmodels.measure_onnxruntime) builds the
 table; then plans that differ in which layers get integer kernels (all float inputs, all 8-bit, W4A4,
-the first / last k layers 8-bit, every other or third layer, random halves) are post-training quantized on
+half 4-bit, the first / last k layers 8-bit, every other or third layer, random halves) are post-training quantized on
 search-split images, exported as `oaq-search deploy` exports them, and timed end to end in ONNX
 Runtime, all plans in alternation round by round (a noisy machine slows them alike; each plan runs
 three times in a row per round and the last is timed, as a deployed model runs warm). Reported: each
 plan's predicted and measured milliseconds, and over the plans other than the all-float, all-8-bit and
-every-other-layer ones (the whole models the table is tied to) their Spearman rank correlation and the
-mean absolute error relative to the measured time.
+every-other-layer ones (shaped like the whole models the table is tied to) their Spearman rank
+correlation and the mean absolute error relative to the measured time; both for the table as measured
+and for the same layer times tied to the anchor models timed again beside the plans (the machine's
+drift between the two runs taken out).
 
     python benchmarks/ort_latency_table.py --models resnet20 resnet56 --batches 1 64
 """
@@ -28,7 +30,7 @@ from deploy_onnx import _model
 from scipy.stats import spearmanr
 
 import hwmodels
-from hwmodels.measure_onnxruntime import measure_onnxruntime
+from hwmodels.measure_onnxruntime import OrtTimings, anchor_models, ort_table, time_onnxruntime
 from oaq_search.data import load_cifar10
 from oaq_search.deploy import export_onnx
 from oaq_search.graph import build_layer_graph
@@ -58,21 +60,33 @@ def main() -> None:
             model = _model(name)
             graph = build_layer_graph(model, splits.input_shape)
             paths = _deployed_plans(name, model, graph, splits, calibration, Path(scratch))
+            anchors = anchor_models(model, graph, splits.input_shape, max(args.batches), Path(scratch))
             for batch in args.batches:
-                table = Path(scratch) / f"{name}-{batch}.toml"
-                table.write_text(tomli_w.dumps(measure_onnxruntime(model, graph, splits.input_shape, batch,
-                                                                   args.threads, args.rounds)))
-                cost_model = hwmodels.get_cost_model(f"target:{table}")
-                measured = paired_latency({label: path for label, (path, _) in paths.items()},
-                                          next(splits.test.batches(batch))[0], args.threads, args.rounds,
-                                          RUNS_PER_TURN)
+                timings = time_onnxruntime(model, graph, splits.input_shape, batch, args.threads, args.rounds)
+                # every plan in two sessions: their difference is the noise floor any prediction meets
+                measured = paired_latency({**{f"{label} #{copy}": path for label, (path, _) in paths.items() for copy in (0, 1)},
+                                           **anchors}, next(splits.test.batches(batch))[0], args.threads,
+                                          args.rounds, RUNS_PER_TURN)
+                twice = {label: (measured[f"{label} #0"], measured[f"{label} #1"]) for label in paths}
+                # the same layer times tied to the anchors timed beside the plans: the machine's drift taken out
+                retied = OrtTimings(timings.layers, {label: measured[label] for label in anchors})
+                predicted = {table: _predictions(ort_table(graph, tied, batch, args.threads), graph, paths,
+                                                 Path(scratch) / f"{name}-{batch}-{table}.toml")
+                             for table, tied in (("as measured", timings), ("anchors re-timed", retied))}
+                drift = {label: measured[label] / timings.whole[label] - 1 for label in anchors}
+                print(f"{name} batch {batch}: anchors timed beside the plans vs in the table's run: "
+                      + ", ".join(f"{label} {100 * change:+.1f} %" for label, change in drift.items()), flush=True)
                 batch_rows = [{"model": name, "batch": batch, "plan": label, "integer_layers": integer,
-                               "predicted_ms": cost_model.evaluate(graph, plan).totals["latency_s"] * 1e3,
-                               "measured_ms": measured[label] * 1e3}
-                              for label, (_, (plan, integer)) in paths.items()]
+                               **{f"predicted_ms {table}": values[label] for table, values in predicted.items()},
+                               "measured_ms": 1e3 * sum(twice[label]) / 2,
+                               "first_session_ms": 1e3 * twice[label][0], "second_session_ms": 1e3 * twice[label][1]}
+                              for label, (_, (_, integer)) in paths.items()]
                 rows += batch_rows
-                summary.append(_agreement(name, batch, batch_rows))
-                print(summary[-1], flush=True)
+                summary += [{**_agreement(name, batch, batch_rows, f"predicted_ms {table}"), "table": table,
+                             "anchor_drift": drift} for table in predicted]
+                summary.append({**_agreement(name, batch, batch_rows, "second_session_ms", "first_session_ms"),
+                                "table": "second session predicting the first (noise floor)", "anchor_drift": drift})
+                print(summary[-3:], flush=True)
     _write(rows, summary, args)
 
 
@@ -88,7 +102,9 @@ def _deployed_plans(name: str, model, graph, splits, calibration, folder: Path) 
                     **{f"random half 8-bit (seed {s})": set(rng.sample(names, len(names) // 2)) for s in (0, 1, 2)}}
     plans = {label: factory({n: 8 for n in names}, {n: 8 for n in integer}) for label, integer in integer_sets.items()}
     plans["W4A4"] = factory.uniform(4, 4, None)
-    integer_sets["W4A4"] = set(names)
+    half = set(rng.sample(names, len(names) // 2))
+    plans["random half 4-bit, rest 8-bit inputs"] = factory({n: 8 for n in names}, {n: 4 if n in half else 8 for n in names})
+    integer_sets["W4A4"] = integer_sets["random half 4-bit, rest 8-bit inputs"] = set(names)
     paths = {}
     for index, (label, plan) in enumerate(plans.items()):
         path = folder / f"{name}-{index}.onnx"
@@ -97,29 +113,47 @@ def _deployed_plans(name: str, model, graph, splits, calibration, folder: Path) 
     return paths
 
 
-def _agreement(name: str, batch: int, rows: list[dict]) -> dict:
-    """How well the table ranks and predicts the plans it was not tied to."""
+def _predictions(table: dict, graph, paths: dict, path: Path) -> dict[str, float]:
+    """Milliseconds `table` (written to `path`, read as a `target:` cost model) predicts for each plan."""
+    path.write_text(tomli_w.dumps(table))
+    cost_model = hwmodels.get_cost_model(f"target:{path}")
+    return {label: cost_model.evaluate(graph, plan).totals["latency_s"] * 1e3 for label, (_, (plan, _)) in paths.items()}
+
+
+def _agreement(name: str, batch: int, rows: list[dict], column: str, truth: str = "measured_ms") -> dict:
+    """How well `column` ranks and predicts `truth` for the plans the table was not tied to."""
     held_out = [r for r in rows if r["plan"] not in CALIBRATION]
-    predicted, measured = [r["predicted_ms"] for r in held_out], [r["measured_ms"] for r in held_out]
+    predicted, measured = [r[column] for r in held_out], [r[truth] for r in held_out]
     errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
     return {"model": name, "batch": batch, "plans": len(held_out), "spearman": float(spearmanr(predicted, measured)[0]),
             "mean_abs_error": statistics.mean(errors), "max_abs_error": max(errors)}
 
 
 def _write(rows: list[dict], summary: list[dict], args) -> None:
-    table = ["| model | batch | plans held out | Spearman | mean abs. error | max abs. error |",
-             "|---|---:|---:|---:|---:|---:|"]
-    table += [f"| {s['model']} | {s['batch']} | {s['plans']} | {s['spearman']:.3f} | {100 * s['mean_abs_error']:.1f} % "
-              f"| {100 * s['max_abs_error']:.1f} % |" for s in summary]
-    table += ["", "| model | batch | plan | layers with 8-bit inputs | predicted ms | measured ms | error |",
-              "|---|---:|---|---:|---:|---:|---:|"]
-    table += [f"| {r['model']} | {r['batch']} | {r['plan']} | {r['integer_layers']} | {r['predicted_ms']:.3f} | "
-              f"{r['measured_ms']:.3f} | {100 * (r['predicted_ms'] / r['measured_ms'] - 1):+.1f} % |" for r in rows]
-    table.append(f"\nThe table is tied to whole models shaped like the {', '.join(CALIBRATION)} plans (its "
-                 f"`other_ops_s`, 8-bit scale and `switch_s_per_value`), so those are not scored. ONNX Runtime CPU provider, "
+    table = ["| model | batch | table | plans held out | Spearman | mean abs. error | max abs. error |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    table += [f"| {s['model']} | {s['batch']} | {s['table']} | {s['plans']} | {s['spearman']:.3f} | "
+              f"{100 * s['mean_abs_error']:.1f} % | {100 * s['max_abs_error']:.1f} % |" for s in summary]
+    table += ["", "| model | batch | anchor | timed beside the plans vs in the table's run |", "|---|---:|---|---:|"]
+    table += [f"| {s['model']} | {s['batch']} | {label} | {100 * change:+.1f} % |"
+              for s in summary if s["table"] == "as measured" for label, change in s["anchor_drift"].items()]
+    table += ["", "| model | batch | plan | layers with 8-bit inputs | predicted ms (as measured) | predicted ms "
+              "(anchors re-timed) | measured ms (sessions 1 / 2) | error (as measured) | error (anchors re-timed) |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    table += [f"| {r['model']} | {r['batch']} | {r['plan']} | {r['integer_layers']} | "
+              f"{r['predicted_ms as measured']:.3f} | {r['predicted_ms anchors re-timed']:.3f} | {r['measured_ms']:.3f} ({r['first_session_ms']:.3f} / {r['second_session_ms']:.3f}) | "
+              f"{100 * (r['predicted_ms as measured'] / r['measured_ms'] - 1):+.1f} % | "
+              f"{100 * (r['predicted_ms anchors re-timed'] / r['measured_ms'] - 1):+.1f} % |" for r in rows]
+    table.append(f"\nThe table is tied to four whole models (all float inputs, all 8-bit, every other layer 8-bit, all "
+                 f"4-bit: its `other_ops_s`, 8-bit scale, `switch_s_per_value` and Clip price), so the {', '.join(CALIBRATION)} "
+                 "plans are not scored. *As measured*: the table `hw measure --runtime onnxruntime` writes, every layer "
+                 "shape and the four models timed in one alternation. *Anchors re-timed*: the same layer times tied to "
+                 "the four models timed again beside the plans, which takes out how much the machine's speed drifted "
+                 "between the two runs (no table can know that). Each plan is timed in two sessions in the same "
+                 "alternation; measured is their mean, and how well one session's time predicts the other's is the "
+                 "noise floor of the scores. ONNX Runtime CPU provider, "
                  f"{args.threads} threads, median of {args.rounds} alternating rounds (the last of {RUNS_PER_TURN} "
-                 "runs in a row); the table from `hw measure --runtime onnxruntime` at the same batch size, measured "
-                 "in the same run.")
+                 "runs in a row).")
     text = "\n".join(table)
     print(text)
     name = "ort_latency_table_" + (args.tag or "_".join(args.models))

@@ -38,7 +38,9 @@ def load(name: str) -> dict | None:
 
 
 def source(data: dict) -> str:
-    return f"`{data['command']}`, {data['date']}"
+    """The command, date and CPU a results file was measured with (sessions ran on different machines)."""
+    machine = data.get("machine", {}).get("cpu")
+    return f"`{data['command']}`, {data['date']}" + (f", {machine}" if machine else "")
 
 
 def option(command: str, flag: str, default: int) -> int:
@@ -374,7 +376,7 @@ def headline_table(data: dict) -> list[str]:
               f"{data['rows'][0]['activation_bits']} bits. Fine-tune: {finetune['mode']}, {finetune['epochs']} epoch(s) "
               f"of {images} images for every plan; search: {data['trials']} trials. Uniform "
               f"plans use the largest bit-width that fits. {search_minus_uniform(data)} "
-              f"Run on {data['machine']['gpu'] or data['machine']['cpu']}. "
+              + (f"Run on {data['machine']['gpu']}. " if data["machine"]["gpu"] else "")
               + (f"Plans searched and sized by cost model {data['cost_model']}" + BASE3 + " "
                  if data.get("cost_model", "memory") != "memory" else "")
               + f"Source: {source(data)}."]

@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=PtqConfig.images)
     parser.add_argument("--finetune-epochs", type=int, nargs="*", default=[], help="fine-tune after reconstruction")
     parser.add_argument("--finetune-mode", choices=("scale", "qat"), default="scale")
+    parser.add_argument("--finetune-learning-rate", type=float, help="default: the mode's (FinetuneConfig)")
     parser.add_argument("--search-trials", type=int, default=32)
     parser.add_argument("--search-cost-model", default="memory", help="memory-base3: ternary layers packed five a byte")
     parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
@@ -67,7 +68,8 @@ def main() -> None:
             reconstructed, row["seconds"] = reconstructed_copy(nearest, model, plan, splits, config)
             row["reconstructed"] = accuracy(reconstructed, splits.test, progress=False) - fp
             for epochs in args.finetune_epochs:
-                tuning = FinetuneConfig(mode=args.finetune_mode, epochs=epochs, seed=args.seed)
+                tuning = FinetuneConfig(mode=args.finetune_mode, epochs=epochs, seed=args.seed,
+                                        learning_rate=args.finetune_learning_rate)
                 row[f"finetune_{epochs}"], row[f"finetune_{epochs}_seconds"] = _finetuned(
                     model, plan, splits, reconstructed, tuning, fp)
             print(_line(row, args), flush=True)
@@ -121,7 +123,9 @@ def _write(rows: list[dict], args, config: PtqConfig) -> None:
     tuned = "".join(f" | + {e} epoch{'s' * (e > 1)} {args.finetune_mode} fine-tune" for e in args.finetune_epochs)
     lines = [f"Test split (10,000 images), change vs each checkpoint's full precision; reconstruction with "
              f"{config.iterations} steps per block on {config.images} search-split images, {torch.get_num_threads()} "
-             f"threads" + (f", seed {config.seed}" if config.seed else "") + ".", "",
+             f"threads" + (f", seed {config.seed}" if config.seed else "")
+             + (f", fine-tune learning rate {args.finetune_learning_rate:g}" if args.finetune_learning_rate else "")
+             + ".", "",
              f"| model | plan | weights (KiB) | rounded to nearest | reconstructed | reconstruction time{tuned} |",
              "|---|---|---:|---:|---:|---:|" + "---:|" * len(args.finetune_epochs)]
     for row in rows:

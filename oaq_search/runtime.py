@@ -53,15 +53,17 @@ def kernel_counts(path: str | Path) -> dict[str, int]:
     return {"integer": sum(op in INTEGER_KERNELS for op in ops), "float": sum(op in FLOAT_KERNELS for op in ops)}
 
 
-def paired_latency(paths: dict[str, str | Path], images: torch.Tensor, threads: int = 2,
+def paired_latency(paths: dict[str, str | Path], images: torch.Tensor | dict[str, torch.Tensor], threads: int = 2,
                    rounds: int = LATENCY_ROUNDS, runs_per_turn: int = 1) -> dict[str, float]:
-    """Median seconds per run of each model on `images`, the models timed in alternation round by round,
-    so a noisy machine slows them alike. `runs_per_turn` runs each model that many times in a row per
-    round and times the last: with many models alternating, a model's first run after the others finds
-    its memory out of the caches, which a deployed model running on its own would not."""
+    """Median seconds per run of each model on `images` (one batch for all, or one per label), the models
+    timed in alternation round by round, so a noisy machine slows them alike. `runs_per_turn` runs each
+    model that many times in a row per round and times the last: with many models alternating, a model's
+    first run after the others finds its memory out of the caches, which a deployed model running on its
+    own would not."""
     runners = {label: session(path, threads, spinning=False) for label, path in paths.items()}
-    batch = images.float().contiguous().numpy()
-    feeds = {label: {runner.get_inputs()[0].name: batch} for label, runner in runners.items()}
+    inputs = images if isinstance(images, dict) else dict.fromkeys(runners, images)
+    feeds = {label: {runner.get_inputs()[0].name: inputs[label].float().contiguous().numpy()}
+             for label, runner in runners.items()}
     for label, runner in runners.items():  # warm-up: allocations, kernel selection
         for _ in range(3):
             runner.run(None, feeds[label])

@@ -158,6 +158,10 @@ def test_onnxruntime_table_from_deployed_layers(tmp_path):
     assert {(e["in_channels"], e["activation_bits"]) for e in table["layers"]} == {
         (channels, bits) for channels in (3, 4) for bits in [*range(2, 9), 32]}
     assert 0 <= table["target"]["switch_s_per_value"] < 1e-3  # fitted on a third model: a 8-bit, b float
+    for channels in (3, 4):  # below 8 bits one time with the Clip priced in (a fourth model, all 4-bit inputs)
+        times = {e["activation_bits"]: e["latency_s"] for e in table["layers"]
+                 if e["in_channels"] == channels and e["weight_bits"] == 4}
+        assert len({times[bits] for bits in range(2, 8)}) == 1 and times[4] >= times[8] > 0
     (tmp_path / "ort.toml").write_text(tomli_w.dumps(table))
     model = get_cost_model(f"target:{tmp_path / 'ort.toml'}")
     int8 = model.evaluate(chain, plan(LayerPlan("a", 4, 4), LayerPlan("b", 4, 8))).totals["latency_s"]
