@@ -4,9 +4,11 @@ Each layer shape is exported alone, as `oaq-search deploy` writes it inside a mo
 Runtime (CPU provider) at one batch size, two ways: with a quantized input (ONNX Runtime fuses it into
 QLinearConv / QGemm) and with a float input (a float kernel on the layer's weights in float, what a
 layer the plan gives no input bits becomes). Weights and inputs of 2 to 8 bits all run on those int8 kernels, so
-the table lists one time for them all; 32 means a float input. What one `run` call on the layer's input
-costs on its own (an Identity model) is taken off each. Whole models tie the layers to what a model
-costs: `other_ops_s` is the all-float model's time less its layers' (BatchNorm is folded: the adds,
+the table lists one time for them all; 32 means a float input. A layer whose output is shaped like its
+input is also timed twice in a row, and the second copy's time is the layer's: a model alone pays layout
+changes and quantize calls at its ends that a layer inside a chain does not (at batch 1 they can weigh
+more than the kernel). Other layers are timed alone, less what one `run` call on their input costs (an
+Identity model). Whole models tie the layers to what a model costs: `other_ops_s` is the all-float model's time less its layers' (BatchNorm is folded: the adds,
 activations, pooling and one call), and the 8-bit times are scaled so that they and `other_ops_s` add
 up to the all-8-bit model's (a layer alone pays its own quantize and dequantize calls, which integer
 layers in a row share). A third, every other layer with 8-bit inputs, prices a switch between integer
@@ -79,8 +81,7 @@ def time_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[int
         for label, path in anchor_models(model, graph, input_shape, batch, folder).items():
             paths[label], inputs[label] = path, torch.randn(batch, *input_shape)
         seconds = paired_latency(paths, inputs, threads, repeats, RUNS_PER_TURN)
-    timed = {key: {kind: max(seconds[f"{info.name}.{kind}"] - seconds[f"{info.name}.call"], 0.0)
-                   for kind in ("int8", "float")} for key, info in first.items()}
+    timed = {key: {kind: _in_chain(seconds, info.name, kind) for kind in ("int8", "float")} for key, info in first.items()}
     return OrtTimings({info.name: timed[_shape_key(info)] for info in graph.infos()},
                       {label: seconds[label] for label in anchor_plans(graph)})
 
@@ -143,12 +144,32 @@ def _shape_key(info) -> tuple:
 
 def _single_layer_models(layer: nn.Module, info, batch: int, folder: Path) -> dict[str, Path]:
     """The layer alone as deployed ONNX: "int8" with 8-bit weights and input, "float" with 8-bit weights
-    and a float input."""
-    single = nn.Sequential(copy.deepcopy(getattr(layer, "layer", layer)))  # a QuantizedLayer's own layer
-    graph = build_layer_graph(single, info.input_shape)
+    and a float input; where its output is shaped like its input, also the layer twice in a row ("int8
+    twice", "float twice"): the second's time is what the layer costs inside a chain, without the layout
+    changes and quantize calls at a model's ends."""
+    own = getattr(layer, "layer", layer)  # a QuantizedLayer's own layer
+    chains = {"": nn.Sequential(copy.deepcopy(own))}
+    if tuple(info.output_shape) == tuple(info.input_shape):
+        second = copy.deepcopy(own)
+        with torch.no_grad():
+            second.weight.neg_()  # weights of their own: the exporter stores equal initializers once
+        chains[" twice"] = nn.Sequential(copy.deepcopy(own), second)
     images = torch.randn(max(batch, 8), *info.input_shape)
-    return {label: _deployed(single, _plan(graph, integer), images, folder / f"{info.name}.{label}.onnx")
-            for label, integer in (("int8", graph.names), ("float", ()))}
+    models = {}
+    for suffix, chain in chains.items():
+        graph = build_layer_graph(chain, info.input_shape)
+        for kind, integer in (("int8", graph.names), ("float", ())):
+            models[kind + suffix] = _deployed(chain, _plan(graph, integer), images,
+                                              folder / f"{info.name}.{kind}{suffix}.onnx")
+    return models
+
+
+def _in_chain(seconds: dict[str, float], name: str, kind: str) -> float:
+    """What a layer costs inside a model: the layer twice less once where it was timed twice, else alone
+    less one `run` call."""
+    twice = seconds.get(f"{name}.{kind} twice")
+    alone = seconds[f"{name}.{kind}"]
+    return max((twice - alone) if twice is not None else (alone - seconds[f"{name}.call"]), 0.0)
 
 
 def _plan(graph: LayerGraph, integer: Iterable[str], activation_bits: int = 8) -> Plan:

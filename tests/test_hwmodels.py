@@ -169,6 +169,23 @@ def test_onnxruntime_table_from_deployed_layers(tmp_path):
     assert int8 > 0 and floats > 0 and int8 != floats  # two different deployed kernels were timed
 
 
+def test_a_layer_shaped_like_its_input_is_timed_twice_in_a_row(tmp_path):
+    """Inside a model a layer pays no layout change or quantize call at the model's ends: such a layer is
+    also exported twice in a row (the second with weights of its own), and its time is the second's."""
+    import onnx
+
+    from hwmodels.measure_onnxruntime import _in_chain, _single_layer_models
+
+    layer = nn.Conv2d(4, 4, 3, padding=1)
+    info = build_layer_graph(nn.Sequential(layer), (4, 8, 8)).info("0")
+    models = _single_layer_models(layer, info, 2, tmp_path)
+    assert set(models) == {"int8", "float", "int8 twice", "float twice"}
+    convs = [n for n in onnx.load(str(models["float twice"])).graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2 and len({n.input[1] for n in convs}) == 2
+    seconds = {"0.int8": 3.0, "0.int8 twice": 4.0, "0.call": 1.0, "1.int8": 3.0, "1.call": 1.0}
+    assert _in_chain(seconds, "0", "int8") == 1.0 and _in_chain(seconds, "1", "int8") == 2.0
+
+
 def test_a_switch_between_integer_and_float_kernels_costs_the_next_layers_input_values(chain, tmp_path):
     """ONNX Runtime's integer kernels run NHWC and its float ones NCHWc: a measured table charges each
     switch `switch_s_per_value` per input value of the layer after it (b reads 4 x 8 x 8 values)."""
