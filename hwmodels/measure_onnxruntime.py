@@ -8,8 +8,8 @@ the table lists one time for them all; 32 means a float input. A layer whose out
 input is also timed twice in a row, and the second copy's time is the layer's: a model alone pays layout
 changes and quantize calls at its ends that a layer inside a chain does not (at batch 1 they can weigh
 more than the kernel). Other layers are timed alone, less what one `run` call on their input costs (an
-Identity model). Whole models tie the layers to what a model costs: `other_ops_s` is the all-float model's time less its layers' (BatchNorm is folded: the adds,
-activations, pooling and one call), and the 8-bit times are scaled so that they and `other_ops_s` add
+Identity model). Whole models tie the layers to what a model costs: `other_ops_s` is the all-float
+model's time less its layers' (BatchNorm is folded: the adds, activations, pooling and one call), and the 8-bit times are scaled so that they and `other_ops_s` add
 up to the all-8-bit model's (a layer alone pays its own quantize and dequantize calls, which integer
 layers in a row share). A third, every other layer with 8-bit inputs, prices a switch between integer
 and float kernels (`switch_s_per_value`, per input value of the layer after it): ONNX Runtime's integer
@@ -49,8 +49,8 @@ CLIPPED_BITS = 4  # the input bits of the whole model that prices the Clip below
 
 @dataclass
 class OrtTimings:
-    """Seconds ONNX Runtime took: each layer alone (`layers`: name -> "int8" / "float", one `run` call's
-    own cost taken off) and the whole models a table is tied to (`whole`: label of `anchor_plans`)."""
+    """Seconds ONNX Runtime took: each layer inside a chain (`layers`: name -> "int8" / "float", see
+    `_in_chain`) and the whole models a table is tied to (`whole`: label of `anchor_plans`)."""
 
     layers: dict[str, dict[str, float]]
     whole: dict[str, float]
@@ -64,8 +64,8 @@ def measure_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[
 
 def time_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[int, ...], batch: int = 1,
                      threads: int = 2, repeats: int = 50) -> OrtTimings:
-    """Every layer shape alone and the whole anchor models, all timed in one alternation (a machine that
-    slows down mid-way slows them alike)."""
+    """Every layer shape (`_single_layer_models`) and the whole anchor models, all timed in one
+    alternation (a machine that slows down mid-way slows them alike)."""
     modules = dict(model.named_modules())
     first = {}  # layer shape -> the first layer of that shape, the one timed
     for info in graph.infos():
@@ -74,8 +74,9 @@ def time_onnxruntime(model: nn.Module, graph: LayerGraph, input_shape: tuple[int
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         for info in first.values():
-            single = {**_single_layer_models(modules[info.name], info, batch, folder),
-                      "call": _identity(folder, (batch, *info.input_shape))}
+            single = _single_layer_models(modules[info.name], info, batch, folder)
+            if "int8 twice" not in single:  # timed alone: what a `run` call costs is taken off
+                single["call"] = _identity(folder, (batch, *info.input_shape))
             for kind, path in single.items():
                 paths[f"{info.name}.{kind}"], inputs[f"{info.name}.{kind}"] = path, torch.randn(batch, *info.input_shape)
         for label, path in anchor_models(model, graph, input_shape, batch, folder).items():
