@@ -11,6 +11,7 @@ search's plan at 3 average weight bits, 8-bit activations, as benchmarks/deploy_
     python benchmarks/reconstruction.py --models resnet20 --plans W4A4 --finetune-epochs 1 3 --tag w4a4_finetune
     python benchmarks/reconstruction.py --plans search:2.4:A4 --search-cost-model memory-base3 --tag resnet20_2.4bits
     python benchmarks/reconstruction.py --models resnet56 --plans W3A8 W2A8
+    python benchmarks/reconstruction.py --plans W4A4 --per-channel --finetune-epochs 1 3 --finetune-mode qat --tag resnet20_w4a4_per_channel
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, nargs="*", default=[], help="fine-tune after reconstruction")
     parser.add_argument("--finetune-mode", choices=("scale", "qat"), default="scale")
     parser.add_argument("--finetune-learning-rate", type=float, help="default: the mode's (FinetuneConfig)")
+    parser.add_argument("--per-channel", action="store_true", help="uniform plans' weights scaled per output channel")
     parser.add_argument("--search-trials", type=int, default=32)
     parser.add_argument("--search-cost-model", default="memory", help="memory-base3: ternary layers packed five a byte")
     parser.add_argument("--data-root", default=str(SHARED / "data/cifar10"))
@@ -63,7 +65,7 @@ def main() -> None:
         for label in args.plans:
             plan = _plan(label, name, model, graph, splits, calibration, args)
             nearest = post_training_quantize(model, plan, splits.search)
-            row = {"model": name, "plan": label, "weight_kib": round(cost_model.evaluate(graph, plan).totals[
+            row = {"model": name, "plan": label + " per channel" * plan.layers[0].per_channel, "weight_kib": round(cost_model.evaluate(graph, plan).totals[
                 "weight_bytes"] / 1024, 1), "fp": fp, "nearest": accuracy(nearest, splits.test, progress=False) - fp}
             reconstructed, row["seconds"] = reconstructed_copy(nearest, model, plan, splits, config)
             row["reconstructed"] = accuracy(reconstructed, splits.test, progress=False) - fp
@@ -85,7 +87,7 @@ def _plan(label: str, name: str, model, graph, splits, calibration, args):
                         args.search_trials, args.search_cost_model).plan
     method, _, setting = label.rpartition(":")
     weight_bits, activation_bits = setting[1:].split("A")
-    return PlanFactory(name, model, graph, method or "oaq", "uniform", False, calibration).uniform(
+    return PlanFactory(name, model, graph, method or "oaq", "uniform", args.per_channel, calibration).uniform(
         int(weight_bits), int(activation_bits))
 
 
