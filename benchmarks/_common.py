@@ -1,4 +1,4 @@
-"""What every benchmark records beside its numbers: the command, the date, the machine."""
+"""What every benchmark records beside its numbers: the command, the code, the date, the machine."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +39,22 @@ def machine() -> dict[str, object]:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def code_version() -> str | None:
+    """The commit checked out, with "+ changes" when tracked code differs from it (results files aside);
+    None outside a git checkout. Read when a benchmark starts, so later commits do not relabel its run."""
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", *arguments], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + (" + changes" if changed else "")
+
+
+CODE = code_version()
+
+
 def invocation() -> str:
     """This process's command line as run from the repository root (whatever folder it was started
     in), shell-quoted so it copy-pastes."""
@@ -49,13 +66,13 @@ def invocation() -> str:
 
 def write_results(name: str, rows: list[dict], markdown: str, extra: dict | None = None,
                   command: str | None = None) -> Path:
-    """benchmarks/results/<name>.json and .md, each with the command (default: this one), date and machine."""
+    """benchmarks/results/<name>.json and .md, each with the command (default: this one), code, date and machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    header = {"command": command or invocation(),
+    header = {"command": command or invocation(), "code": CODE,
               "date": datetime.date.today().isoformat(), "machine": machine(), **(extra or {})}
     (RESULTS / f"{name}.json").write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
     gpu = f", GPU {header['machine']['gpu']}" if header["machine"]["gpu"] else ""
-    meta = (f"Command: `{header['command']}`  \nDate: {header['date']}  \n"
+    meta = (f"Command: `{header['command']}`  \nCode: {CODE or 'unknown'}  \nDate: {header['date']}  \n"
             f"Machine: {header['machine']['cpu']}, {header['machine']['cores']} cores, "
             f"{header['machine']['torch_threads']} torch threads{gpu}, torch {header['machine']['torch']}\n\n")
     path = RESULTS / f"{name}.md"

@@ -38,9 +38,10 @@ def load(name: str) -> dict | None:
 
 
 def source(data: dict) -> str:
-    """The command, date and CPU a results file was measured with (sessions ran on different machines)."""
+    """The command, date, CPU and code a results file was measured with (sessions ran on different machines)."""
     machine = data.get("machine", {}).get("cpu")
-    return f"`{data['command']}`, {data['date']}" + (f", {machine}" if machine else "")
+    return (f"`{data['command']}`, {data['date']}" + (f", {machine}" if machine else "")
+            + (f", code {data['code']}" if data.get("code") else ""))
 
 
 def option(command: str, flag: str, default: int) -> int:
