@@ -481,14 +481,17 @@ def reconstruction_section() -> list[str]:
     return results_files_section(
         "Reconstruction", "Post-training quantization rounded to nearest against block reconstruction (`--reconstruct`, "
         "`[ptq]`: AdaRound's learned rounding inside OAQ's quantizer, a residual block at a time, QDrop's dropping; "
-        "see [how-it-works.md](how-it-works.md#reconstruction)).", "reconstruction_*")
+        "see [how-it-works.md](how-it-works.md#reconstruction)). `_w4a4_finetune`, `_w4a4_3000steps`, "
+        "`_w4a4_3000steps_qat` and `_w4a4_qat_seed1`/`2` ran before reconstruction passed the int8 output rounding "
+        "by (24150d5) and have not been re-run.", "reconstruction_*")
 
 
 def reconstructed_finalists_section() -> list[str]:
     return results_files_section(
         "Reconstructing the finalists", "A search's finalists ranked rounded to nearest and reconstructed, and what "
         "each pick scores on test (`[ptq] finalists = true` picks by the reconstructed held-out score; see "
-        "[how-it-works.md](how-it-works.md#reconstruction)).", "reconstruct_finalists_*")
+        "[how-it-works.md](how-it-works.md#reconstruction)). Ran before reconstruction passed the int8 output rounding "
+        "by (24150d5).", "reconstruct_finalists_*")
 
 
 def search_cost_section() -> list[str]:

@@ -47,7 +47,7 @@ def main() -> None:
     for number in sorted(map(int, search_scores)):
         plan = Plan.from_dict(trials[number].user_attrs["plan"])
         nearest = post_training_quantize(model, plan, splits.search)
-        reconstructed, seconds = reconstructed_copy(nearest, model, plan, splits, config)
+        reconstructed, seconds, _ = reconstructed_copy(nearest, model, plan, splits, config)
         rows.append({"trial": number, "seed": trials[number].user_attrs.get("seed"),
                      "finalist_score": search_scores[str(number)],
                      "nearest_held_out": accuracy(nearest, held_out, progress=False),

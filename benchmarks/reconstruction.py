@@ -43,6 +43,8 @@ def main() -> None:
                                                        "search:2.5"])
     parser.add_argument("--iterations", type=int, default=PtqConfig.iterations, help="steps per block")
     parser.add_argument("--images", type=int, default=PtqConfig.images)
+    parser.add_argument("--restarts", type=int, default=PtqConfig.restarts, help="reconstructions with seeds --seed on, "
+                        "the best on the search images past --images kept")
     parser.add_argument("--finetune-epochs", type=int, nargs="*", default=[], help="fine-tune after reconstruction")
     parser.add_argument("--finetune-mode", choices=("scale", "qat"), default="scale")
     parser.add_argument("--finetune-learning-rate", type=float, help="default: the mode's (FinetuneConfig)")
@@ -54,7 +56,8 @@ def main() -> None:
     parser.add_argument("--tag", help="results file suffix (default: the models)")
     args = parser.parse_args()
     splits = load_cifar10(args.data_root)
-    config = PtqConfig(reconstruct=True, iterations=args.iterations, images=args.images, seed=args.seed)
+    config = PtqConfig(reconstruct=True, iterations=args.iterations, images=args.images, seed=args.seed,
+                       restarts=args.restarts)
     calibration = next(splits.search.batches(CALIBRATION_IMAGES))[0]
     rows, cost_model = [], hwmodels.get_cost_model(args.search_cost_model)  # sizes as the search counts them
     for name in args.models:
@@ -67,7 +70,8 @@ def main() -> None:
             nearest = post_training_quantize(model, plan, splits.search)
             row = {"model": name, "plan": label + " per channel" * plan.layers[0].per_channel, "weight_kib": round(cost_model.evaluate(graph, plan).totals[
                 "weight_bytes"] / 1024, 1), "fp": fp, "nearest": accuracy(nearest, splits.test, progress=False) - fp}
-            reconstructed, row["seconds"] = reconstructed_copy(nearest, model, plan, splits, config)
+            reconstructed, row["seconds"], tuned = reconstructed_copy(nearest, model, plan, splits, config)
+            row["held_out_accuracies"] = tuned.metadata["reconstruction"].get("held_out_accuracies")
             row["reconstructed"] = accuracy(reconstructed, splits.test, progress=False) - fp
             for epochs in args.finetune_epochs:
                 tuning = FinetuneConfig(mode=args.finetune_mode, epochs=epochs, seed=args.seed,
@@ -92,11 +96,12 @@ def _plan(label: str, name: str, model, graph, splits, calibration, args):
 
 
 def reconstructed_copy(nearest, model, plan, splits, config: PtqConfig):
-    """`nearest` (the plan rounded to nearest) reconstructed on the search split, as a copy, and the seconds it took."""
+    """`nearest` (the plan rounded to nearest) reconstructed on the search split, as a copy, the seconds it took,
+    and the plan it follows."""
     started = time.perf_counter()
     reconstructed = copy.deepcopy(nearest)
-    reconstruct_plan(reconstructed, model, plan, splits.search, config, progress=False)
-    return reconstructed, time.perf_counter() - started
+    tuned = reconstruct_plan(reconstructed, model, plan, splits.search, config, progress=False)
+    return reconstructed, time.perf_counter() - started, tuned
 
 
 def searched(name: str, model, splits, bits: float, activation_bits: int, trials: int, cost_model: str, **options):
@@ -126,6 +131,8 @@ def _write(rows: list[dict], args, config: PtqConfig) -> None:
     lines = [f"Test split (10,000 images), change vs each checkpoint's full precision; reconstruction with "
              f"{config.iterations} steps per block on {config.images} search-split images, {torch.get_num_threads()} "
              f"threads" + (f", seed {config.seed}" if config.seed else "")
+             + (f", {config.restarts} restarts (seeds {config.seed}-{config.seed + config.restarts - 1}, the best on the "
+                f"search-split images past those it fits on kept)" if config.restarts > 1 else "")
              + (f", fine-tune learning rate {args.finetune_learning_rate:g}" if args.finetune_learning_rate else "")
              + ".", "",
              f"| model | plan | weights (KiB) | rounded to nearest | reconstructed | reconstruction time{tuned} |",
@@ -135,6 +142,9 @@ def _write(rows: list[dict], args, config: PtqConfig) -> None:
                         for e in args.finetune_epochs)
         lines.append(f"| {row['model']} (FP {row['fp']:.2f}) | {row['plan']} | {row['weight_kib']} | "
                      f"{row['nearest']:+.2f} | {row['reconstructed']:+.2f} | {row['seconds']:.0f} s{cells} |")
+    lines += [f"\n{row['model']} {row['plan']}: held-out search accuracy by seed "
+              + ", ".join(f"{config.seed + i}: {score:.2f} %" for i, score in enumerate(row["held_out_accuracies"]))
+              for row in rows if row["held_out_accuracies"]]
     path = write_results(f"reconstruction_{args.tag or '_'.join(args.models)}", rows, "\n".join(lines),
                          {"reconstruction": vars(config)})
     print(f"written to {path}")

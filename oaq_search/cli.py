@@ -39,6 +39,8 @@ def _reconstruction_arguments(parser: argparse.ArgumentParser) -> None:
                         "ranges block by block on calibration images (AdaRound/QDrop; minutes on a CPU)")
     parser.add_argument("--reconstruct-iterations", type=int, help="optimizer steps per block (default 1000)")
     parser.add_argument("--reconstruct-images", type=int, help="calibration images of the search split (default 1024)")
+    parser.add_argument("--reconstruct-restarts", type=int, help="reconstructions with successive seeds, the best on "
+                        "the search images past those it fits on kept (default 1)")
 
 
 def _parser() -> argparse.ArgumentParser:

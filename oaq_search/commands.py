@@ -186,7 +186,7 @@ def quantize(args: argparse.Namespace) -> int:
 def _ptq_config(args: argparse.Namespace, base: PtqConfig) -> PtqConfig:
     """`base` with the command line's reconstruction options over it, validated."""
     overrides = {"reconstruct": args.reconstruct or base.reconstruct, "iterations": args.reconstruct_iterations,
-                 "images": args.reconstruct_images}
+                 "images": args.reconstruct_images, "restarts": args.reconstruct_restarts}
     return PtqConfig(**{**vars(base), **{key: value for key, value in overrides.items() if value is not None}})
 
 

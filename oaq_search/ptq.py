@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -11,7 +12,9 @@ from .bn_correction import BatchNormCorrector
 from .config import PtqConfig
 from .data import ImageSplit
 from .errors import UserError
-from .fake_quant import activation_quantizers, calibrate_activations, learned_plan, needs_calibration, quantize_
+from .evaluate import accuracy
+from .fake_quant import (QuantizedLayer, activation_quantizers, calibrate_activations, learned_plan, needs_calibration,
+                         quantize_, quantized_layers)
 from .kernel_rounding import outputs_unrounded, round_like_kernels_
 from .plan import Plan
 from .reconstruction import reconstruct
@@ -47,13 +50,41 @@ def reconstruct_plan(quantized: nn.Module, model: nn.Module, plan: Plan, calibra
                      reconstruction: PtqConfig, progress: bool | None = None) -> Plan:
     """Reconstruct `quantized` (`model` post-training quantized by `plan`) in place on the first
     `reconstruction.images` images of `calibration`; returns the plan it now follows: the learned ranges,
-    and the settings in the metadata (the rounding is in the model's codes, not in the plan)."""
-    with outputs_unrounded(quantized):
-        reconstruct(quantized, model, next(calibration.batches(reconstruction.images))[0], reconstruction, progress)
-    round_like_kernels_(quantized, next(calibration.batches(CALIBRATION_IMAGES))[0])
+    and the settings in the metadata (the rounding is in the model's codes, not in the plan). With
+    `restarts` above 1, one reconstruction per seed from `seed` on, and the one most accurate on the
+    calibration images past those it fits on is kept: a single run's result moves with its seed."""
+    images = next(calibration.batches(reconstruction.images))[0]
+    held_out = calibration.last(len(calibration) - reconstruction.images)
+    if reconstruction.restarts > 1 and not len(held_out):
+        raise UserError(f"ptq restarts are compared on search images past the {reconstruction.images} reconstruction "
+                        f"fits on, and the search split has {len(calibration)}: lower ptq images or raise the search size")
+    start = copy.deepcopy(quantized) if reconstruction.restarts > 1 else None
+    best, scores = quantized, []
+    for restart in range(reconstruction.restarts):
+        candidate = quantized if restart == 0 else copy.deepcopy(start)
+        with outputs_unrounded(candidate):
+            reconstruct(candidate, model, images, replace(reconstruction, seed=reconstruction.seed + restart), progress)
+        round_like_kernels_(candidate, next(calibration.batches(CALIBRATION_IMAGES))[0])
+        if start is not None:
+            scores.append(accuracy(candidate, held_out, progress=False))
+            best = candidate if scores[-1] > max(scores[:-1], default=-1.0) else best
+    if best is not quantized:
+        _adopt_reconstruction(quantized, best)
     result = learned_plan(quantized, plan)
     result.metadata = {**plan.metadata, "reconstruction": to_dict(reconstruction)}
+    if scores:
+        result.metadata["reconstruction"]["held_out_accuracies"] = scores  # one per restart, seed order
     return result
+
+
+def _adopt_reconstruction(target: nn.Module, source: nn.Module) -> None:
+    """`source`'s learned roundings, ranges and BatchNorm statistics into `target`, both copies of one model."""
+    for name, layer in target.named_modules():
+        if isinstance(layer, QuantizedLayer):  # None (rounded to nearest) or 0/1 per weight, in either
+            layer.round_up = source.get_submodule(name).round_up
+    target.load_state_dict(source.state_dict())
+    for layer in quantized_layers(target):
+        layer.refresh()
 
 
 def requantize(wrapped: nn.Module, plan: Plan, images: torch.Tensor | None,

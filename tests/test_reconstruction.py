@@ -191,3 +191,28 @@ def test_a_fine_tune_from_a_reconstructed_model_keeps_its_rounding_and_resumes_w
     packed = load_packed(resumed.files["packed"])
     for layer in learned:
         assert torch.equal(packed.layers[layer.name]["codes"], layer.codes().codes)
+
+
+def test_restarts_keep_the_reconstruction_most_accurate_on_the_search_images_it_does_not_fit_on(synthetic_cifar):
+    model = load_model("resnet20")
+    splits = load_cifar10(synthetic_cifar, 50)
+    plan = PlanFactory("resnet20", model, layer_graph("resnet20", model), "oaq", "uniform", False).uniform(2, 4)
+    nearest = post_training_quantize(model, plan, splits.search)
+    ptq = PtqConfig(reconstruct=True, images=32, iterations=4, batch_size=8, learning_rate=0.1, restarts=2)
+    kept = copy.deepcopy(nearest)
+    scores = reconstruct_plan(kept, model, plan, splits.search, ptq, False).metadata["reconstruction"][
+        "held_out_accuracies"]
+    assert len(scores) == 2 and accuracy(kept, splits.search.last(50 - 32), progress=False) == max(scores)
+    alone = [copy.deepcopy(nearest) for _ in scores]  # each seed reconstructed on its own
+    for seed, candidate in enumerate(alone):
+        reconstruct_plan(candidate, model, plan, splits.search, PtqConfig(**{**vars(ptq), "restarts": 1, "seed": seed}))
+    codes = lambda m: [layer.codes().codes for layer in quantized_layers(m)]  # noqa: E731
+    assert not all(map(torch.equal, codes(alone[0]), codes(alone[1])))  # the seeds learn different roundings
+    assert all(map(torch.equal, codes(kept), codes(alone[scores.index(max(scores))])))
+    ptq_module._adopt_reconstruction(alone[0], alone[1])  # the kept one taken over whole, whichever seed won
+    images = next(splits.test.batches(16))[0]
+    assert all(map(torch.equal, codes(alone[0]), codes(alone[1])))
+    assert torch.equal(alone[0](images), alone[1](images))
+    with pytest.raises(UserError, match="restarts"):
+        reconstruct_plan(copy.deepcopy(nearest), model, plan, splits.search, PtqConfig(reconstruct=True, images=50,
+                                                                                      restarts=2))
