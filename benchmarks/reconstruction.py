@@ -68,8 +68,9 @@ def main() -> None:
         for label in args.plans:
             plan = _plan(label, name, model, graph, splits, calibration, args)
             nearest = post_training_quantize(model, plan, splits.search)
-            row = {"model": name, "plan": label + " per channel" * plan.layers[0].per_channel, "weight_kib": round(cost_model.evaluate(graph, plan).totals[
-                "weight_bytes"] / 1024, 1), "fp": fp, "nearest": accuracy(nearest, splits.test, progress=False) - fp}
+            row = {"model": name, "plan": label + " per channel" * plan.layers[0].per_channel,
+                   "weight_kib": round(cost_model.evaluate(graph, plan).totals["weight_bytes"] / 1024, 1), "fp": fp,
+                   "nearest": accuracy(nearest, splits.test, progress=False) - fp}
             reconstructed, row["seconds"], tuned = reconstructed_copy(nearest, model, plan, splits, config)
             row["held_out_accuracies"] = tuned.metadata["reconstruction"].get("held_out_accuracies")
             row["reconstructed"] = accuracy(reconstructed, splits.test, progress=False) - fp

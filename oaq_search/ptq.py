@@ -58,13 +58,14 @@ def reconstruct_plan(quantized: nn.Module, model: nn.Module, plan: Plan, calibra
     if reconstruction.restarts > 1 and not len(held_out):
         raise UserError(f"ptq restarts are compared on search images past the {reconstruction.images} reconstruction "
                         f"fits on, and the search split has {len(calibration)}: lower ptq images or raise the search size")
+    rounding_images = next(calibration.batches(CALIBRATION_IMAGES))[0]
     start = copy.deepcopy(quantized) if reconstruction.restarts > 1 else None
     best, scores = quantized, []
     for restart in range(reconstruction.restarts):
         candidate = quantized if restart == 0 else copy.deepcopy(start)
         with outputs_unrounded(candidate):
             reconstruct(candidate, model, images, replace(reconstruction, seed=reconstruction.seed + restart), progress)
-        round_like_kernels_(candidate, next(calibration.batches(CALIBRATION_IMAGES))[0])
+        round_like_kernels_(candidate, rounding_images)
         if start is not None:
             scores.append(accuracy(candidate, held_out, progress=False))
             best = candidate if scores[-1] > max(scores[:-1], default=-1.0) else best
